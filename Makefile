@@ -1,0 +1,29 @@
+# Two commands on a fresh machine (see README.md):
+#   make demo   install into .venv, run the tabular pipeline on the bundled Adult data
+#   make test   install with the test extra into .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out/adult
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m pipelines.tabular --transforms transforms.census \
+	    --train data/adult/adult.data --eval data/adult/adult.test \
+	    --output $(OUT) --overwrite
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf out build *.egg-info

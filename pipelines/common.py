@@ -1,0 +1,59 @@
+"""Plumbing shared by every pipeline: user errors, flags, and the Beam runner choice."""
+
+import argparse
+import logging
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+
+class UserError(Exception):
+  """A problem the user can fix (bad path, flag or data): shown as one line, exit status 2."""
+
+
+def main(run):
+  """Runs `run(argv)` as a command: user errors end in one line on stderr and exit 2."""
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  # TF and Beam log a lot at INFO; the pipeline's own progress lines are what a user wants to see.
+  for noisy in ('apache_beam', 'tensorflow', 'absl', 'tensorflow_transform', 'tfx_bsl'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    run(sys.argv[1:])
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print('error: interrupted; nothing was published', file=sys.stderr)
+    sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are UserErrors, so tests and `main` see them the same way."""
+
+  def error(self, message):
+    raise UserError(f'{self.prog}: {message}')
+
+
+def pipeline_options(beam_args):
+  """PipelineOptions from the flags this project does not know.
+
+  Without an explicit --runner the job runs on Beam's in-process FnApiRunner. Beam's DirectRunner
+  would first try to download the Prism runner binary, which is network at run time that nobody
+  asked for (and fails offline); the FnApiRunner is what DirectRunner falls back to anyway, and it
+  honours --direct_running_mode and --direct_num_workers.
+  """
+  options = PipelineOptions(beam_args)
+  if options.view_as(StandardOptions).runner is None:
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    return options, FnApiRunner()
+  return options, None
+
+
+def make_pipeline(beam_args):
+  options, runner = pipeline_options(beam_args)
+  return beam.Pipeline(runner=runner, options=options)
+
+
+def is_dry_run(pipeline):
+  return bool(pipeline.options.get_all_options().get('dry_run'))

@@ -1,0 +1,386 @@
+"""CSV files -> Arrow RecordBatches in TFXIO's layout, with malformed rows sent to a dead-letter output.
+
+Why not tfx_bsl's CsvTFXIO: it reads line by line, cannot report the file and line of a bad row,
+and fails the whole job on the first one. Users' CSVs are messy, so this reader keeps the TFXIO
+contract (same Arrow schema, same TensorAdapterConfig, built by tfx_bsl from the same schema) but
+decodes each file itself:
+  * records come from Python's C `csv` reader, which handles quoted fields with embedded newlines
+    and reports the physical line where each record starts;
+  * rows are gathered into blocks and converted column by column with Arrow kernels (trim, missing
+    values, number parsing), so per-row Python work is a few list appends;
+  * a row that cannot be read (wrong field count, a number that does not parse, a missing value
+    where the contract allows none, bytes that are not UTF-8, broken quoting) becomes a dead-letter
+    record with file, line, reason and the raw text; it never stops the job.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import io
+from typing import List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.common import UserError
+
+ERRORS_TAG = 'errors'
+EVAL_TAG = 'eval'
+RAW_TEXT_LIMIT = 1000  # characters of a rejected row kept in the dead-letter record
+# Python's csv default (128 KiB) is smaller than some real cells; larger fields are rejected rows.
+FIELD_SIZE_LIMIT = 1 << 20
+_SAMPLE_RECORDS = 100  # records looked at when checking a file's layout at launch
+
+_ARROW_TYPES = {'int64': pa.int64(), 'float32': pa.float32(), 'string': pa.large_binary()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvFormat:
+  """How to read the CSV files of one dataset (plain data: it travels to workers)."""
+  columns: tuple  # transforms.contract.Column, in RAW_FEATURE_SPEC order
+  column_names: Optional[Tuple[str, ...]]  # every column in file order, for headerless files
+  na_values: Tuple[str, ...] = ()
+  delimiter: str = ','
+
+
+@dataclasses.dataclass(frozen=True)
+class FileLayout:
+  has_header: bool
+  names: Tuple[str, ...]  # every column of the file, in order
+
+
+def _open_text(path):
+  raw = FileSystems.open(path, mime_type='application/octet-stream',
+                         compression_type=CompressionTypes.AUTO)
+  # surrogateescape keeps undecodable bytes visible to us (as lone surrogates) instead of failing
+  # the whole file; rows holding them are rejected one by one.
+  return io.TextIOWrapper(raw, encoding='utf-8', errors='surrogateescape', newline='')
+
+
+def _reader(lines, fmt):
+  csv.field_size_limit(FIELD_SIZE_LIMIT)
+  return csv.reader(lines, delimiter=fmt.delimiter)
+
+
+def detect_layout(path, fmt, first_record):
+  """Header or not, and the file's column names, from its first record."""
+  wanted = [c.name for c in fmt.columns]
+  fields = [f.strip() for f in first_record]
+  if all(name in fields for name in wanted):
+    if len(set(fields)) != len(fields):
+      raise UserError(f'{path}: the header row names a column twice: {fields}')
+    return FileLayout(True, tuple(fields))
+  if fmt.column_names is None:
+    looks_like_header = not any(_is_number(f) for f in fields)
+    if looks_like_header:
+      lacking = [n for n in wanted if n not in fields]
+      raise UserError(f'{path}: the header row lacks column(s) {lacking} that the contract '
+                      f'declares; header is {fields}')
+    raise UserError(f'{path} has no header row; name its columns with --column-names or '
+                    'CSV_COLUMNS in the transforms module')
+  return FileLayout(False, tuple(fmt.column_names))
+
+
+def _is_number(text):
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False
+
+
+def inspect_file(path, fmt):
+  """Checks at launch that a file can be read and fits the contract; returns its layout, or None
+  for a file with no records. Raises UserError with one line naming the file otherwise."""
+  try:
+    with _open_text(path) as f:
+      reader = _reader(f, fmt)
+      records = []
+      try:
+        for row in reader:
+          if row:
+            records.append(row)
+            if len(records) >= _SAMPLE_RECORDS:
+              break
+      except csv.Error:
+        pass  # a malformed record is a bad row, found and reported by the job itself
+  except UserError:
+    raise
+  except Exception as e:  # any filesystem's error: not found, permission, corrupt gzip...
+    raise UserError(f'cannot read {path}: {type(e).__name__}: {e}') from e
+  if not records:
+    return None
+  layout = detect_layout(path, fmt, records[0])
+  data = records[1:] if layout.has_header else records
+  if data and not any(len(r) == len(layout.names) for r in data):
+    counts = sorted({len(r) for r in data})
+    raise UserError(
+        f'{path}: rows have {"/".join(map(str, counts))} fields but {len(layout.names)} columns '
+        f'are expected ({", ".join(layout.names)}); fix CSV_COLUMNS/--column-names or the file')
+  return layout
+
+
+def match_inputs(patterns, flag):
+  """Expands the user's paths/globs (any Beam filesystem); a pattern matching nothing is an error."""
+  files = []
+  for pattern in patterns:
+    try:
+      result = FileSystems.match([pattern])[0]
+    except Exception as e:
+      raise UserError(f'{flag} {pattern}: cannot list it: {e}') from e
+    found = sorted(m.path for m in result.metadata_list if not m.path.endswith('/'))
+    if not found:
+      raise UserError(f'{flag} {pattern}: no file matches; check the path or glob')
+    files.extend(f for f in found if f not in files)
+  return files
+
+
+def row_hash_fraction(raw_text):
+  """A row's position in [0, 1), from its content alone: the same row always lands in the same
+  split, whatever file or line it comes from."""
+  digest = hashlib.blake2b(raw_text.encode('utf-8', 'surrogateescape'), digest_size=8).digest()
+  return int.from_bytes(digest, 'big') / 2.0**64
+
+
+def _printable(text):
+  text = text.rstrip('\r\n')
+  if len(text) > RAW_TEXT_LIMIT:
+    text = text[:RAW_TEXT_LIMIT] + '...'
+  return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+
+
+def _error(path, line, kind, reason, raw):
+  return {'file': path, 'line': line, 'kind': kind, 'reason': reason, 'raw': _printable(raw)}
+
+
+class _LineTap:
+  """Feeds lines to csv.reader while remembering those of the current record and counting them."""
+
+  def __init__(self, lines):
+    self._lines = lines
+    self.record = []
+    self.line_no = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    line = next(self._lines)
+    self.line_no += 1
+    self.record.append(line)
+    return line
+
+
+def _bad_indices(array, arrow_type):
+  """Positions in a string array that do not cast to `arrow_type` (bisection: cheap when rare)."""
+  try:
+    array.cast(arrow_type)
+    return []
+  except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    if len(array) == 1:
+      return [0]
+  mid = len(array) // 2
+  return _bad_indices(array[:mid], arrow_type) + [
+      mid + i for i in _bad_indices(array[mid:], arrow_type)]
+
+
+class _Block:
+  """Rows of one file gathered for conversion to one RecordBatch."""
+
+  def __init__(self):
+    self.rows: List[List[str]] = []
+    self.lines: List[int] = []
+    self.raws: List[str] = []
+
+
+def block_to_record_batch(block, positions, fmt):
+  """Converts the rows of a block column by column.
+
+  Returns (record_batch of good rows, their raw texts, [(row index, kind, reason)] of the rest).
+  """
+  n = len(block.rows)
+  bad_reason = [None] * n
+  bad_kind = [None] * n
+  by_column = list(zip(*block.rows))
+  na = pa.array([''] + list(fmt.na_values), pa.string())
+  converted = []
+  for column in fmt.columns:
+    cells = pa.array(by_column[positions[column.name]], pa.string())
+    cells = pc.utf8_trim_whitespace(cells)
+    missing = pc.is_in(cells, value_set=na)
+    values = pc.if_else(missing, pa.scalar(None, pa.string()), cells)
+    if column.dtype == 'string':
+      typed = values.cast(pa.large_binary())
+    else:
+      arrow_type = _ARROW_TYPES[column.dtype]
+      bad = _bad_indices(values, arrow_type)
+      for i in bad:
+        if bad_reason[i] is None:
+          bad_kind[i] = 'bad_number'
+          bad_reason[i] = (f'column {column.name!r}: {by_column[positions[column.name]][i]!r} is '
+                           f'not a valid {column.dtype}')
+      if bad:
+        mask = np.zeros(n, bool)
+        mask[bad] = True
+        values = pc.if_else(pa.array(mask), pa.scalar(None, pa.string()), values)
+      typed = values.cast(arrow_type)
+      if column.dtype == 'float32':
+        nan = pc.fill_null(pc.is_nan(typed), False)
+        missing = pc.or_(missing, nan)
+        typed = pc.if_else(nan, pa.scalar(None, arrow_type), typed)
+        infinite = np.flatnonzero(pc.fill_null(pc.is_inf(typed), False).to_numpy(zero_copy_only=False))
+        for i in infinite:
+          if bad_reason[i] is None:
+            bad_kind[i] = 'bad_number'
+            bad_reason[i] = (f'column {column.name!r}: {by_column[positions[column.name]][i]!r} is '
+                             'not a finite float32')
+    missing_np = missing.to_numpy(zero_copy_only=False)
+    if not column.varlen:
+      if column.default is not None:
+        typed = pc.fill_null(typed, pa.scalar(column.default, typed.type))
+      else:
+        for i in np.flatnonzero(missing_np):
+          if bad_reason[i] is None:
+            bad_kind[i] = 'missing_value'
+            bad_reason[i] = (f'column {column.name!r} is empty (or an NA value) and has no '
+                             'default_value; make it a VarLenFeature or give it a default')
+    converted.append((column, typed))
+
+  keep = np.array([r is None for r in bad_reason], bool)
+  rejected = [(i, bad_kind[i], bad_reason[i]) for i in np.flatnonzero(~keep)]
+  keep_arrow = pa.array(keep)
+  arrays = []
+  for column, typed in converted:
+    typed = typed.filter(keep_arrow)
+    present = pc.is_valid(typed)
+    values = typed.filter(present)
+    if column.varlen:
+      counts = present.to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+      counts = np.ones(len(typed), np.int64)
+    offsets = np.zeros(len(typed) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), values))
+  batch = pa.RecordBatch.from_arrays(arrays, [c.name for c in fmt.columns])
+  raws = [block.raws[i] for i in np.flatnonzero(keep)]
+  return batch, raws, rejected
+
+
+def arrow_schema(fmt):
+  """The Arrow schema of the batches this source emits (tfx_bsl's CSV layout)."""
+  return pa.schema([pa.field(c.name, pa.large_list(_ARROW_TYPES[c.dtype])) for c in fmt.columns])
+
+
+class ReadCsvFileFn(beam.DoFn):
+  """file path -> RecordBatches (main output, and EVAL_TAG when carving an eval split) and
+  dead-letter dicts (ERRORS_TAG, with a 'split' key)."""
+
+  def __init__(self, fmt, split, eval_fraction=0.0, rows_per_batch=8192):
+    self._fmt = fmt
+    self._split = split
+    self._eval_fraction = eval_fraction
+    self._rows_per_batch = rows_per_batch
+
+  def _split_of(self, raw):
+    if self._eval_fraction and row_hash_fraction(raw.rstrip('\r\n')) < self._eval_fraction:
+      return EVAL_TAG
+    return self._split
+
+  def _reject(self, path, line, kind, reason, raw):
+    record = _error(path, line, kind, reason, raw)
+    record['split'] = self._split_of(raw)
+    return beam.pvalue.TaggedOutput(ERRORS_TAG, record)
+
+  def _emit_block(self, block, positions, path):
+    batch, raws, rejected = block_to_record_batch(block, positions, self._fmt)
+    for i, kind, reason in rejected:
+      yield self._reject(path, block.lines[i], kind, reason, block.raws[i])
+    if not self._eval_fraction:
+      if batch.num_rows:
+        yield batch
+      return
+    to_eval = np.array([row_hash_fraction(r.rstrip('\r\n')) < self._eval_fraction for r in raws],
+                       bool)
+    train, evaluate = batch.filter(pa.array(~to_eval)), batch.filter(pa.array(to_eval))
+    if train.num_rows:
+      yield train
+    if evaluate.num_rows:
+      yield beam.pvalue.TaggedOutput(EVAL_TAG, evaluate)
+
+  def process(self, path):
+    fmt = self._fmt
+    with _open_text(path) as f:
+      tap = _LineTap(f)
+      reader = _reader(tap, fmt)
+      layout, positions, width = None, None, None
+      block = _Block()
+      while True:
+        start = tap.line_no + 1
+        tap.record.clear()
+        try:
+          row = next(reader)
+        except StopIteration:
+          break
+        except csv.Error as e:
+          yield self._reject(path, start, 'malformed_csv', f'malformed CSV: {e}',
+                             ''.join(tap.record))
+          continue
+        if not row:
+          continue  # a blank line is not a row
+        raw = tap.record[0] if len(tap.record) == 1 else ''.join(tap.record)
+        if layout is None:
+          try:
+            layout = detect_layout(path, fmt, row)
+          except UserError as e:  # checked at launch; a file changed since is this row's problem
+            yield self._reject(path, start, 'bad_header', str(e), raw)
+            continue
+          positions = {name: i for i, name in enumerate(layout.names)}
+          width = len(layout.names)
+          if layout.has_header:
+            continue
+        if len(row) != width:
+          yield self._reject(path, start, 'field_count', f'{len(row)} fields, expected {width}', raw)
+          continue
+        if not raw.isascii():
+          try:
+            raw.encode('utf-8')
+          except UnicodeEncodeError:
+            yield self._reject(path, start, 'bad_encoding', 'bytes that are not valid UTF-8', raw)
+            continue
+        block.rows.append(row)
+        block.lines.append(start)
+        block.raws.append(raw)
+        if len(block.rows) >= self._rows_per_batch:
+          yield from self._emit_block(block, positions, path)
+          block = _Block()
+      if block.rows:
+        yield from self._emit_block(block, positions, path)
+
+
+class ReadCsv(beam.PTransform):
+  """Matched CSV files -> (RecordBatches, eval RecordBatches or None, dead-letter dicts)."""
+
+  def __init__(self, files: Sequence[str], fmt: CsvFormat, split: str, eval_fraction=0.0,
+               rows_per_batch=8192):
+    super().__init__()
+    self._files = list(files)
+    self._fmt = fmt
+    self._split = split
+    self._eval_fraction = eval_fraction
+    self._rows_per_batch = rows_per_batch
+
+  def expand(self, pbegin):
+    outputs = (
+        pbegin
+        | 'ListFiles' >> beam.Create(self._files)
+        # One file is one element; spreading files over workers before decoding them.
+        | 'SpreadFiles' >> beam.Reshuffle()
+        | 'DecodeCsv' >> beam.ParDo(
+            ReadCsvFileFn(self._fmt, self._split, self._eval_fraction,
+                          self._rows_per_batch)).with_outputs(ERRORS_TAG, EVAL_TAG, main='rows'))
+    evaluate = outputs[EVAL_TAG] if self._eval_fraction else None
+    return outputs.rows, evaluate, outputs[ERRORS_TAG]

@@ -1,0 +1,246 @@
+"""The output directory of a pipeline run: staging, sinks, counts, the manifest and atomic publication.
+
+Layout of a published result (DIR):
+  train-SSSSS-of-NNNNN.tfrecord.gz, eval-...   tf.train.Example shards of the transformed splits
+  transform_fn/, transformed_metadata/         TFT's transform graph and output schema
+  errors/<split>.jsonl                         rows that could not be read: file, line, reason, raw
+  manifest.json                                written last: its presence means "complete"
+
+While a run works, everything goes to DIR/.staging/<run id>/ (TFT's temp files included, so that
+distributed workers can reach them). Only a finished, checked run moves its files into DIR and then
+writes the manifest, so a run that dies at any point leaves nothing that looks complete.
+All I/O goes through Beam FileSystems, so DIR may be gs://... as well as a local path.
+"""
+
+import datetime
+import importlib.metadata
+import json
+import logging
+import math
+import uuid
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.common import UserError
+
+MANIFEST = 'manifest.json'
+STAGING = '.staging'
+# Entries of DIR that a run owns and --overwrite replaces; anything else in DIR is left alone.
+OWNED = ('train-*', 'eval-*', 'transform_fn', 'transformed_metadata', 'errors', MANIFEST)
+_LOG = logging.getLogger('pipelines')
+_VERSIONED = ('tensorflow', 'tensorflow-transform', 'tfx-bsl', 'apache-beam', 'pyarrow',
+              'tensorflow-metadata')
+
+
+def join(*parts):
+  return FileSystems.join(*parts)
+
+
+def _read_text(path):
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return f.read().decode('utf-8')
+
+
+def write_text(path, text):
+  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    f.write(text.encode('utf-8'))
+
+
+def _files_under(directory):
+  result = FileSystems.match([join(directory, '**')])[0]
+  return sorted(m.path for m in result.metadata_list)
+
+
+def _mkdirs(path):
+  try:
+    FileSystems.mkdirs(path)
+  except IOError:
+    if not FileSystems.exists(path):
+      raise
+
+
+def read_manifest(directory):
+  """The manifest of a complete pipeline output, or None where there is none."""
+  path = join(directory, MANIFEST)
+  if not FileSystems.exists(path):
+    return None
+  return json.loads(_read_text(path))
+
+
+def package_versions():
+  versions = {}
+  for name in _VERSIONED:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def parse_max_bad_rows(text):
+  """'N' (a count) or 'P%' (a share of the rows read) -> (count or None, share or None)."""
+  try:
+    if text.endswith('%'):
+      share = float(text[:-1]) / 100
+      if not 0 <= share <= 1:
+        raise ValueError
+      return None, share
+    count = int(text)
+    if count < 0:
+      raise ValueError
+    return count, None
+  except ValueError:
+    raise UserError(f'--max-bad-rows {text!r}: give a count (e.g. 100) or a percentage of the '
+                    'rows read (e.g. 0.5%)') from None
+
+
+def auto_num_shards(input_bytes, bytes_per_shard=256 << 20):
+  return max(1, min(1000, math.ceil(input_bytes / bytes_per_shard)))
+
+
+class OutputDir:
+  """One run's view of DIR: refuses to clobber a complete result, stages, then publishes."""
+
+  def __init__(self, directory, overwrite=False):
+    self.directory = directory.rstrip('/') if len(directory) > 1 else directory
+    self.overwrite = overwrite
+    self.run_id = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S') + (
+        '-' + uuid.uuid4().hex[:8])
+    self.staging = join(self.directory, STAGING, self.run_id)
+    self.out = join(self.staging, 'out')  # what publication moves into DIR
+    self.tmp = join(self.staging, 'tmp')  # TFT's temp dir
+    self.counts = join(self.staging, 'counts')
+
+  def prepare(self):
+    """Checks DIR before any work is done and creates the staging area."""
+    if FileSystems.exists(join(self.directory, MANIFEST)) and not self.overwrite:
+      raise UserError(f'--output {self.directory} already holds a complete result; pass '
+                      '--overwrite to replace it, or choose another directory')
+    try:
+      for d in (self.out, self.tmp, self.counts):
+        _mkdirs(d)
+      write_text(join(self.staging, 'RUNNING'), self.run_id)
+    except Exception as e:
+      raise UserError(f'--output {self.directory} is not writable: {e}') from e
+
+  def split_prefix(self, split):
+    return join(self.out, split)
+
+  def errors_path(self, split, staged=True):
+    return join(self.out if staged else self.directory, 'errors', f'{split}.jsonl')
+
+  def read_counts(self, split):
+    return json.loads(_read_text(join(self.counts, f'{split}.json')))
+
+  def discard(self):
+    """Removes this run's staging area (after a dry run)."""
+    FileSystems.delete([self.staging])
+
+  def publish(self, manifest):
+    """Makes the staged result the content of DIR; the manifest is written last."""
+    old_manifest = join(self.directory, MANIFEST)
+    if FileSystems.exists(old_manifest):
+      FileSystems.delete([old_manifest])  # from here on DIR no longer claims to be complete
+    stale = []
+    for name in OWNED:
+      path = join(self.directory, name)
+      if '*' in name:
+        stale.extend(m.path for m in FileSystems.match([path])[0].metadata_list)
+      elif FileSystems.exists(path):
+        stale.append(path)
+    if stale:
+      FileSystems.delete(stale)
+    self._move(self.out, self.directory)
+    manifest = dict(manifest, complete=True, published=_now())
+    temp = join(self.staging, MANIFEST)
+    write_text(temp, json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    FileSystems.rename([temp], [old_manifest])
+    self._remove_staging()
+    return manifest
+
+  def _move(self, source, destination):
+    files = [path[len(source) + 1:] for path in _files_under(source)]
+    if FileSystems.get_filesystem(source).has_dirs():
+      # Directory-aware filesystems (local, HDFS) move whole top-level entries: fewer calls, and
+      # the empty directories a SavedModel may hold come along.
+      names = sorted({f.split('/', 1)[0] for f in files})
+    else:
+      names = files
+    FileSystems.rename([join(source, n) for n in names], [join(destination, n) for n in names])
+
+  def _remove_staging(self):
+    FileSystems.delete([self.staging])
+    root = join(self.directory, STAGING)
+    if FileSystems.exists(root) and not FileSystems.match([join(root, '*')])[0].metadata_list:
+      FileSystems.delete([root])
+
+
+def _now():
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+class WriteExamples(beam.PTransform):
+  """Serialized tf.train.Examples -> TFRecord shards; returns the example count."""
+
+  def __init__(self, prefix, num_shards, compression):
+    super().__init__()
+    self._prefix = prefix
+    self._num_shards = num_shards
+    self._compression = compression
+
+  def expand(self, examples):
+    gzip = self._compression == 'gzip'
+    _ = examples | 'WriteShards' >> beam.io.WriteToTFRecord(
+        self._prefix,
+        file_name_suffix='.tfrecord.gz' if gzip else '.tfrecord',
+        num_shards=self._num_shards,
+        shard_name_template='-SSSSS-of-NNNNN',
+        compression_type=CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED)
+    return examples | 'CountExamples' >> beam.combiners.Count.Globally()
+
+
+class WriteErrors(beam.PTransform):
+  """Dead-letter dicts -> one JSON-lines file; returns {kind: count}."""
+
+  def __init__(self, path):
+    super().__init__()
+    self._path = path
+
+  def expand(self, errors):
+    _ = (errors
+         | 'ToJson' >> beam.Map(lambda e: json.dumps(e, sort_keys=True, ensure_ascii=False))
+         | 'WriteErrors' >> beam.io.WriteToText(self._path, num_shards=1, shard_name_template=''))
+    return (errors
+            | 'Kind' >> beam.Map(lambda e: e['kind'])
+            | 'CountByKind' >> beam.combiners.Count.PerElement()
+            | 'AsDict' >> beam.combiners.ToDict())
+
+
+def _write_counts(path, rows_ok, written, rejected_by_kind):
+  rejected = sum(rejected_by_kind.values())
+  write_text(path, json.dumps({
+      'rows_read': rows_ok + rejected,
+      'rows_written': written,
+      'rows_rejected': rejected,
+      'rejected_by_kind': dict(sorted(rejected_by_kind.items())),
+  }))
+
+
+class WriteCounts(beam.PTransform):
+  """Rows read, written and rejected for one split, computed in the pipeline itself (so any
+  runner produces them) and saved for the manifest."""
+
+  def __init__(self, path):
+    super().__init__()
+    self._path = path
+
+  def expand(self, inputs):
+    rows_ok, written, rejected_by_kind = inputs
+    path = self._path
+    return (rows_ok.pipeline
+            | 'Once' >> beam.Create([path])
+            | 'Save' >> beam.Map(_write_counts, beam.pvalue.AsSingleton(rows_ok),
+                                 beam.pvalue.AsSingleton(written),
+                                 beam.pvalue.AsSingleton(rejected_by_kind)))

@@ -1,0 +1,29 @@
+"""Package of the preprocessing pipelines, dataset transforms and trainer.
+
+It is also what Beam ships to remote workers: `--setup_file ./setup.py` builds an sdist of
+these packages and installs it on every Dataflow (or portable runner) worker.
+"""
+
+import setuptools
+
+REQUIRED = [
+    'tensorflow-transform>=1.21,<1.22',
+    'tensorflow>=2.21,<2.22',
+    'tf_keras>=2.21,<2.22',
+    'tfx-bsl>=1.21,<1.22',
+    'tensorflow-metadata>=1.21,<1.22',
+    'apache-beam[gcp]>=2.53,<3',
+    'pyarrow>=14,<26',  # Beam 2.77 requires pyarrow < 26
+    'numpy',
+]
+
+setuptools.setup(
+    name='tft-beam-preprocessing',
+    version='0.1.0',
+    description='CSV and image preprocessing with TF Transform on Apache Beam, and a Keras trainer',
+    packages=setuptools.find_packages(include=['pipelines', 'pipelines.*', 'transforms',
+                                               'transforms.*', 'trainer', 'trainer.*']),
+    python_requires='>=3.10,<3.13',
+    install_requires=REQUIRED,
+    extras_require={'test': ['pytest>=8', 'pandas>=2']},
+)

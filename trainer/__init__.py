@@ -1,0 +1,1 @@
+"""The Keras trainer over the pipeline's TFRecords (being built; see the README)."""

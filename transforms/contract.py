@@ -1,0 +1,137 @@
+"""The dataset contract: loading and checking a module that describes one dataset.
+
+A dataset module defines, at module level:
+  RAW_FEATURE_SPEC  name -> tf.io.FixedLenFeature([], dtype[, default_value]) or tf.io.VarLenFeature(dtype)
+  LABEL_KEY         the raw column holding the label
+  preprocessing_fn  inputs -> transformed features (TF Transform)
+  CSV_COLUMNS       optional: every column of the CSV files in order, for files without a header row
+  NA_VALUES         optional: cell values that mean "missing" besides the empty cell (e.g. ('?',))
+
+It is named either as an importable module (`transforms.census`) or as a path to a `.py` file
+anywhere, the way TFX's Transform component takes a module file.
+"""
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable, Mapping, Optional, Sequence
+
+import tensorflow as tf
+
+from pipelines.common import UserError
+
+_DTYPES = (tf.int64, tf.float32, tf.string)
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """One raw feature as the CSV reader sees it; plain data so it pickles to any worker."""
+  name: str
+  dtype: str  # 'int64' | 'float32' | 'string'
+  varlen: bool  # VarLenFeature: an empty cell is a missing value
+  default: Optional[object]  # FixedLenFeature default_value, filled at read time
+
+
+@dataclasses.dataclass(frozen=True)
+class Contract:
+  name: str  # what the user passed (module name or file path)
+  raw_feature_spec: Mapping[str, object]
+  label_key: str
+  preprocessing_fn: Callable
+  csv_columns: Optional[Sequence[str]]
+  na_values: Sequence[str]
+
+  @property
+  def columns(self):
+    return tuple(
+        Column(name, spec.dtype.name, isinstance(spec, tf.io.VarLenFeature),
+               _plain_default(getattr(spec, 'default_value', None)))
+        for name, spec in self.raw_feature_spec.items())
+
+  @property
+  def schema_feature_spec(self):
+    """The spec TFT sees: defaults removed, because they are filled while reading (TFT's schema
+    has no place for a FixedLenFeature default)."""
+    return {
+        name: (tf.io.FixedLenFeature(spec.shape, spec.dtype)
+               if isinstance(spec, tf.io.FixedLenFeature) else spec)
+        for name, spec in self.raw_feature_spec.items()
+    }
+
+
+def _plain_default(value):
+  if value is None:
+    return None
+  if isinstance(value, (list, tuple)):
+    value = value[0] if len(value) == 1 else value
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  return value
+
+
+def _import(module_or_file):
+  looks_like_file = module_or_file.endswith('.py') or os.sep in module_or_file
+  if looks_like_file:
+    path = os.path.abspath(module_or_file)
+    if not os.path.isfile(path):
+      raise UserError(f'--transforms {module_or_file}: no such file; give a module name '
+                      '(e.g. transforms.census) or a path to a .py file')
+    # A stable, unique module name per file, so two module files named alike do not collide.
+    digest = hashlib.sha1(path.encode()).hexdigest()[:10]
+    name = f'_user_transforms_{os.path.splitext(os.path.basename(path))[0]}_{digest}'
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: report where, not our stack
+      del sys.modules[name]
+      raise UserError(f'--transforms {module_or_file}: importing it failed: '
+                      f'{type(e).__name__}: {e}') from e
+    return module
+  try:
+    return importlib.import_module(module_or_file)
+  except ModuleNotFoundError as e:
+    raise UserError(f'--transforms {module_or_file}: no module named {e.name!r}; give an importable '
+                    'module or a path to a .py file') from e
+
+
+def load(module_or_file):
+  """Imports and checks a dataset module; every problem is a UserError naming what to fix."""
+  module = _import(module_or_file)
+  where = f'--transforms {module_or_file}'
+
+  fn = getattr(module, 'preprocessing_fn', None)
+  if not callable(fn):
+    raise UserError(f'{where} defines no preprocessing_fn(inputs); add one (see README, '
+                    '"The dataset contract")')
+  spec = getattr(module, 'RAW_FEATURE_SPEC', None)
+  if not isinstance(spec, Mapping) or not spec:
+    raise UserError(f'{where} defines no RAW_FEATURE_SPEC dict of name -> tf.io feature')
+  for name, feature in spec.items():
+    if isinstance(feature, tf.io.FixedLenFeature):
+      if tuple(feature.shape) not in ((), (1,)):
+        raise UserError(f'{where}: RAW_FEATURE_SPEC[{name!r}] has shape {list(feature.shape)}; '
+                        'a CSV cell holds one value, use shape []')
+    elif not isinstance(feature, tf.io.VarLenFeature):
+      raise UserError(f'{where}: RAW_FEATURE_SPEC[{name!r}] is {type(feature).__name__}; use '
+                      'tf.io.FixedLenFeature or tf.io.VarLenFeature')
+    if feature.dtype not in _DTYPES:
+      raise UserError(f'{where}: RAW_FEATURE_SPEC[{name!r}] has dtype {feature.dtype.name}; use '
+                      'tf.int64, tf.float32 or tf.string')
+  label = getattr(module, 'LABEL_KEY', None)
+  if label not in spec:
+    raise UserError(f'{where}: LABEL_KEY {label!r} is not a key of RAW_FEATURE_SPEC')
+  columns = getattr(module, 'CSV_COLUMNS', None)
+  if columns is not None:
+    columns = tuple(columns)
+    missing = [k for k in spec if k not in columns]
+    if missing:
+      raise UserError(f'{where}: CSV_COLUMNS lacks {missing}, which RAW_FEATURE_SPEC declares')
+    if len(set(columns)) != len(columns):
+      raise UserError(f'{where}: CSV_COLUMNS names a column twice')
+  na_values = tuple(getattr(module, 'NA_VALUES', ()))
+  return Contract(module_or_file, dict(spec), label, fn, columns, na_values)
