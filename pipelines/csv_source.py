@@ -53,12 +53,34 @@ class FileLayout:
   names: Tuple[str, ...]  # every column of the file, in order
 
 
+class _RawReader(io.RawIOBase):
+  """Any Beam FileSystems stream (a decompressing one too) as the raw stream `io` expects."""
+
+  def __init__(self, stream):
+    super().__init__()
+    self._stream = stream
+
+  def readable(self):
+    return True
+
+  def readinto(self, buffer):
+    data = self._stream.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def close(self):
+    if not self.closed:
+      self._stream.close()
+    super().close()
+
+
 def _open_text(path):
   raw = FileSystems.open(path, mime_type='application/octet-stream',
                          compression_type=CompressionTypes.AUTO)
   # surrogateescape keeps undecodable bytes visible to us (as lone surrogates) instead of failing
   # the whole file; rows holding them are rejected one by one.
-  return io.TextIOWrapper(raw, encoding='utf-8', errors='surrogateescape', newline='')
+  return io.TextIOWrapper(io.BufferedReader(_RawReader(raw), buffer_size=1 << 20),
+                          encoding='utf-8', errors='surrogateescape', newline='')
 
 
 def _reader(lines, fmt):
@@ -74,12 +96,15 @@ def detect_layout(path, fmt, first_record):
     if len(set(fields)) != len(fields):
       raise UserError(f'{path}: the header row names a column twice: {fields}')
     return FileLayout(True, tuple(fields))
+  known = set(wanted) | set(fmt.column_names or ())
+  named = sum(f in known for f in fields)
+  looks_like_header = not any(_is_number(f) for f in fields) and (
+      fmt.column_names is None or 2 * named >= len(fields))
+  if looks_like_header:
+    lacking = [n for n in wanted if n not in fields]
+    raise UserError(f'{path}: the header row lacks column(s) {lacking} that the contract '
+                    f'declares; header is {fields}')
   if fmt.column_names is None:
-    looks_like_header = not any(_is_number(f) for f in fields)
-    if looks_like_header:
-      lacking = [n for n in wanted if n not in fields]
-      raise UserError(f'{path}: the header row lacks column(s) {lacking} that the contract '
-                      f'declares; header is {fields}')
     raise UserError(f'{path} has no header row; name its columns with --column-names or '
                     'CSV_COLUMNS in the transforms module')
   return FileLayout(False, tuple(fmt.column_names))

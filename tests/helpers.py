@@ -1,0 +1,37 @@
+"""Reading a pipeline's published output back, independently of the pipeline's own code."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from transforms import census
+
+
+def read_split(output_dir, split):
+  """All examples of a split as {feature: numpy array}, parsed with tf.data and TFT's spec."""
+  manifest = json.load(open(os.path.join(output_dir, 'manifest.json')))
+  spec = tft.TFTransformOutput(output_dir).transformed_feature_spec()
+  files = sorted(glob.glob(os.path.join(output_dir, f'{split}-*')))
+  compression = 'GZIP' if manifest['compression'] == 'gzip' else ''
+  ds = tf.data.TFRecordDataset(files, compression_type=compression).batch(4096).map(
+      lambda x: tf.io.parse_example(x, spec))
+  parts = list(ds.as_numpy_iterator())
+  return {k: np.concatenate([p[k] for p in parts]) for k in spec}
+
+
+def read_adult_csv(path, skiprows=0):
+  """The raw rows as pandas reads them: the independent view the tests compare against."""
+  return pd.read_csv(path, header=None, names=list(census.CSV_COLUMNS), skipinitialspace=True,
+                     na_values=['?'], keep_default_na=False, skiprows=skiprows)
+
+
+def tft_vocabulary_order(values):
+  """pandas value counts in TFT's vocabulary order: by count, ties by value, both descending."""
+  counts = values.dropna().value_counts()
+  pairs = sorted(counts.items(), key=lambda kv: (kv[1], kv[0].encode()), reverse=True)
+  return [k for k, _ in pairs]

@@ -1,0 +1,173 @@
+"""Malformed rows are dead-lettered with file, line and reason; user errors are one clear line."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipelines import tabular
+from pipelines.common import UserError
+from tests.conftest import ADULT_TRAIN, head_lines
+from tests.helpers import read_split
+
+GOOD = [l for l in head_lines(ADULT_TRAIN, 60)]
+
+
+def _bad_adult_csv(path):
+  """60 real Adult rows, some broken on purpose; returns {line number: kind} of the bad ones."""
+  lines = list(GOOD)
+  bad = {}
+
+  def corrupt(i, line, kind):
+    lines[i] = line
+    bad[i + 1] = kind
+
+  corrupt(4, b'39, State-gov, 77516, Bachelors, 13\n', 'field_count')
+  corrupt(9, GOOD[9].replace(GOOD[9].split(b',')[0], b'thirty', 1), 'bad_number')
+  corrupt(14, GOOD[14].replace(b'Private', b'Priv\xff\xfeate'), 'bad_encoding')
+  corrupt(19, b',' + GOOD[19].split(b',', 1)[1], 'missing_value')  # empty age, no default
+  corrupt(24, GOOD[24].replace(GOOD[24].split(b',')[2], b' 1e400', 1), 'bad_number')
+  corrupt(29, GOOD[29].replace(GOOD[29].split(b',')[0], b'nan', 1), 'bad_number')
+  lines.insert(40, b'\n')  # a blank line is not a row: later line numbers shift by one
+  bad = {(k if k <= 40 else k + 1): v for k, v in bad.items()}
+  path.write_bytes(b''.join(lines))
+  return bad
+
+
+def test_malformed_rows_are_dead_lettered(tmp_path):
+  csv_path = tmp_path / 'dirty.csv'
+  bad = _bad_adult_csv(csv_path)
+  out = tmp_path / 'out'
+  manifest = tabular.run(['--transforms', 'transforms.census', '--train', str(csv_path),
+                          '--output', str(out), '--max-bad-rows', '10'])
+  counts = manifest['splits']['train']
+  assert counts['rows_read'] == 60
+  assert counts['rows_rejected'] == len(bad) == 6
+  assert counts['rows_written'] == 60 - 6
+  assert counts['rows_read'] == counts['rows_written'] + counts['rows_rejected']
+  errors = [json.loads(l) for l in open(out / 'errors' / 'train.jsonl')]
+  assert {e['line']: e['kind'] for e in errors} == bad
+  for e in errors:
+    assert e['file'] == str(csv_path) and e['reason'] and e['raw']
+  by_line = {e['line']: e for e in errors}
+  assert 'thirty' in by_line[10]['reason'] and "'age'" in by_line[10]['reason']
+  assert '\ufffd' in by_line[15]['raw']  # undecodable bytes shown, not lost
+  assert len(read_split(str(out), 'train')['age_xf']) == 54
+
+
+def test_too_many_bad_rows_fail_and_publish_nothing(tmp_path):
+  csv_path = tmp_path / 'dirty.csv'
+  _bad_adult_csv(csv_path)
+  out = tmp_path / 'out'
+  with pytest.raises(UserError) as e:
+    tabular.run(['--transforms', 'transforms.census', '--train', str(csv_path),
+                 '--output', str(out), '--max-bad-rows', '2'])
+  message = str(e.value)
+  assert '6 of 60 rows rejected' in message and 'nothing was published' in message
+  errors_file = message.split('see ')[1].split(';')[0]
+  assert len(open(errors_file).readlines()) == 6
+  assert not os.path.exists(out / 'manifest.json')
+  assert not [f for f in os.listdir(out) if f.startswith('train-')]
+
+
+def test_header_gzip_several_globs_and_a_module_file(tmp_path):
+  """A user's own module file, CSVs with a header (columns in another order, an extra column),
+  gzip and plain files from two globs, VarLen missing values and FixedLen defaults."""
+  module = tmp_path / 'houses.py'
+  module.write_text('''
+import tensorflow as tf
+import tensorflow_transform as tft
+
+RAW_FEATURE_SPEC = {
+    'price': tf.io.FixedLenFeature([], tf.float32),
+    'rooms': tf.io.FixedLenFeature([], tf.int64, default_value=3),
+    'city': tf.io.VarLenFeature(tf.string),
+    'sold': tf.io.FixedLenFeature([], tf.string),
+}
+LABEL_KEY = 'sold'
+NA_VALUES = ('NA',)
+
+def preprocessing_fn(inputs):
+  return {
+      'price_xf': tft.scale_to_z_score(inputs['price']),
+      'rooms_xf': inputs['rooms'],
+      'city_xf': tft.compute_and_apply_vocabulary(
+          tft.sparse_tensor_to_dense_with_shape(inputs['city'], [None, 1], '')[:, 0],
+          vocab_filename='city'),
+      'sold_xf': tf.cast(tf.equal(inputs['sold'], 'yes'), tf.int64),
+  }
+''')
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  (tmp_path / 'a' / 'part1.csv').write_text(
+      'city,price,note,rooms,sold\n'
+      'Oslo, 100.5,x, 2,yes\n'
+      'Bergen,200,y,,no\n'
+      'NA,300,z,4,yes\n')
+  with gzip.open(tmp_path / 'b' / 'part2.csv.gz', 'wt') as f:
+    f.write('sold,rooms,price,city,note\nno,5,400,Oslo,w\n')
+  out = tmp_path / 'out'
+  manifest = tabular.run(['--transforms', str(module), '--train', str(tmp_path / 'a' / '*.csv'),
+                          str(tmp_path / 'b' / '*.gz'), '--output', str(out)])
+  assert manifest['splits']['train']['rows_written'] == 4
+  got = read_split(str(out), 'train')
+  order = np.argsort(got['price_xf'])
+  prices = np.array([100.5, 200, 300, 400])
+  np.testing.assert_allclose(got['price_xf'][order], (prices - prices.mean()) / prices.std(),
+                             rtol=1e-5)
+  assert got['rooms_xf'][order].tolist() == [2, 3, 4, 5]  # the empty cell got the default 3
+  assert got['sold_xf'][order].tolist() == [1, 0, 1, 0]
+  vocab = open(out / 'transform_fn' / 'assets' / 'city').read().split('\n')
+  assert vocab[:2] == ['Oslo', 'Bergen']
+
+
+def _run(tmp_path, *extra, train=None):
+  train = train or str(ADULT_TRAIN)
+  return tabular.run(['--transforms', 'transforms.census', '--train', train,
+                      '--output', str(tmp_path / 'out'), *extra])
+
+
+@pytest.mark.parametrize('make_input, expected', [
+    (lambda p: str(p / 'nothing-*.csv'), 'no file matches'),
+    (lambda p: (p / 'empty.csv').write_text('') and None or str(p / 'empty.csv'),
+     'every matched file is empty'),
+    (lambda p: (p / 'narrow.csv').write_text('1,2,3\n4,5,6\n') and None or str(p / 'narrow.csv'),
+     'rows have 3 fields but 15 columns are expected'),
+    (lambda p: (p / 'bad.csv.gz').write_bytes(b'not gzip at all') and None or str(p / 'bad.csv.gz'),
+     'cannot read'),
+])
+def test_input_errors(tmp_path, make_input, expected):
+  with pytest.raises(UserError, match=expected):
+    _run(tmp_path, train=make_input(tmp_path))
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def test_header_lacking_a_column(tmp_path):
+  path = tmp_path / 'h.csv'
+  path.write_text('age,workclass\n39,Private\n')
+  with pytest.raises(UserError, match=r"header row lacks column\(s\)"):
+    _run(tmp_path, train=str(path))
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--num-shards', '0'], '--num-shards 0: must be at least 1'),
+    (['--eval', str(ADULT_TRAIN), '--eval-fraction', '0.1'], 'either --eval or --eval-fraction'),
+    (['--max-bad-rows', 'lots'], "--max-bad-rows 'lots'"),
+])
+def test_flag_errors(tmp_path, flags, expected):
+  with pytest.raises(UserError, match=expected):
+    _run(tmp_path, *flags)
+
+
+def test_module_errors(tmp_path):
+  no_fn = tmp_path / 'no_fn.py'
+  no_fn.write_text('import tensorflow as tf\nRAW_FEATURE_SPEC = {"a": tf.io.FixedLenFeature([], '
+                   'tf.int64)}\nLABEL_KEY = "a"\n')
+  with pytest.raises(UserError, match='defines no preprocessing_fn'):
+    tabular.run(['--transforms', str(no_fn), '--train', str(ADULT_TRAIN), '--output',
+                 str(tmp_path / 'o')])
+  with pytest.raises(UserError, match="no module named 'transforms.nope'"):
+    tabular.run(['--transforms', 'transforms.nope', '--train', str(ADULT_TRAIN), '--output',
+                 str(tmp_path / 'o')])

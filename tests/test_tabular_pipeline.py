@@ -1,0 +1,141 @@
+"""The tabular pipeline end to end on real Adult rows, checked against pandas/numpy."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_transform as tft
+
+from pipelines import tabular
+from tests.conftest import REPO
+from tests.helpers import read_adult_csv, read_split, tft_vocabulary_order
+from transforms import census
+
+XF = census.transformed_name
+
+
+@pytest.fixture(scope='module')
+def adult_run(adult_sample, tmp_path_factory):
+  train_csv, test_csv = adult_sample
+  out = tmp_path_factory.mktemp('adult_out') / 'tft'
+  manifest = tabular.run(['--transforms', 'transforms.census', '--train', str(train_csv),
+                          '--eval', str(test_csv), '--output', str(out), '--num-shards', '2'])
+  return {
+      'out': str(out),
+      'manifest': manifest,
+      'train_raw': read_adult_csv(train_csv),
+      'eval_raw': read_adult_csv(test_csv, skiprows=1),  # the junk first line
+      'train': read_split(str(out), 'train'),
+      'eval': read_split(str(out), 'eval'),
+  }
+
+
+def test_counts_add_up(adult_run):
+  m = adult_run['manifest']
+  assert m == json.load(open(os.path.join(adult_run['out'], 'manifest.json')))
+  train, evaluate = m['splits']['train'], m['splits']['eval']
+  assert train['rows_read'] == train['rows_written'] == len(adult_run['train_raw']) == 3000
+  assert train['rows_rejected'] == 0
+  # The test file's junk first line is a rejected row, not a lost one.
+  assert evaluate['rows_read'] == 1500
+  assert evaluate['rows_written'] == len(adult_run['eval_raw']) == 1499
+  assert evaluate['rejected_by_kind'] == {'field_count': 1}
+  errors = [json.loads(l) for l in open(os.path.join(adult_run['out'], 'errors', 'eval.jsonl'))]
+  assert [(e['line'], e['kind'], e['raw']) for e in errors] == [
+      (1, 'field_count', '|1x3 Cross validator')]
+  # The TFRecords hold exactly the rows written.
+  assert len(adult_run['train'][XF('age')]) == 3000
+  assert len(adult_run['eval'][XF('age')]) == 1499
+  assert len([f for f in os.listdir(adult_run['out']) if f.startswith('train-')]) == 2
+  assert m['versions']['tensorflow-transform'].startswith('1.21')
+
+
+@pytest.mark.parametrize('key', census.NUMERIC_FEATURE_KEYS)
+def test_z_scores_use_train_statistics(adult_run, key):
+  train_raw = adult_run['train_raw'][key].to_numpy(np.float64)
+  mean, std = train_raw.mean(), train_raw.std()  # population std, as TFT's scale_to_z_score
+  got_train = adult_run['train'][XF(key)]
+  assert abs(got_train.mean()) < 1e-3
+  assert abs(got_train.std() - 1) < 1e-3
+  np.testing.assert_allclose(np.sort(got_train), np.sort((train_raw - mean) / std), atol=1e-3)
+  # eval is scaled with the *train* mean and std, not its own.
+  eval_raw = adult_run['eval_raw'][key].to_numpy(np.float64)
+  np.testing.assert_allclose(np.sort(adult_run['eval'][XF(key)]), np.sort((eval_raw - mean) / std),
+                             atol=1e-3)
+
+
+@pytest.mark.parametrize('key', census.CATEGORICAL_FEATURE_KEYS)
+def test_vocabularies_match_pandas(adult_run, key):
+  output = tft.TFTransformOutput(adult_run['out'])
+  expected = tft_vocabulary_order(adult_run['train_raw'][key])
+  assert [v.decode() for v in output.vocabulary_by_name(key)] == expected
+  ids = adult_run['train'][XF(key)]
+  oov = len(expected)
+  assert ids.min() >= 0 and ids.max() <= oov
+  # On train every present value is in the vocabulary: the OOV bucket holds exactly the `?`s.
+  assert (ids == oov).sum() == adult_run['train_raw'][key].isna().sum()
+  # The most frequent value gets id 0 on eval too.
+  assert (adult_run['eval'][XF(key)] == 0).sum() == (adult_run['eval_raw'][key] == expected[0]).sum()
+
+
+@pytest.mark.parametrize('key', sorted(census.BUCKET_FEATURE_KEYS))
+def test_buckets_follow_train_quantiles(adult_run, key):
+  n = census.BUCKET_FEATURE_KEYS[key]
+  raw = adult_run['train_raw'][key].to_numpy(np.float64)
+  got = adult_run['train'][census.bucket_name(key)]
+  assert got.min() >= 0 and got.max() < n
+  # Independent bucketing: numpy's exact quantiles as boundaries (repeated ones kept, as TFT
+  # does), a value equal to a boundary going to the upper bucket. TFT's quantile sketch is
+  # approximate, so bucket sizes may differ by a little.
+  boundaries = np.quantile(raw, np.arange(1, n) / n)
+  expected_hist = np.bincount(np.digitize(raw, boundaries), minlength=n)
+  got_hist = np.bincount(got, minlength=n)
+  assert np.abs(got_hist - expected_hist).max() <= 0.01 * len(raw), (got_hist, expected_hist)
+  if key == 'age':  # many distinct values: close to equal frequency
+    shares = got_hist / len(raw)
+    assert shares.max() < 0.16 and shares.min() > 0.05, shares
+
+
+def test_label(adult_run):
+  label = adult_run['train'][XF(census.LABEL_KEY)]
+  assert set(np.unique(label)) == {0, 1}
+  assert label.sum() == (adult_run['train_raw'][census.LABEL_KEY] == '>50K').sum()
+  # The test file writes `>50K.`.
+  assert adult_run['eval'][XF(census.LABEL_KEY)].sum() == (
+      adult_run['eval_raw'][census.LABEL_KEY] == '>50K.').sum()
+
+
+def test_refuses_a_complete_output_from_the_command_line(adult_run):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pipelines.tabular', '--transforms', 'transforms.census',
+       '--train', adult_run['manifest']['inputs']['train'][0], '--output', adult_run['out']],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: --output')
+  assert 'already holds a complete result' in proc.stderr and '--overwrite' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_eval_fraction_is_deterministic(adult_sample, tmp_path):
+  train_csv, _ = adult_sample
+  runs = []
+  for name in ('a', 'b'):
+    out = tmp_path / name
+    manifest = tabular.run(['--transforms', 'transforms.census', '--train', str(train_csv),
+                            '--eval-fraction', '0.25', '--output', str(out)])
+    runs.append((manifest, read_split(str(out), 'eval')))
+  # Independent split rule: each row's own text, hashed.
+  lines = [l.decode().rstrip('\r\n') for l in open(train_csv, 'rb') if l.strip()]
+  to_eval = sum(int.from_bytes(hashlib.blake2b(l.encode(), digest_size=8).digest(), 'big') / 2**64
+                < 0.25 for l in lines)
+  for manifest, _ in runs:
+    assert manifest['splits']['eval']['rows_written'] == to_eval
+    assert manifest['splits']['train']['rows_written'] == len(lines) - to_eval
+  assert 0.2 < to_eval / len(lines) < 0.3
+  first, second = runs[0][1], runs[1][1]
+  for key in first:
+    np.testing.assert_array_equal(np.sort(first[key], axis=0), np.sort(second[key], axis=0))
