@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import traceback
 import uuid
 
 import apache_beam as beam
@@ -134,6 +135,22 @@ class OutputDir:
   def read_counts(self, split):
     return json.loads(_read_text(join(self.counts, f'{split}.json')))
 
+  def failure(self, error):
+    """One line on a failed job; its full traceback is kept in the staging area."""
+    path = join(self.staging, 'traceback.txt')
+    text = ''.join(traceback.format_exception(error))
+    try:
+      write_text(path, text)
+      where = f'full traceback in {path}'
+    except Exception:  # the filesystem itself may be what failed
+      where = 'the traceback is in the log above'
+      _LOG.error('%s', text)
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    cause = lines[-1].strip() if lines else type(error).__name__
+    if len(cause) > 400:
+      cause = cause[:400] + '...'
+    return f'the pipeline failed: {cause}; {where}; nothing was published'
+
   def discard(self):
     """Removes this run's staging area (after a dry run)."""
     FileSystems.delete([self.staging])
@@ -171,10 +188,9 @@ class OutputDir:
     FileSystems.rename([join(source, n) for n in names], [join(destination, n) for n in names])
 
   def _remove_staging(self):
-    FileSystems.delete([self.staging])
-    root = join(self.directory, STAGING)
-    if FileSystems.exists(root) and not FileSystems.match([join(root, '*')])[0].metadata_list:
-      FileSystems.delete([root])
+    # Staging areas left by earlier failed runs (kept for their errors and tracebacks) are
+    # superseded by this published result.
+    FileSystems.delete([join(self.directory, STAGING)])
 
 
 def _now():

@@ -151,8 +151,10 @@ def run(argv=None):
       _ = (rows_ok, written, rejected) | f'Count{label}' >> outputs.WriteCounts(
           outputs.join(out.counts, f'{split}.json'))
 
-    result = pipeline.run()
-    state = result.wait_until_finish()
+    try:
+      state = pipeline.run().wait_until_finish()
+    except Exception as e:  # a worker's failure (often the user's preprocessing_fn)
+      raise common.UserError(out.failure(e)) from e
 
   if common.is_dry_run(pipeline):
     out.discard()

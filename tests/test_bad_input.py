@@ -171,3 +171,24 @@ def test_module_errors(tmp_path):
   with pytest.raises(UserError, match="no module named 'transforms.nope'"):
     tabular.run(['--transforms', 'transforms.nope', '--train', str(ADULT_TRAIN), '--output',
                  str(tmp_path / 'o')])
+
+
+def test_a_failing_preprocessing_fn_is_one_line_and_publishes_nothing(tmp_path):
+  module = tmp_path / 'broken.py'
+  module.write_text('''
+import tensorflow as tf
+RAW_FEATURE_SPEC = {'city': tf.io.VarLenFeature(tf.string), 'n': tf.io.FixedLenFeature([], tf.int64)}
+LABEL_KEY = 'n'
+def preprocessing_fn(inputs):  # a 2-D dense output of unknown width: TFT cannot describe it
+  return {'city_xf': tf.sparse.to_dense(inputs['city'], default_value='')}
+''')
+  data = tmp_path / 'd.csv'
+  data.write_text('city,n\nOslo,1\n')
+  out = tmp_path / 'out'
+  with pytest.raises(UserError) as e:
+    tabular.run(['--transforms', str(module), '--train', str(data), '--output', str(out)])
+  message = str(e.value)
+  assert message.startswith('the pipeline failed:') and 'city_xf' in message
+  assert '\n' not in message and 'nothing was published' in message
+  assert os.path.isfile(message.split('full traceback in ')[1].split(';')[0])
+  assert not os.path.exists(out / 'manifest.json')
