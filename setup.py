@@ -14,6 +14,7 @@ REQUIRED = [
     'tensorflow-metadata>=1.21,<1.22',
     'apache-beam[gcp]>=2.53,<3',
     'pyarrow>=14,<26',  # Beam 2.77 requires pyarrow < 26
+    'tensorboard>=2.21,<2.22',  # the trainer's logs and profiles
     'numpy',
 ]
 

@@ -175,6 +175,12 @@ def run(argv=None):
       'pipeline': 'tabular',
       'transforms': contract.name,
       'label_key': contract.label_key,
+      'label_classes': contract.label_classes,
+      # What serving needs to read raw rows exactly as this run did.
+      'raw_columns': [dict(name=c.name, dtype=c.dtype, varlen=c.varlen, default=c.default)
+                      for c in contract.columns],
+      'csv_columns': list(fmt.column_names) if fmt.column_names else None,
+      'na_values': list(contract.na_values),
       'inputs': inputs,
       'splits': {
           split: dict(counts[split],

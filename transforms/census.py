@@ -9,6 +9,7 @@ import tensorflow_transform as tft
 
 LABEL_KEY = 'income_bracket'
 POSITIVE_LABEL = '>50K'
+LABEL_CLASSES = ('<=50K', POSITIVE_LABEL)  # label ids 0 and 1
 
 NUMERIC_FEATURE_KEYS = ('age', 'fnlwgt', 'education_num', 'capital_gain', 'capital_loss',
                         'hours_per_week')

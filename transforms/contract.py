@@ -6,6 +6,7 @@ A dataset module defines, at module level:
   preprocessing_fn  inputs -> transformed features (TF Transform)
   CSV_COLUMNS       optional: every column of the CSV files in order, for files without a header row
   NA_VALUES         optional: cell values that mean "missing" besides the empty cell (e.g. ('?',))
+  LABEL_CLASSES     optional: the class names of label ids 0, 1, ... (for predictions)
 
 It is named either as an importable module (`transforms.census`) or as a path to a `.py` file
 anywhere, the way TFX's Transform component takes a module file.
@@ -43,6 +44,7 @@ class Contract:
   preprocessing_fn: Callable
   csv_columns: Optional[Sequence[str]]
   na_values: Sequence[str]
+  label_classes: Optional[Sequence[str]] = None
 
   @property
   def columns(self):
@@ -134,4 +136,6 @@ def load(module_or_file):
     if len(set(columns)) != len(columns):
       raise UserError(f'{where}: CSV_COLUMNS names a column twice')
   na_values = tuple(getattr(module, 'NA_VALUES', ()))
-  return Contract(module_or_file, dict(spec), label, fn, columns, na_values)
+  classes = getattr(module, 'LABEL_CLASSES', None)
+  classes = [str(c) for c in classes] if classes is not None else None
+  return Contract(module_or_file, dict(spec), label, fn, columns, na_values, classes)

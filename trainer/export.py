@@ -1,0 +1,137 @@
+"""Export: a SavedModel with the transform graph attached, in TensorFlow Serving's layout.
+
+Signatures:
+  serving_default(examples)   serialized raw tf.train.Examples (no label) -> probabilities,
+                              class_ids, classes
+  predict_raw(<one tensor per raw feature>)  the same from raw feature values, for JSON clients;
+                              a string '' (or an NA value) is a missing value of a VarLen feature
+  transform_features(examples)  the transform alone: raw Examples -> transformed features
+
+The transform's vocabulary files are assets of this SavedModel: it needs nothing from the
+pipeline's output directory once written.
+"""
+
+import json
+import os
+import re
+
+import tensorflow as tf
+
+from trainer import model as model_lib
+
+_DTYPES = {'int64': tf.int64, 'float32': tf.float32, 'string': tf.string}
+
+
+def raw_serving_spec(manifest):
+  """Parse spec of raw Examples at serving: the label removed, defaults as the pipeline filled."""
+  spec = {}
+  for c in manifest['raw_columns']:
+    if c['name'] == manifest['label_key']:
+      continue
+    dtype = _DTYPES[c['dtype']]
+    if c['varlen']:
+      spec[c['name']] = tf.io.VarLenFeature(dtype)
+    else:
+      spec[c['name']] = tf.io.FixedLenFeature([], dtype, default_value=c['default'])
+  return spec
+
+
+def class_names(manifest, tft_output, classes):
+  if manifest.get('label_classes'):
+    return list(manifest['label_classes'])
+  try:  # a vocabulary named after the label
+    return [v.decode() for v in tft_output.vocabulary_by_name(manifest['label_key'])][:classes]
+  except (ValueError, KeyError, tf.errors.NotFoundError):
+    return [str(i) for i in range(classes)]
+
+
+def next_version_dir(model_dir, name):
+  """MODEL_DIR/name/<n+1>: a new version next to the existing ones, never one of them."""
+  base = os.path.join(model_dir, name)
+  versions = [int(v) for v in (tf.io.gfile.listdir(base) if tf.io.gfile.exists(base) else [])
+              if re.fullmatch(r'\d+/?', v)]
+  return os.path.join(base, str(max(versions, default=0) + 1))
+
+
+class ServingModule(tf.Module):
+  """Holds the Keras model and TFT's transform layer, so both are tracked and saved together."""
+
+  def __init__(self, model, tft_layer, raw_spec, na_values, label_key, classes, names):
+    super().__init__()
+    self.model = model
+    self.tft_layer = tft_layer
+    self._raw_spec = raw_spec
+    self._na_values = list(na_values)
+    self._label_xf = label_key
+    self._classes = classes
+    self._names = tf.constant(names)
+
+  def _transform(self, raw):
+    transformed = self.tft_layer(raw)
+    transformed.pop(self._label_xf, None)
+    return transformed
+
+  def _predict(self, raw):
+    transformed = self._transform(raw)
+    inputs = {name: transformed[name] for name in self.model.input_names}
+    probs = model_lib.probabilities(self.model(inputs, training=False), self._classes)
+    class_ids = tf.argmax(probs, axis=1)
+    return {'probabilities': probs, 'class_ids': class_ids,
+            'classes': tf.gather(self._names, class_ids)}
+
+  def _from_columns(self, columns):
+    """Raw feature tensors ([batch] each) -> what parse_example would have produced."""
+    raw = {}
+    for name, spec in self._raw_spec.items():
+      value = columns[name]
+      if isinstance(spec, tf.io.VarLenFeature):
+        present = tf.ones_like(value, tf.bool)
+        if value.dtype == tf.string:
+          for na in [''] + self._na_values:
+            present = tf.logical_and(present, tf.not_equal(value, na))
+        rows = tf.where(present)[:, 0]
+        raw[name] = tf.SparseTensor(
+            indices=tf.stack([rows, tf.zeros_like(rows)], axis=1),
+            values=tf.gather(value, rows),
+            dense_shape=tf.stack([tf.size(value, out_type=tf.int64), 1]))
+      else:
+        raw[name] = value
+    return raw
+
+
+def export(model, tft_output, manifest, label_key_xf, model_dir, name):
+  """Saves the serving SavedModel as a new version; returns its path."""
+  classes = model_lib.num_classes(tft_output.transformed_metadata.schema, label_key_xf)
+  raw_spec = raw_serving_spec(manifest)
+  module = ServingModule(model, tft_output.transform_features_layer(), raw_spec,
+                         manifest.get('na_values', []), label_key_xf, classes,
+                         class_names(manifest, tft_output, classes))
+
+  examples = tf.TensorSpec([None], tf.string, name='examples')
+
+  @tf.function(input_signature=[examples])
+  def serving_default(serialized):
+    return module._predict(tf.io.parse_example(serialized, raw_spec))
+
+  @tf.function(input_signature=[examples])
+  def transform_features(serialized):
+    return module._transform(tf.io.parse_example(serialized, raw_spec))
+
+  column_specs = {n: tf.TensorSpec([None], s.dtype, name=n) for n, s in raw_spec.items()}
+
+  @tf.function(input_signature=[column_specs])
+  def predict_raw(columns):
+    return module._predict(module._from_columns(columns))
+
+  path = next_version_dir(model_dir, name)
+  tf.saved_model.save(module, path, signatures={
+      'serving_default': serving_default,
+      'transform_features': transform_features,
+      'predict_raw': predict_raw.get_concrete_function(column_specs),
+  })
+  # How raw CSV rows map to features, for serving helpers (TensorFlow Serving ignores assets.extra).
+  tf.io.gfile.makedirs(os.path.join(path, 'assets.extra'))
+  with tf.io.gfile.GFile(os.path.join(path, 'assets.extra', 'raw_format.json'), 'w') as f:
+    json.dump({'csv_columns': manifest.get('csv_columns'), 'na_values': manifest.get('na_values'),
+               'label_key': manifest['label_key']}, f)
+  return path

@@ -1,0 +1,132 @@
+"""Serving helpers that need TensorFlow alone (no TF Transform, tfx-bsl or Beam).
+
+  from trainer import serving
+  model = serving.load_model('out/models/census')            # newest version, or a version dir
+  model.predict([{'age': 39, 'workclass': 'State-gov', ...}])  # dicts, CSV lines or Examples
+  model.transform([{'age': 39, ...}])                         # the transform alone -> features
+
+Raw rows are encoded as tf.train.Examples with the model's own raw feature types, then go through
+the same signatures a TensorFlow Serving client would call.
+"""
+
+import csv
+import io
+import json
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+
+class ServingError(ValueError):
+  """A request that does not fit the model's raw features (one line, for the caller)."""
+
+
+def newest_version(model_base):
+  """A version directory, or the highest-numbered version under a TF Serving model base path."""
+  if tf.io.gfile.exists(os.path.join(model_base, 'saved_model.pb')):
+    return model_base
+  versions = [int(v.rstrip('/')) for v in tf.io.gfile.listdir(model_base)
+              if re.fullmatch(r'\d+/?', v)] if tf.io.gfile.isdir(model_base) else []
+  if not versions:
+    raise ServingError(f'{model_base} holds no SavedModel and no numbered version directory')
+  return os.path.join(model_base, str(max(versions)))
+
+
+def _raw_types(signature):
+  return {name: spec.dtype for name, spec in signature.structured_input_signature[1].items()}
+
+
+def _feature(value, dtype, name):
+  values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+  values = [v for v in values if v is not None and not (isinstance(v, str) and v == '' and
+                                                         dtype != tf.string)]
+  try:
+    if dtype == tf.string:
+      return tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[v if isinstance(v, bytes) else str(v).strip().encode() for v in values]))
+    if dtype == tf.int64:
+      return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(str(v).strip())
+                                                                   for v in values]))
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+  except (TypeError, ValueError):
+    raise ServingError(f'feature {name!r}: {value!r} is not a valid {dtype.name}') from None
+
+
+def to_examples(rows, raw_types, csv_columns=None, na_values=()):
+  """dicts, CSV lines (with csv_columns) or serialized Examples -> serialized Examples."""
+  out = []
+  for i, row in enumerate(rows):
+    if isinstance(row, bytes):
+      out.append(row)
+      continue
+    if isinstance(row, str):
+      if not csv_columns:
+        raise ServingError('CSV lines need the column names (csv_columns)')
+      cells = next(csv.reader(io.StringIO(row)))
+      if len(cells) != len(csv_columns):
+        raise ServingError(f'row {i}: {len(cells)} fields, expected {len(csv_columns)}')
+      row = dict(zip(csv_columns, cells))
+    if not isinstance(row, dict):
+      raise ServingError(f'row {i}: expected a dict, a CSV line or serialized Example bytes')
+    unknown = sorted(set(row) - set(raw_types) - set(csv_columns or ()))
+    if unknown and not csv_columns:
+      raise ServingError(f'row {i}: unknown feature(s) {unknown}; the model takes '
+                         f'{sorted(raw_types)}')
+    features = {}
+    for name, dtype in raw_types.items():
+      value = row.get(name)
+      if isinstance(value, str) and value.strip() in na_values:
+        value = None
+      if value is None or (isinstance(value, str) and not value.strip()):
+        continue  # missing: the model's parse spec applies the default or reports it
+      features[name] = _feature(value, dtype, name)
+    out.append(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+  return out
+
+
+class Model:
+  """An exported model: predictions from raw rows through its serving_default signature."""
+
+  def __init__(self, path):
+    self.path = newest_version(path)
+    self._loaded = tf.saved_model.load(self.path)
+    self._serve = self._loaded.signatures['serving_default']
+    self.raw_types = _raw_types(self._loaded.signatures['predict_raw'])
+    meta = os.path.join(self.path, 'assets.extra', 'raw_format.json')
+    fmt = json.load(tf.io.gfile.GFile(meta)) if tf.io.gfile.exists(meta) else {}
+    self.csv_columns = fmt.get('csv_columns')
+    self.na_values = tuple(fmt.get('na_values', ()))
+
+  def predict(self, rows, batch_size=1024):
+    """-> {'probabilities': [n, classes], 'class_ids': [n], 'classes': [n] (str)}"""
+    examples = to_examples(rows, self.raw_types, self.csv_columns, self.na_values)
+    parts = []
+    for start in range(0, len(examples), batch_size):
+      batch = tf.constant(examples[start:start + batch_size])
+      try:
+        parts.append({k: v.numpy() for k, v in self._serve(examples=batch).items()})
+      except tf.errors.InvalidArgumentError as e:
+        raise ServingError(f'rows {start}..{start + len(examples[start:start+batch_size]) - 1}: '
+                           f'{e.message.splitlines()[0]}') from None
+    result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    if 'classes' in result:
+      result['classes'] = np.array([c.decode() for c in result['classes']])
+    return result
+
+
+  def transform(self, rows):
+    """Raw rows -> {transformed feature: numpy array}, through the transform_features signature."""
+    examples = to_examples(rows, self.raw_types, self.csv_columns, self.na_values)
+    outputs = self._loaded.signatures['transform_features'](examples=tf.constant(examples))
+    return {k: v.numpy() for k, v in outputs.items()}
+
+
+def load_model(path):
+  return Model(path)
+
+
+def load_transform(path):
+  """The transform graph alone, as exported with a model: raw rows -> transformed features."""
+  return Model(path)
