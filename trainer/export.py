@@ -133,5 +133,8 @@ def export(model, tft_output, manifest, label_key_xf, model_dir, name):
   tf.io.gfile.makedirs(os.path.join(path, 'assets.extra'))
   with tf.io.gfile.GFile(os.path.join(path, 'assets.extra', 'raw_format.json'), 'w') as f:
     json.dump({'csv_columns': manifest.get('csv_columns'), 'na_values': manifest.get('na_values'),
-               'label_key': manifest['label_key']}, f)
+               'label_key': manifest['label_key'],
+               'required': sorted(n for n, spec in raw_spec.items()
+                                  if isinstance(spec, tf.io.FixedLenFeature)
+                                  and spec.default_value is None)}, f)
   return path

@@ -54,7 +54,7 @@ def _feature(value, dtype, name):
     raise ServingError(f'feature {name!r}: {value!r} is not a valid {dtype.name}') from None
 
 
-def to_examples(rows, raw_types, csv_columns=None, na_values=()):
+def to_examples(rows, raw_types, csv_columns=None, na_values=(), required=(), label_key=None):
   """dicts, CSV lines (with csv_columns) or serialized Examples -> serialized Examples."""
   out = []
   for i, row in enumerate(rows):
@@ -67,11 +67,11 @@ def to_examples(rows, raw_types, csv_columns=None, na_values=()):
       cells = next(csv.reader(io.StringIO(row)))
       if len(cells) != len(csv_columns):
         raise ServingError(f'row {i}: {len(cells)} fields, expected {len(csv_columns)}')
-      row = dict(zip(csv_columns, cells))
+      row = {k: v for k, v in zip(csv_columns, cells) if k in raw_types}
     if not isinstance(row, dict):
       raise ServingError(f'row {i}: expected a dict, a CSV line or serialized Example bytes')
-    unknown = sorted(set(row) - set(raw_types) - set(csv_columns or ()))
-    if unknown and not csv_columns:
+    unknown = sorted(set(row) - set(raw_types) - {label_key})
+    if unknown:
       raise ServingError(f'row {i}: unknown feature(s) {unknown}; the model takes '
                          f'{sorted(raw_types)}')
     features = {}
@@ -82,6 +82,9 @@ def to_examples(rows, raw_types, csv_columns=None, na_values=()):
       if value is None or (isinstance(value, str) and not value.strip()):
         continue  # missing: the model's parse spec applies the default or reports it
       features[name] = _feature(value, dtype, name)
+    lacking = [name for name in required if name not in features]
+    if lacking:
+      raise ServingError(f'row {i}: missing required feature(s) {lacking}')
     out.append(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
   return out
 
@@ -97,19 +100,25 @@ class Model:
     meta = os.path.join(self.path, 'assets.extra', 'raw_format.json')
     fmt = json.load(tf.io.gfile.GFile(meta)) if tf.io.gfile.exists(meta) else {}
     self.csv_columns = fmt.get('csv_columns')
-    self.na_values = tuple(fmt.get('na_values', ()))
+    self.na_values = tuple(fmt.get('na_values') or ())
+    self.required = tuple(fmt.get('required') or ())
+    self.label_key = fmt.get('label_key')
+
+  def _examples(self, rows):
+    return to_examples(rows, self.raw_types, self.csv_columns, self.na_values, self.required,
+                       self.label_key)
 
   def predict(self, rows, batch_size=1024):
     """-> {'probabilities': [n, classes], 'class_ids': [n], 'classes': [n] (str)}"""
-    examples = to_examples(rows, self.raw_types, self.csv_columns, self.na_values)
+    examples = self._examples(rows)
     parts = []
     for start in range(0, len(examples), batch_size):
       batch = tf.constant(examples[start:start + batch_size])
       try:
         parts.append({k: v.numpy() for k, v in self._serve(examples=batch).items()})
       except tf.errors.InvalidArgumentError as e:
-        raise ServingError(f'rows {start}..{start + len(examples[start:start+batch_size]) - 1}: '
-                           f'{e.message.splitlines()[0]}') from None
+        detail = [l for l in e.message.splitlines() if l.strip()][-1]
+        raise ServingError(f'rows {start}..{start + len(batch) - 1}: {detail}') from None
     result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if 'classes' in result:
       result['classes'] = np.array([c.decode() for c in result['classes']])
@@ -118,7 +127,7 @@ class Model:
 
   def transform(self, rows):
     """Raw rows -> {transformed feature: numpy array}, through the transform_features signature."""
-    examples = to_examples(rows, self.raw_types, self.csv_columns, self.na_values)
+    examples = self._examples(rows)
     outputs = self._loaded.signatures['transform_features'](examples=tf.constant(examples))
     return {k: v.numpy() for k, v in outputs.items()}
 

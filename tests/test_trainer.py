@@ -1,0 +1,122 @@
+"""The real trainer for a few steps on a real pipeline output, and the real export served back."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines import tabular
+from pipelines.common import UserError
+from tests.conftest import REPO
+from tests.helpers import read_split
+from trainer import serving, task
+
+
+@pytest.fixture(scope='module')
+def trained(adult_sample, tmp_path_factory):
+  train_csv, test_csv = adult_sample
+  root = tmp_path_factory.mktemp('trained')
+  transformed = str(root / 'tft')
+  tabular.run(['--transforms', 'transforms.census', '--train', str(train_csv), '--eval',
+               str(test_csv), '--output', transformed])
+  path, metrics, model = task.run(['--transformed', transformed, '--model-dir',
+                                   str(root / 'models'), '--max-steps', '30', '--batch-size', '64'])
+  return {'root': root, 'transformed': transformed, 'path': path, 'metrics': metrics,
+          'model': model, 'test_csv': test_csv}
+
+
+def test_export_layout_and_new_versions(trained):
+  assert trained['path'] == str(trained['root'] / 'models' / 'census' / '1')
+  assert 0 <= trained['metrics']['accuracy'] <= 1
+  # A second run adds version 2; version 1 is untouched.
+  before = os.path.getmtime(os.path.join(trained['path'], 'saved_model.pb'))
+  path2, _, _ = task.run(['--transformed', trained['transformed'], '--model-dir',
+                          str(trained['root'] / 'models'), '--max-steps', '2'])
+  assert path2.endswith(os.path.join('census', '2'))
+  assert os.path.getmtime(os.path.join(trained['path'], 'saved_model.pb')) == before
+
+
+def test_no_training_serving_skew(trained):
+  """serving_default on raw Examples == the trained model on the pipeline's transformed rows."""
+  transformed = read_split(trained['transformed'], 'eval')
+  label = transformed.pop('income_bracket_xf')
+  model = trained['model']
+  in_training = model.predict({k: transformed[k][:300] for k in model.input_names}, verbose=0)
+  # The same rows, raw: the eval TFRecords keep file order, which is the CSV's order.
+  lines = open(trained['test_csv']).read().splitlines()[1:301]
+  served = serving.load_model(trained['path']).predict(lines)
+  np.testing.assert_allclose(served['probabilities'][:, 1], in_training[:, 0], atol=1e-5)
+  assert set(served['classes']) <= {'<=50K', '>50K'}
+  assert len(label) == 1499
+
+
+def test_self_contained_and_tensorflow_only(trained, tmp_path):
+  """Serves after the pipeline output is deleted, in a process that cannot import TFT/tfx-bsl/Beam."""
+  shutil.copytree(trained['transformed'], tmp_path / 'backup')
+  shutil.rmtree(os.path.join(trained['transformed'], 'transform_fn'))
+  try:
+    script = f'''
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow_transform', 'tfx_bsl', 'apache_beam'):
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from trainer import serving
+m = serving.load_model({str(os.path.dirname(trained["path"]))!r})
+line = open({str(trained["test_csv"])!r}).read().splitlines()[1]
+r = m.predict([line])
+print('CLASS', r['classes'][0], r['probabilities'].shape)
+print('TRANSFORMED', sorted(m.transform([line]))[:2])
+'''
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'CLASS' in proc.stdout and '(1, 2)' in proc.stdout
+    assert "TRANSFORMED ['age_bucket_xf', 'age_xf']" in proc.stdout
+  finally:
+    shutil.copytree(tmp_path / 'backup' / 'transform_fn',
+                    os.path.join(trained['transformed'], 'transform_fn'))
+
+
+def test_saved_model_cli_lists_signatures(trained):
+  cli = os.path.join(os.path.dirname(sys.executable), 'saved_model_cli')
+  proc = subprocess.run([cli, 'show', '--dir', trained['path'], '--all'], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in ("signature_def['serving_default']", "signature_def['transform_features']",
+               "signature_def['predict_raw']"):
+    assert name in proc.stdout
+
+
+def test_predict_raw_signature_matches_serving_default(trained):
+  loaded = tf.saved_model.load(trained['path'])
+  columns = {'age': [39, 50], 'workclass': ['State-gov', '?'], 'fnlwgt': [77516, 83311],
+             'education': ['Bachelors', 'Bachelors'], 'education_num': [13, 13],
+             'marital_status': ['Never-married', 'Married-civ-spouse'],
+             'occupation': ['Adm-clerical', ''], 'relationship': ['Not-in-family', 'Husband'],
+             'race': ['White', 'White'], 'sex': ['Male', 'Male'], 'capital_gain': [2174, 0],
+             'capital_loss': [0, 0], 'hours_per_week': [40, 13],
+             'native_country': ['United-States', 'United-States']}
+  signature = loaded.signatures['predict_raw']
+  specs = signature.structured_input_signature[1]
+  raw = signature(**{k: tf.constant(v, specs[k].dtype) for k, v in columns.items()})
+  rows = [{k: v[i] for k, v in columns.items()} for i in range(2)]
+  served = serving.load_model(trained['path']).predict(rows)
+  np.testing.assert_allclose(raw['probabilities'].numpy(), served['probabilities'], atol=1e-6)
+
+
+def test_bad_requests_and_inputs(trained, tmp_path):
+  model = serving.load_model(trained['path'])
+  with pytest.raises(serving.ServingError, match="'age'"):
+    model.predict([{'age': 'old'}])
+  with pytest.raises(serving.ServingError, match='unknown feature'):
+    model.predict([{'agee': 39}])
+  with pytest.raises(serving.ServingError, match='age'):  # a FixedLen feature missing
+    model.predict([{'workclass': 'Private'}])
+  with pytest.raises(UserError, match='not a complete pipeline output'):
+    task.run(['--transformed', str(tmp_path), '--model-dir', str(tmp_path / 'm')])
