@@ -120,3 +120,62 @@ def test_bad_requests_and_inputs(trained, tmp_path):
     model.predict([{'workclass': 'Private'}])
   with pytest.raises(UserError, match='not a complete pipeline output'):
     task.run(['--transformed', str(tmp_path), '--model-dir', str(tmp_path / 'm')])
+
+
+def test_pipeline_transform_alone_matches_the_tfrecords(trained):
+  """load_transform on the pipeline output reproduces the transformed eval rows exactly."""
+  expected = read_split(trained['transformed'], 'eval')
+  lines = open(trained['test_csv']).read().splitlines()[1:201]
+  got = serving.load_transform(trained['transformed']).transform(lines)
+  for key, value in got.items():
+    np.testing.assert_allclose(value, expected[key][:200], atol=1e-6, err_msg=key)
+  assert 'income_bracket_xf' in got  # CSV lines carry the label
+  exported = serving.load_transform(trained['path']).transform(lines)
+  for key, value in exported.items():
+    np.testing.assert_allclose(value, expected[key][:200], atol=1e-6, err_msg=key)
+
+
+def test_batch_prediction_cli(trained, tmp_path):
+  out = tmp_path / 'predictions.csv'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'trainer.predict', '--model', trained['path'], '--input',
+       str(trained['test_csv']), '--output', str(out), '--show', '2'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'predicted 1499 rows' in proc.stdout
+  assert 'row 1: 1 fields, expected 15; skipped' in proc.stderr  # the junk line, named
+  rows = out.read_text().splitlines()
+  assert rows[0] == 'row,class,p_0,p_1' and len(rows) == 1500
+  line, cls, p0, p1 = rows[1].split(',')
+  assert line == '2' and cls in ('<=50K', '>50K')
+  assert abs(float(p0) + float(p1) - 1) < 1e-5
+
+
+def test_mixed_precision_profile_and_logs(trained, tmp_path):
+  path, _, model = task.run(['--transformed', trained['transformed'], '--model-dir',
+                             str(tmp_path), '--max-steps', '6', '--mixed-precision',
+                             '--profile-steps', '2', '3'])
+  assert model.layers[-1].dtype_policy.name == 'float32'  # float32 output layer
+  assert any(l.dtype_policy.name == 'mixed_float16' for l in model.layers)
+  out = tf.saved_model.load(path).signatures['serving_default'](
+      examples=tf.constant(serving.to_examples(
+          open(trained['test_csv']).read().splitlines()[1:3],
+          serving.load_model(path).raw_types, serving.load_model(path).csv_columns)))
+  assert out['probabilities'].dtype == tf.float32
+  logs = tmp_path / 'logs'
+  events = [f for _, _, files in os.walk(logs) for f in files if 'tfevents' in f]
+  assert events
+  assert list((logs / 'plugins' / 'profile').glob('*/*.xplane.pb'))  # the profiled steps
+  assert list((tmp_path / 'checkpoints').glob('*.weights.h5'))
+
+
+def test_demo_defaults_reach_the_quality_bar(tmp_path):
+  """The README's defaults on the full Adult data: accuracy >= 0.845 and ROC AUC >= 0.90 on
+  adult.test."""
+  from tests.conftest import ADULT_TEST, ADULT_TRAIN
+  tabular.run(['--transforms', 'transforms.census', '--train', str(ADULT_TRAIN), '--eval',
+               str(ADULT_TEST), '--output', str(tmp_path / 'tft')])
+  _, metrics, _ = task.run(['--transformed', str(tmp_path / 'tft'), '--model-dir',
+                            str(tmp_path / 'models')])
+  assert metrics['accuracy'] >= 0.845, metrics
+  assert metrics['auc'] >= 0.90, metrics

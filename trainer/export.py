@@ -66,8 +66,26 @@ class ServingModule(tf.Module):
     self._classes = classes
     self._names = tf.constant(names)
 
+  def _read_like_pipeline(self, raw):
+    """The pipeline's cell rules at serving: strings trimmed; '' and NA values are missing
+    (dropped from VarLen features, the default of FixedLen ones)."""
+    na = tf.constant([''] + self._na_values)
+    cleaned = {}
+    for name, spec in self._raw_spec.items():
+      value = raw[name]
+      if spec.dtype == tf.string:
+        if isinstance(value, tf.SparseTensor):
+          value = tf.SparseTensor(value.indices, tf.strings.strip(value.values), value.dense_shape)
+          value = tf.sparse.retain(value, _not_in(value.values, na))
+        else:
+          value = tf.strings.strip(value)
+          if spec.default_value is not None:
+            value = tf.where(_not_in(value, na), value, tf.constant(spec.default_value))
+      cleaned[name] = value
+    return cleaned
+
   def _transform(self, raw):
-    transformed = self.tft_layer(raw)
+    transformed = self.tft_layer(self._read_like_pipeline(raw))
     transformed.pop(self._label_xf, None)
     return transformed
 
@@ -85,18 +103,18 @@ class ServingModule(tf.Module):
     for name, spec in self._raw_spec.items():
       value = columns[name]
       if isinstance(spec, tf.io.VarLenFeature):
-        present = tf.ones_like(value, tf.bool)
-        if value.dtype == tf.string:
-          for na in [''] + self._na_values:
-            present = tf.logical_and(present, tf.not_equal(value, na))
-        rows = tf.where(present)[:, 0]
-        raw[name] = tf.SparseTensor(
-            indices=tf.stack([rows, tf.zeros_like(rows)], axis=1),
-            values=tf.gather(value, rows),
-            dense_shape=tf.stack([tf.size(value, out_type=tf.int64), 1]))
-      else:
-        raw[name] = value
+        value = tf.sparse.from_dense(tf.expand_dims(value, 1))
+        if spec.dtype != tf.string:  # sparse.from_dense drops zeros; a number is always present
+          value = tf.SparseTensor(
+              tf.stack([tf.range(tf.size(columns[name], tf.int64)),
+                        tf.zeros_like(columns[name], tf.int64)], 1),
+              columns[name], tf.stack([tf.size(columns[name], tf.int64), 1]))
+      raw[name] = value
     return raw
+
+
+def _not_in(values, excluded):
+  return tf.reduce_all(tf.not_equal(tf.expand_dims(values, -1), excluded), axis=-1)
 
 
 def export(model, tft_output, manifest, label_key_xf, model_dir, name):

@@ -20,6 +20,7 @@ def run(argv=None):
                                                 'pipeline used)')
   p.add_argument('--output', required=True, help='CSV of predictions to write')
   p.add_argument('--limit', type=int, default=None, help='predict the first N rows only')
+  p.add_argument('--show', type=int, default=0, help='print the first N rows with their predictions')
   args = p.parse_args(argv)
   model = serving.load_model(args.model)
   with open(args.input, newline='') as f:
@@ -47,6 +48,9 @@ def run(argv=None):
     writer.writerow(['row', 'class'] + [f'p_{i}' for i in range(n_classes)])
     for i, line in enumerate(lines):
       writer.writerow([line, result['classes'][i]] + [f'{p:.6f}' for p in probs[i]])
+  for i in range(min(args.show, len(lines))):
+    raw = ', '.join(f'{k}={v.strip()}' for k, v in good[i].items() if k in model.raw_types)
+    print(f'row {lines[i]}: {result["classes"][i]} (p={probs[i].max():.3f})  <- {raw}')
   return result, lines
 
 

@@ -1,9 +1,10 @@
-"""Serving helpers that need TensorFlow alone (no TF Transform, tfx-bsl or Beam).
+"""Serving helpers that need TensorFlow alone (no TF Transform, tfx-bsl or Beam) for exported models.
 
   from trainer import serving
   model = serving.load_model('out/models/census')            # newest version, or a version dir
   model.predict([{'age': 39, 'workclass': 'State-gov', ...}])  # dicts, CSV lines or Examples
   model.transform([{'age': 39, ...}])                         # the transform alone -> features
+  serving.load_transform('out/adult').transform(rows)        # a pipeline's transform_fn (needs TFT)
 
 Raw rows are encoded as tf.train.Examples with the model's own raw feature types, then go through
 the same signatures a TensorFlow Serving client would call.
@@ -136,6 +137,44 @@ def load_model(path):
   return Model(path)
 
 
+class PipelineTransform:
+  """The transform graph of a pipeline output (DIR/transform_fn), applied to raw rows.
+
+  Reads the graph with TF Transform's TFTransformOutput (TF Transform, not Beam, is needed here);
+  serving code with TensorFlow alone uses an exported model's transform() instead.
+  """
+
+  def __init__(self, transformed_dir):
+    import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
+    with tf.io.gfile.GFile(os.path.join(transformed_dir, 'manifest.json')) as f:
+      manifest = json.load(f)
+    self._output = tft.TFTransformOutput(transformed_dir)
+    self._spec = {}
+    for c in manifest['raw_columns']:
+      dtype = tf.as_dtype(c['dtype'])
+      self._spec[c['name']] = (tf.io.VarLenFeature(dtype) if c['varlen'] else
+                               tf.io.FixedLenFeature([], dtype, default_value=c['default']))
+    self.raw_types = {n: s.dtype for n, s in self._spec.items()}
+    self.csv_columns = manifest.get('csv_columns')
+    self.na_values = tuple(manifest.get('na_values') or ())
+    self.label_key = manifest['label_key']
+
+  def transform(self, rows):
+    """Raw rows -> {transformed feature: numpy array}. Rows carry the label or none do."""
+    examples = to_examples(rows, self.raw_types, self.csv_columns, self.na_values,
+                           label_key=self.label_key)
+    spec = dict(self._spec)
+    if not all(self.label_key in tf.train.Example.FromString(e).features.feature
+               for e in examples):
+      spec.pop(self.label_key)
+    raw = tf.io.parse_example(tf.constant(examples), spec)
+    outputs = self._output.transform_raw_features(raw, drop_unused_features=True)
+    return {k: v.numpy() for k, v in outputs.items()}
+
+
 def load_transform(path):
-  """The transform graph alone, as exported with a model: raw rows -> transformed features."""
+  """The transform graph alone: from a pipeline output directory (needs TF Transform) or from an
+  exported model (TensorFlow alone). Both give .transform(rows) -> transformed features."""
+  if tf.io.gfile.exists(os.path.join(path, 'transform_fn')):
+    return PipelineTransform(path)
   return Model(path)
