@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-input clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The trainer's tf.data input against a plain TFRecordDataset + parse_example (issue: >= 0.8x).
+bench-input: install
+	$(PY) benchmarks/input_pipeline.py
 
 clean:
 	rm -rf out build *.egg-info
