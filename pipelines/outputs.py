@@ -113,12 +113,16 @@ class OutputDir:
     self.out = join(self.staging, 'out')  # what publication moves into DIR
     self.tmp = join(self.staging, 'tmp')  # TFT's temp dir
     self.counts = join(self.staging, 'counts')
+    self._new_directory = False
 
   def prepare(self):
     """Checks DIR before any work is done and creates the staging area."""
     if FileSystems.exists(join(self.directory, MANIFEST)) and not self.overwrite:
       raise UserError(f'--output {self.directory} already holds a complete result; pass '
                       '--overwrite to replace it, or choose another directory')
+    # Only on directory-aware filesystems (local, HDFS) does a directory outlive its files.
+    self._new_directory = (FileSystems.get_filesystem(self.directory).has_dirs() and
+                           not FileSystems.exists(self.directory))
     try:
       for d in (self.out, self.tmp, self.counts):
         _mkdirs(d)
@@ -152,8 +156,16 @@ class OutputDir:
     return f'the pipeline failed: {cause}; {where}; nothing was published'
 
   def discard(self):
-    """Removes this run's staging area (after a dry run)."""
+    """Removes what this run created (after a dry run), so that DIR is left as it was found.
+
+    `.staging` goes too unless it holds earlier failed runs' files, and so does DIR if this run
+    created it: a dry run is a check, and empty directories it left would be clutter.
+    """
     FileSystems.delete([self.staging])
+    leftovers = [join(self.directory, STAGING)] + ([self.directory] if self._new_directory else [])
+    for path in leftovers:
+      if FileSystems.get_filesystem(path).has_dirs() and not _files_under(path):
+        FileSystems.delete([path])
 
   def publish(self, manifest):
     """Makes the staged result the content of DIR; the manifest is written last."""
