@@ -12,6 +12,7 @@ import time
 
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
@@ -86,6 +87,19 @@ def _check_bad_rows(split, counts, limit, out):
         f'--max-bad-rows allows ({allowed}); see {out.errors_path(split)}; nothing was published')
 
 
+def _check_remote_paths(beam_args, output, inputs):
+  """Dataflow workers cannot see this machine's disk: local paths would only fail once workers
+  start (and bill); a dry run only builds the job, so it may use them."""
+  options, _ = common.pipeline_options(beam_args)
+  runner = str(options.view_as(StandardOptions).runner or '').lower()
+  if 'dataflow' not in runner or options.get_all_options().get('dry_run'):
+    return
+  local = [p for p in [output] + [f for files in inputs.values() for f in files] if '://' not in p]
+  if local:
+    raise common.UserError(f'{local[0]}: DataflowRunner workers cannot read local paths; put '
+                           'inputs and --output on gs:// (or add --dry_run=True to only build)')
+
+
 def run(argv=None):
   """Runs the pipeline; returns the published manifest (None for a --dry_run build)."""
   started = time.time()
@@ -106,6 +120,7 @@ def run(argv=None):
     input_bytes['eval'] = input_bytes['train'] * args.eval_fraction
   shards = {s: args.num_shards or outputs.auto_num_shards(input_bytes[s]) for s in splits}
 
+  _check_remote_paths(beam_args, args.output, inputs)
   out = outputs.OutputDir(args.output, args.overwrite)
   out.prepare()
   schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)

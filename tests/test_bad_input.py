@@ -155,6 +155,8 @@ def test_header_lacking_a_column(tmp_path):
     (['--num-shards', '0'], '--num-shards 0: must be at least 1'),
     (['--eval', str(ADULT_TRAIN), '--eval-fraction', '0.1'], 'either --eval or --eval-fraction'),
     (['--max-bad-rows', 'lots'], "--max-bad-rows 'lots'"),
+    (['--runner', 'DataflowRunner', '--project', 'p', '--region', 'r', '--temp_location',
+      'gs://b/tmp'], 'DataflowRunner workers cannot read local paths'),
 ])
 def test_flag_errors(tmp_path, flags, expected):
   with pytest.raises(UserError, match=expected):
