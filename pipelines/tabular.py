@@ -12,13 +12,11 @@ import time
 
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
-from apache_beam.options.pipeline_options import StandardOptions
-from apache_beam.runners.runner import PipelineState
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import common, csv_source, outputs
+from pipelines import common, csv_source, job, outputs
 from transforms import contract as contract_lib
 
 _LOG = logging.getLogger('pipelines.tabular')
@@ -71,35 +69,6 @@ def _inspect(files, fmt, flag):
                            f'{", ..." if len(files) > 3 else ""})')
 
 
-def _bytes(files):
-  return sum(m.size_in_bytes for f in files for m in
-             beam.io.filesystems.FileSystems.match([f])[0].metadata_list)
-
-
-def _check_bad_rows(split, counts, limit, out):
-  count, share = limit
-  allowed = count if count is not None else int(share * counts['rows_read'])
-  rejected = counts['rows_rejected']
-  if rejected > allowed:
-    reasons = ', '.join(f'{k}: {v}' for k, v in counts['rejected_by_kind'].items())
-    raise common.UserError(
-        f'{split}: {rejected} of {counts["rows_read"]} rows rejected ({reasons}), more than '
-        f'--max-bad-rows allows ({allowed}); see {out.errors_path(split)}; nothing was published')
-
-
-def _check_remote_paths(beam_args, output, inputs):
-  """Dataflow workers cannot see this machine's disk: local paths would only fail once workers
-  start (and bill); a dry run only builds the job, so it may use them."""
-  options, _ = common.pipeline_options(beam_args)
-  runner = str(options.view_as(StandardOptions).runner or '').lower()
-  if 'dataflow' not in runner or options.get_all_options().get('dry_run'):
-    return
-  local = [p for p in [output] + [f for files in inputs.values() for f in files] if '://' not in p]
-  if local:
-    raise common.UserError(f'{local[0]}: DataflowRunner workers cannot read local paths; put '
-                           'inputs and --output on gs:// (or add --dry_run=True to only build)')
-
-
 def run(argv=None):
   """Runs the pipeline; returns the published manifest (None for a --dry_run build)."""
   started = time.time()
@@ -115,12 +84,12 @@ def run(argv=None):
   for split, files in inputs.items():
     _inspect(files, fmt, f'--{split}')
   splits = ['train'] + (['eval'] if args.eval or args.eval_fraction else [])
-  input_bytes = {split: _bytes(files) for split, files in inputs.items()}
+  input_bytes = {split: job.input_bytes(files) for split, files in inputs.items()}
   if args.eval_fraction:
     input_bytes['eval'] = input_bytes['train'] * args.eval_fraction
   shards = {s: args.num_shards or outputs.auto_num_shards(input_bytes[s]) for s in splits}
 
-  _check_remote_paths(beam_args, args.output, inputs)
+  job.check_remote_paths(beam_args, args.output, [f for fs in inputs.values() for f in fs])
   out = outputs.OutputDir(args.output, args.overwrite)
   out.prepare()
   schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)
@@ -142,49 +111,11 @@ def run(argv=None):
       raw['eval'], _, errors['eval'] = pipeline | 'ReadEvalCsv' >> csv_source.ReadCsv(
           inputs['eval'], fmt, 'eval', 0.0, args.rows_per_batch)
 
-    transformed = {}
-    transformed['train'], transform_fn = (
-        (raw['train'], adapter_config)
-        | 'AnalyzeAndTransformTrain' >> tft_beam.AnalyzeAndTransformDataset(
-            contract.preprocessing_fn, output_record_batches=True))
-    if 'eval' in raw:
-      transformed['eval'] = (
-          ((raw['eval'], adapter_config), transform_fn)
-          | 'TransformEval' >> tft_beam.TransformDataset(output_record_batches=True))
-    _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out.out)
-
-    for split in splits:
-      label = split.capitalize()
-      examples = transformed[split] | f'Encode{label}' >> tft_beam.EncodeTransformedDataset()
-      written = examples | f'Write{label}' >> outputs.WriteExamples(
-          out.split_prefix(split), shards[split], args.compression)
-      rejected = errors[split] | f'Write{label}Errors' >> outputs.WriteErrors(
-          out.errors_path(split))
-      rows_ok = (raw[split]
-                 | f'Rows{label}' >> beam.Map(lambda batch: batch.num_rows)
-                 | f'Sum{label}' >> beam.CombineGlobally(sum))
-      _ = (rows_ok, written, rejected) | f'Count{label}' >> outputs.WriteCounts(
-          outputs.join(out.counts, f'{split}.json'))
-
-    try:
-      state = pipeline.run().wait_until_finish()
-    except Exception as e:  # a worker's failure (often the user's preprocessing_fn)
-      raise common.UserError(out.failure(e)) from e
-
-  if common.is_dry_run(pipeline):
-    out.discard()
-    _LOG.info('dry run: the job was built and not run; nothing was written')
+    job.transform_and_write(raw, errors, adapter_config, contract.preprocessing_fn, out, shards,
+                            args.compression)
+    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit)
+  if counts is None:
     return None
-  if state != PipelineState.DONE:
-    raise common.UserError(f'the pipeline ended in state {state}; nothing was published '
-                           f'(staged files are in {out.staging})')
-
-  counts = {split: out.read_counts(split) for split in splits}
-  for split, c in counts.items():
-    if c['rows_read'] != c['rows_written'] + c['rows_rejected']:
-      raise RuntimeError(f'{split}: rows read {c["rows_read"]} != written {c["rows_written"]} + '
-                         f'rejected {c["rows_rejected"]}; nothing was published')
-    _check_bad_rows(split, c, args.max_bad_rows_limit, out)
 
   manifest = {
       'pipeline': 'tabular',
@@ -197,13 +128,7 @@ def run(argv=None):
       'csv_columns': list(fmt.column_names) if fmt.column_names else None,
       'na_values': list(contract.na_values),
       'inputs': inputs,
-      'splits': {
-          split: dict(counts[split],
-                      files=f'{split}-*-of-{shards[split]:05d}'
-                      f'{".tfrecord.gz" if args.compression == "gzip" else ".tfrecord"}',
-                      num_shards=shards[split])
-          for split in splits
-      },
+      'splits': job.split_entries(counts, shards, args.compression),
       'eval_fraction': args.eval_fraction,
       'compression': args.compression,
       'options': {'argv': list(argv) if argv is not None else None, 'beam': beam_args},
@@ -212,20 +137,8 @@ def run(argv=None):
       'elapsed_seconds': round(time.time() - started, 1),
   }
   manifest = out.publish(manifest)
-  _print_summary(manifest, args.output)
+  job.print_summary(manifest, args.output)
   return manifest
-
-
-def _print_summary(manifest, directory):
-  lines = [f'published {directory} in {manifest["elapsed_seconds"]}s']
-  for split, c in manifest['splits'].items():
-    rejected = ''
-    if c['rows_rejected']:
-      rejected = ' (' + ', '.join(f'{k}: {v}' for k, v in c['rejected_by_kind'].items()) + \
-          f'; see {outputs.join(directory, "errors", split + ".jsonl")})'
-    lines.append(f'  {split:5s} rows read {c["rows_read"]:>9,}  written {c["rows_written"]:>9,}  '
-                 f'rejected {c["rows_rejected"]:>7,}{rejected}')
-  print('\n'.join(lines))
 
 
 if __name__ == '__main__':

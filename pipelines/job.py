@@ -1,0 +1,118 @@
+"""The part every pipeline shares once its source has produced Arrow RecordBatches per split:
+analyze the train split with TF Transform, transform every split, write the shards, the dead
+letters and the counts; then run the job, check what it did and publish (or publish nothing).
+"""
+
+import logging
+
+import apache_beam as beam
+import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.runners.runner import PipelineState
+
+from pipelines import common, outputs
+
+_LOG = logging.getLogger('pipelines')
+
+
+def input_bytes(files):
+  return sum(m.size_in_bytes for f in files for m in FileSystems.match([f])[0].metadata_list)
+
+
+def check_remote_paths(beam_args, output, paths):
+  """Dataflow workers cannot see this machine's disk: local paths would only fail once workers
+  start (and bill); a dry run only builds the job, so it may use them."""
+  options, _ = common.pipeline_options(beam_args)
+  runner = str(options.view_as(StandardOptions).runner or '').lower()
+  if 'dataflow' not in runner or options.get_all_options().get('dry_run'):
+    return
+  local = [p for p in [output] + list(paths) if '://' not in p]
+  if local:
+    raise common.UserError(f'{local[0]}: DataflowRunner workers cannot read local paths; put '
+                           'inputs and --output on gs:// (or add --dry_run=True to only build)')
+
+
+def transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shards, compression):
+  """Adds TFT and the sinks to the pipeline of `raw` ({split: PCollection of RecordBatches}, the
+  train split first) and `errors` ({split: PCollection of dead-letter dicts})."""
+  transformed = {}
+  transformed['train'], transform_fn = (
+      (raw['train'], adapter_config)
+      | 'AnalyzeAndTransformTrain' >> tft_beam.AnalyzeAndTransformDataset(
+          preprocessing_fn, output_record_batches=True))
+  for split in raw:
+    if split != 'train':
+      transformed[split] = (
+          ((raw[split], adapter_config), transform_fn)
+          | f'Transform{split.capitalize()}' >> tft_beam.TransformDataset(
+              output_record_batches=True))
+  _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out.out)
+
+  for split in raw:
+    label = split.capitalize()
+    examples = transformed[split] | f'Encode{label}' >> tft_beam.EncodeTransformedDataset()
+    written = examples | f'Write{label}' >> outputs.WriteExamples(
+        out.split_prefix(split), shards[split], compression)
+    rejected = errors[split] | f'Write{label}Errors' >> outputs.WriteErrors(out.errors_path(split))
+    rows_ok = (raw[split]
+               | f'Rows{label}' >> beam.Map(lambda batch: batch.num_rows)
+               | f'Sum{label}' >> beam.CombineGlobally(sum))
+    _ = (rows_ok, written, rejected) | f'Count{label}' >> outputs.WriteCounts(
+        outputs.join(out.counts, f'{split}.json'))
+
+
+def _check_bad_rows(split, counts, limit, out, what):
+  count, share = limit
+  allowed = count if count is not None else int(share * counts['rows_read'])
+  rejected = counts['rows_rejected']
+  if rejected > allowed:
+    reasons = ', '.join(f'{k}: {v}' for k, v in counts['rejected_by_kind'].items())
+    raise common.UserError(
+        f'{split}: {rejected} of {counts["rows_read"]} {what} rejected ({reasons}), more than '
+        f'--max-bad-rows allows ({allowed}); see {out.errors_path(split)}; nothing was published')
+
+
+def run_and_check(pipeline, out, splits, max_bad_rows, what='rows'):
+  """Runs the job; returns {split: counts} of a successful run, or None for a dry run.
+
+  Any failure is one UserError line and leaves DIR as it was (nothing published).
+  """
+  try:
+    state = pipeline.run().wait_until_finish()
+  except Exception as e:  # a worker's failure (often the user's preprocessing_fn)
+    raise common.UserError(out.failure(e)) from e
+  if common.is_dry_run(pipeline):
+    out.discard()
+    _LOG.info('dry run: the job was built and not run; nothing was written')
+    return None
+  if state != PipelineState.DONE:
+    raise common.UserError(f'the pipeline ended in state {state}; nothing was published '
+                           f'(staged files are in {out.staging})')
+  counts = {split: out.read_counts(split) for split in splits}
+  for split, c in counts.items():
+    if c['rows_read'] != c['rows_written'] + c['rows_rejected']:
+      raise RuntimeError(f'{split}: {what} read {c["rows_read"]} != written {c["rows_written"]} '
+                         f'+ rejected {c["rows_rejected"]}; nothing was published')
+    _check_bad_rows(split, c, max_bad_rows, out, what)
+  return counts
+
+
+def split_entries(counts, shards, compression):
+  """The manifest's 'splits': counts, shard pattern and shard count of each split."""
+  suffix = '.tfrecord.gz' if compression == 'gzip' else '.tfrecord'
+  return {split: dict(c, files=f'{split}-*-of-{shards[split]:05d}{suffix}',
+                      num_shards=shards[split])
+          for split, c in counts.items()}
+
+
+def print_summary(manifest, directory, what='rows'):
+  lines = [f'published {directory} in {manifest["elapsed_seconds"]}s']
+  for split, c in manifest['splits'].items():
+    rejected = ''
+    if c['rows_rejected']:
+      rejected = ' (' + ', '.join(f'{k}: {v}' for k, v in c['rejected_by_kind'].items()) + \
+          f'; see {outputs.join(directory, "errors", split + ".jsonl")})'
+    lines.append(f'  {split:5s} {what} read {c["rows_read"]:>9,}  written {c["rows_written"]:>9,}'
+                 f'  rejected {c["rows_rejected"]:>7,}{rejected}')
+  print('\n'.join(lines))
