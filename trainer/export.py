@@ -6,6 +6,8 @@ Signatures:
   predict_raw(<one tensor per raw feature>)  the same from raw feature values, for JSON clients;
                               a string '' (or an NA value) is a missing value of a VarLen feature
   transform_features(examples)  the transform alone: raw Examples -> transformed features
+  predict_images(image_bytes)   image models only: a batch of encoded JPEG/PNG bytes (what a
+                              TensorFlow Serving REST client sends as {"b64": ...}) -> the same
 
 The transform's vocabulary files are assets of this SavedModel: it needs nothing from the
 pipeline's output directory once written.
@@ -56,8 +58,10 @@ def next_version_dir(model_dir, name):
 class ServingModule(tf.Module):
   """Holds the Keras model and TFT's transform layer, so both are tracked and saved together."""
 
-  def __init__(self, model, tft_layer, raw_spec, na_values, label_key, classes, names):
+  def __init__(self, model, tft_layer, raw_spec, na_values, label_key, classes, names,
+               binary=()):
     super().__init__()
+    self._binary = frozenset(binary)  # bytes features (images): passed on untouched
     self.model = model
     self.tft_layer = tft_layer
     self._raw_spec = raw_spec
@@ -73,7 +77,7 @@ class ServingModule(tf.Module):
     cleaned = {}
     for name, spec in self._raw_spec.items():
       value = raw[name]
-      if spec.dtype == tf.string:
+      if spec.dtype == tf.string and name not in self._binary:
         if isinstance(value, tf.SparseTensor):
           value = tf.SparseTensor(value.indices, tf.strings.strip(value.values), value.dense_shape)
           value = tf.sparse.retain(value, _not_in(value.values, na))
@@ -121,9 +125,10 @@ def export(model, tft_output, manifest, label_key_xf, model_dir, name):
   """Saves the serving SavedModel as a new version; returns its path."""
   classes = model_lib.num_classes(tft_output.transformed_metadata.schema, label_key_xf)
   raw_spec = raw_serving_spec(manifest)
+  binary = [c['name'] for c in manifest['raw_columns'] if c.get('binary')]
   module = ServingModule(model, tft_output.transform_features_layer(), raw_spec,
                          manifest.get('na_values', []), label_key_xf, classes,
-                         class_names(manifest, tft_output, classes))
+                         class_names(manifest, tft_output, classes), binary)
 
   examples = tf.TensorSpec([None], tf.string, name='examples')
 
@@ -141,17 +146,27 @@ def export(model, tft_output, manifest, label_key_xf, model_dir, name):
   def predict_raw(columns):
     return module._predict(module._from_columns(columns))
 
-  path = next_version_dir(model_dir, name)
-  tf.saved_model.save(module, path, signatures={
+  signatures = {
       'serving_default': serving_default,
       'transform_features': transform_features,
       'predict_raw': predict_raw.get_concrete_function(column_specs),
-  })
+  }
+  if manifest.get('image') and len(raw_spec) == 1 and binary:
+    image_key = binary[0]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
+    def predict_images(image_bytes):
+      return module._predict({image_key: image_bytes})
+
+    signatures['predict_images'] = predict_images
+
+  path = next_version_dir(model_dir, name)
+  tf.saved_model.save(module, path, signatures=signatures)
   # How raw CSV rows map to features, for serving helpers (TensorFlow Serving ignores assets.extra).
   tf.io.gfile.makedirs(os.path.join(path, 'assets.extra'))
   with tf.io.gfile.GFile(os.path.join(path, 'assets.extra', 'raw_format.json'), 'w') as f:
     json.dump({'csv_columns': manifest.get('csv_columns'), 'na_values': manifest.get('na_values'),
-               'label_key': manifest['label_key'],
+               'label_key': manifest['label_key'], 'binary': binary,
                'required': sorted(n for n, spec in raw_spec.items()
                                   if isinstance(spec, tf.io.FixedLenFeature)
                                   and spec.default_value is None)}, f)

@@ -17,7 +17,8 @@ def read_manifest(transformed_dir):
   path = os.path.join(transformed_dir, MANIFEST)
   if not tf.io.gfile.exists(path):
     raise InputError(f'--transformed {transformed_dir} holds no {MANIFEST}: it is not a complete '
-                     'pipeline output; run python -m pipelines.tabular first (or wait for it)')
+                     'pipeline output; run python -m pipelines.tabular (or pipelines.images) '
+                     'first, or wait for it to finish')
   with tf.io.gfile.GFile(path) as f:
     manifest = json.load(f)
   if not tf.io.gfile.exists(os.path.join(transformed_dir, 'transform_fn')):
@@ -41,7 +42,7 @@ def split_files(transformed_dir, manifest, split):
 
 
 def make_dataset(files, feature_spec, label_key, batch_size, compression, shuffle=True,
-                 seed=None, shuffle_window=8192):
+                 seed=None, shuffle_window=8192, augment=(), image_keys=()):
   """Batches of (features, label).
 
   Every per-record tf.data step costs about a microsecond of Python-free but per-element work,
@@ -53,7 +54,9 @@ def make_dataset(files, feature_spec, label_key, batch_size, compression, shuffl
     * training reads parse `shuffle_window` records with one vectorized parse_example, permute
       them, and cut the window into batches: each batch is a uniform sample of its window, as a
       record shuffle buffer of that size would give;
-    * evaluation reads batch then parse, in file order.
+    * evaluation reads batch then parse, in file order;
+    * `augment` ('flip', 'crop') randomly alters the `image_keys` features of training batches
+      only (never evaluation or serving).
   """
   compression_type = 'GZIP' if compression == 'gzip' else ''
   names = tf.data.Dataset.from_tensor_slices(files)
@@ -69,7 +72,31 @@ def make_dataset(files, feature_spec, label_key, batch_size, compression, shuffl
     ds = records.batch(window).map(lambda r: _permute(parse(r), seed)).rebatch(batch_size)
   else:
     ds = records.batch(batch_size).map(parse)
+  if augment and shuffle:
+    ds = ds.map(lambda features: _augment(features, image_keys, augment, seed),
+                num_parallel_calls=tf.data.AUTOTUNE)
   return ds.map(lambda features: _split_label(features, label_key)).prefetch(tf.data.AUTOTUNE)
+
+
+AUGMENTATIONS = ('flip', 'crop')
+
+
+def _augment(features, image_keys, augment, seed):
+  """Per-image random left-right flips and/or random crops of the image padded by ~10% on each
+  side (mirrored edges), back to its own size. Off by default: flips break digits and text."""
+  features = dict(features)
+  for key in image_keys:
+    images = features[key]
+    if 'flip' in augment:
+      images = tf.image.random_flip_left_right(images, seed=seed)
+    if 'crop' in augment:
+      height, width, channels = images.shape[1:]
+      pad = max(1, round(0.1 * min(height, width)))
+      padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode='SYMMETRIC')
+      images = tf.map_fn(lambda image: tf.image.random_crop(image, [height, width, channels]),
+                         padded)
+    features[key] = images
+  return features
 
 
 def _permute(features, seed):

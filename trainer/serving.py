@@ -4,6 +4,7 @@
   model = serving.load_model('out/models/census')            # newest version, or a version dir
   model.predict([{'age': 39, 'workclass': 'State-gov', ...}])  # dicts, CSV lines or Examples
   model.transform([{'age': 39, ...}])                         # the transform alone -> features
+  serving.load_model('out/models/images').predict_images([open('x.png', 'rb').read()])
   serving.load_transform('out/adult').transform(rows)        # a pipeline's transform_fn (needs TFT)
 
 Raw rows are encoded as tf.train.Examples with the model's own raw feature types, then go through
@@ -111,20 +112,31 @@ class Model:
 
   def predict(self, rows, batch_size=1024):
     """-> {'probabilities': [n, classes], 'class_ids': [n], 'classes': [n] (str)}"""
-    examples = self._examples(rows)
+    return self._batched(self._serve, 'examples', self._examples(rows), batch_size, 'rows')
+
+  def predict_images(self, images, batch_size=256):
+    """Encoded JPEG/PNG images (bytes) -> predictions, through the predict_images signature."""
+    if 'predict_images' not in self._loaded.signatures:
+      raise ServingError(f'{self.path} is not an image model (it has no predict_images signature)')
+    if not all(isinstance(i, bytes) for i in images):
+      raise ServingError('images must be the encoded JPEG or PNG file contents, as bytes')
+    return self._batched(self._loaded.signatures['predict_images'], 'image_bytes', list(images),
+                         batch_size, 'images')
+
+  @staticmethod
+  def _batched(signature, argument, values, batch_size, what):
     parts = []
-    for start in range(0, len(examples), batch_size):
-      batch = tf.constant(examples[start:start + batch_size])
+    for start in range(0, len(values), batch_size):
+      batch = tf.constant(values[start:start + batch_size])
       try:
-        parts.append({k: v.numpy() for k, v in self._serve(examples=batch).items()})
+        parts.append({k: v.numpy() for k, v in signature(**{argument: batch}).items()})
       except tf.errors.InvalidArgumentError as e:
         detail = [l for l in e.message.splitlines() if l.strip()][-1]
-        raise ServingError(f'rows {start}..{start + len(batch) - 1}: {detail}') from None
+        raise ServingError(f'{what} {start}..{start + len(batch) - 1}: {detail}') from None
     result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if 'classes' in result:
       result['classes'] = np.array([c.decode() for c in result['classes']])
     return result
-
 
   def transform(self, rows):
     """Raw rows -> {transformed feature: numpy array}, through the transform_features signature."""

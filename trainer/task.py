@@ -30,6 +30,9 @@ def parse_args(argv):
                  help='auto: MirroredStrategy when several GPUs are present')
   p.add_argument('--profile-steps', type=int, nargs=2, default=None, metavar=('FIRST', 'LAST'),
                  help='record a TensorBoard profile of these batches')
+  p.add_argument('--augment', nargs='+', choices=input_lib.AUGMENTATIONS, default=(),
+                 help='random flips and/or crops of training images (off by default: flips '
+                      'break digits and text)')
   args = p.parse_args(argv)
   for flag in ('epochs', 'batch_size'):
     if getattr(args, flag) < 1:
@@ -38,7 +41,7 @@ def parse_args(argv):
       transformed_dir=args.transformed, model_dir=args.model_dir, model_name=args.model_name,
       epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
       max_steps=args.max_steps, mixed_precision=args.mixed_precision, xla=args.xla,
-      distribute=args.distribute,
+      distribute=args.distribute, augment=tuple(args.augment),
       profile_steps=tuple(args.profile_steps) if args.profile_steps else None)
 
 

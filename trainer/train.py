@@ -31,6 +31,8 @@ class TrainConfig:
   xla: bool = False
   distribute: str = 'auto'  # auto | mirrored | none
   profile_steps: Optional[Tuple[int, int]] = None  # TensorBoard profile of these batches
+  augment: Tuple[str, ...] = ()  # image features of training batches: 'flip', 'crop'
+
   seed: int = 42
 
 
@@ -57,12 +59,17 @@ def train_and_export(config: TrainConfig):
     raise input_lib.InputError(f'--transformed {config.transformed_dir}: preprocessing_fn '
                                f'outputs no label feature {label_key!r}')
   schema = tft_output.transformed_metadata.schema
+  if config.augment and not model_lib.image_features(feature_spec):
+    raise input_lib.InputError(f'--augment {" ".join(config.augment)}: the transformed data of '
+                               f'{config.transformed_dir} has no image feature to augment')
   classes = model_lib.num_classes(schema, label_key)
 
   def dataset(split, shuffle):
     files = input_lib.split_files(config.transformed_dir, manifest, split)
     return input_lib.make_dataset(files, feature_spec, label_key, config.batch_size,
-                                  manifest['compression'], shuffle=shuffle, seed=config.seed)
+                                  manifest['compression'], shuffle=shuffle, seed=config.seed,
+                                  augment=config.augment,
+                                  image_keys=tuple(model_lib.image_features(feature_spec)))
 
   train_ds = dataset('train', shuffle=True)
   eval_ds = dataset('eval', shuffle=False) if 'eval' in manifest['splits'] else None

@@ -74,7 +74,7 @@ def _plain_default(value):
   return value
 
 
-def _import(module_or_file):
+def import_module(module_or_file):
   looks_like_file = module_or_file.endswith('.py') or os.sep in module_or_file
   if looks_like_file:
     path = os.path.abspath(module_or_file)
@@ -103,7 +103,7 @@ def _import(module_or_file):
 
 def load(module_or_file):
   """Imports and checks a dataset module; every problem is a UserError naming what to fix."""
-  module = _import(module_or_file)
+  module = import_module(module_or_file)
   where = f'--transforms {module_or_file}'
 
   fn = getattr(module, 'preprocessing_fn', None)

@@ -1,0 +1,438 @@
+"""Image inputs -> Arrow RecordBatches of (image, label), with unusable images sent to dead letters.
+
+Three layouts, all read through Beam FileSystems (so gs:// and any registered filesystem work):
+  * a class-folder tree, ROOT/<label>/<file> (the `image_dataset_from_directory` layout);
+  * WebDataset tar shards (*.tar, *.tar.gz, *.tgz): members `<key>.jpg|jpeg|png` with the label in
+    `<key>.cls` or `<key>.txt`, the members of one sample adjacent;
+  * TFRecord shards (*.tfrecord[s][.gz]) of tf.train.Example with the encoded image and the label
+    under configurable keys (`image/encoded`, `image/class/label` by default).
+
+Every image is checked before it reaches TF Transform, because one undecodable image inside a
+decode op of the transform graph would fail the whole bundle (TF ops have no per-element recovery):
+  1. size: empty files, and files over --max-image-bytes, are rejected without being decoded;
+  2. format: only JPEG and PNG (by their signature bytes, whatever the file name says);
+  3. the header's width x height against --max-pixels, before any pixel is decoded (a small file
+     can claim gigapixels: a decompression bomb);
+  4. decoding with the very op the transform graph uses (tf.io.decode_image, same channels). The
+     whole batch is decoded in one graph call first (about a third of the cost of decoding image
+     by image eagerly); only when that fails is the batch decoded image by image to find the
+     culprits.
+Rejected images become dead-letter records (split, file, key, kind, reason, bytes); the run goes on.
+Tar member names are only ever used as keys: nothing is extracted to the filesystem.
+"""
+
+import dataclasses
+import hashlib
+import struct
+import tarfile
+from typing import List, Optional, Tuple
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.common import UserError
+
+ERRORS_TAG = 'errors'
+EVAL_TAG = 'eval'
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png')
+LABEL_EXTENSIONS = ('cls', 'txt')  # WebDataset: .cls holds a class index, .txt a class name
+TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
+TFRECORD_SUFFIXES = ('.tfrecord', '.tfrecords', '.tfrecord.gz', '.tfrecords.gz')
+FILES_PER_ELEMENT = 256  # class-folder files read by one Beam element
+_BATCH_BYTES = 64 << 20  # a RecordBatch is cut at this many image bytes, whatever its row count
+_PNG = b'\x89PNG\r\n\x1a\n'
+_JPEG = b'\xff\xd8\xff'
+# JPEG start-of-frame markers (they carry the image size): C0-CF except DHT, JPG and DAC.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFormat:
+  """How to read and check images (plain data: it travels to workers)."""
+  channels: int = 3
+  max_pixels: int = 50_000_000
+  max_bytes: int = 32 << 20
+  image_key: str = 'image/encoded'  # TFRecord inputs
+  label_key: str = 'image/class/label'
+
+
+def arrow_schema():
+  """TFXIO's layout: every column a list of values, one list per image."""
+  return pa.schema([('image', pa.large_list(pa.large_binary())),
+                    ('label', pa.large_list(pa.large_binary()))])
+
+
+# ---- listing the inputs ---------------------------------------------------------------------
+
+
+def _kind_of(path):
+  lower = path.lower()
+  if lower.endswith(TAR_SUFFIXES):
+    return 'tar'
+  if lower.endswith(TFRECORD_SUFFIXES):
+    return 'tfrecord'
+  return None
+
+
+def _match(pattern, flag):
+  try:
+    result = FileSystems.match([pattern])[0]
+  except Exception as e:
+    raise UserError(f'{flag} {pattern}: cannot list it: {e}') from e
+  return sorted((m.path, m.size_in_bytes) for m in result.metadata_list
+                if not m.path.endswith('/'))
+
+
+def match_image_inputs(patterns, flag):
+  """The user's paths -> work units: ('tar', path), ('tfrecord', path) or ('files', [(path,
+  label)...]); and the total bytes. A path that is not a tar or TFRecord shard is a class-folder
+  root. Anything matching nothing is a UserError."""
+  units, total = [], 0
+  for pattern in patterns:
+    kind = _kind_of(pattern.rstrip('*'))
+    if kind:
+      found = _match(pattern, flag)
+      if not found:
+        raise UserError(f'{flag} {pattern}: no file matches; check the path or glob')
+      for path, size in found:
+        units.append((_kind_of(path) or kind, path))
+        total += size
+      continue
+    root = pattern.rstrip('/')
+    found = _match(FileSystems.join(root, '*', '*'), flag)
+    if not found:
+      shards = [p for p, _ in _match(pattern, flag) if _kind_of(p)]
+      hint = (f'; it matches shards ({shards[0]}, ...): give a glob ending in .tar or .tfrecord'
+              if shards else '')
+      raise UserError(f'{flag} {pattern}: no ROOT/<label>/<image> files under it (a class-folder '
+                      'tree), and it is not a tar (.tar, .tar.gz, .tgz) or TFRecord '
+                      f'(.tfrecord[.gz]) shard{hint}')
+    files = [(path, path[:path.rindex('/')].rsplit('/', 1)[-1]) for path, _ in found]
+    total += sum(size for _, size in found)
+    for i in range(0, len(files), FILES_PER_ELEMENT):
+      units.append(('files', files[i:i + FILES_PER_ELEMENT]))
+  return units, total
+
+
+# ---- checking one image ---------------------------------------------------------------------
+
+
+def _jpeg_size(data):
+  """(height, width) from a JPEG's start-of-frame segment, or None if the markers are broken."""
+  pos = 2
+  while pos + 4 <= len(data):
+    if data[pos] != 0xFF:
+      return None
+    marker = data[pos + 1]
+    if marker == 0xFF:  # fill byte
+      pos += 1
+      continue
+    if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # markers without a length
+      pos += 2
+      continue
+    length = struct.unpack('>H', data[pos + 2:pos + 4])[0]
+    if marker in _SOF:
+      if pos + 9 > len(data):
+        return None
+      height, width = struct.unpack('>HH', data[pos + 5:pos + 9])
+      return height, width
+    if marker == 0xDA or length < 2:  # start of scan before any frame header
+      return None
+    pos += 2 + length
+  return None
+
+
+def check_header(data, fmt):
+  """(kind, reason) of an image that must not be decoded, or None."""
+  if not data:
+    return 'empty_file', 'zero bytes'
+  if len(data) > fmt.max_bytes:
+    return 'too_large', f'{len(data):,} bytes, over --max-image-bytes {fmt.max_bytes:,}'
+  if data.startswith(_PNG):
+    if len(data) < 24 or data[12:16] != b'IHDR':
+      return 'corrupt_image', 'PNG without a valid IHDR header'
+    width, height = struct.unpack('>II', data[16:24])
+  elif data.startswith(_JPEG):
+    size = _jpeg_size(data)
+    if size is None:
+      return 'corrupt_image', 'JPEG without a readable frame header'
+    height, width = size
+  else:
+    return 'not_an_image', f'not a JPEG or PNG (starts with {data[:8]!r})'
+  if width == 0 or height == 0:
+    return 'corrupt_image', f'header says {width}x{height} pixels'
+  if width * height > fmt.max_pixels:
+    return 'too_many_pixels', (f'header says {width}x{height} = {width * height:,} pixels, over '
+                               f'--max-pixels {fmt.max_pixels:,}')
+  return None
+
+
+class _Decoder:
+  """Decodes like the transform graph; finds the images of a batch that it cannot decode."""
+
+  def __init__(self, channels):
+    import tensorflow as tf  # imported on the worker, where the DoFn is set up
+    self._tf = tf
+    self._channels = channels
+
+    def decode_one(data):
+      image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+      return tf.cast(tf.size(image), tf.int64)  # a data dependency, so the decode is not pruned
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def decode_all(batch):
+      return tf.map_fn(decode_one, batch, fn_output_signature=tf.int64)
+
+    self._decode_all = decode_all
+
+  def failures(self, images):
+    """{index: reason} of the images that do not decode."""
+    tf = self._tf
+    if not images:
+      return {}
+    try:
+      self._decode_all(tf.constant(images))
+      return {}
+    except tf.errors.OpError:
+      pass
+    failed = {}
+    for i, data in enumerate(images):
+      try:
+        tf.io.decode_image(data, channels=self._channels, expand_animations=False)
+      except tf.errors.OpError as e:
+        failed[i] = 'cannot be decoded: ' + e.message.strip().splitlines()[-1][:200]
+    return failed
+
+
+# ---- reading the layouts --------------------------------------------------------------------
+
+
+def _read(path):
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return f.read()
+
+
+def _tar_samples(path, fmt):
+  """(key, image bytes or None, label or None, problem or None) per sample of a WebDataset tar.
+
+  Streams the tar (no seeking, no extraction); a truncated shard ends with one 'truncated_shard'
+  record for whatever could not be read.
+  """
+  key, members = None, {}
+
+  def sample():
+    if not members:
+      return None
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    label_ext = next((e for e in LABEL_EXTENSIONS if e in members), None)
+    have = ', '.join('.' + e for e in sorted(members))
+    if image_ext is None:
+      return key, None, None, ('missing_image', f'no .jpg/.jpeg/.png member (has {have})')
+    if label_ext is None:
+      return key, members[image_ext], None, ('missing_label',
+                                             f'no .cls or .txt member (has {have})')
+    try:
+      label = members[label_ext].decode('utf-8').strip()
+    except UnicodeDecodeError:
+      return key, members[image_ext], None, ('bad_label', f'.{label_ext} is not UTF-8 text')
+    if not label:
+      return key, members[image_ext], None, ('missing_label', f'.{label_ext} is empty')
+    return key, members[image_ext], label, None
+
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as stream:
+    try:
+      with tarfile.open(fileobj=stream, mode='r|*') as tar:
+        for member in tar:
+          if member.isdir():
+            continue
+          directory, _, base = member.name.rpartition('/')
+          stem, dot, ext = base.partition('.')
+          member_key = (directory + '/' if directory else '') + stem
+          if member_key != key:
+            done = sample()
+            if done:
+              yield done
+            key, members = member_key, {}
+          if not member.isfile():
+            yield member.name, None, None, ('not_a_file', 'tar member is a link or device')
+            continue
+          ext = ext.lower()
+          if ext in IMAGE_EXTENSIONS and member.size > fmt.max_bytes:
+            yield key, None, None, ('too_large', f'{member.size:,} bytes, over --max-image-bytes '
+                                    f'{fmt.max_bytes:,}')
+            members = {}
+            continue
+          members[ext if dot else ''] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+      yield (key or path), None, None, ('truncated_shard', f'the tar shard ends or breaks here: '
+                                        f'{type(e).__name__}: {e}')
+      return
+  done = sample()
+  if done:
+    yield done
+
+
+def _tfrecord_payloads(stream):
+  """Payloads of a TFRecord stream; raises ValueError where the framing is broken.
+
+  TFRecord framing: uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC of
+  the data. The CRCs are not verified (Example parsing and image decoding catch corruption).
+  """
+  while True:
+    header = stream.read(12)
+    if not header:
+      return
+    if len(header) < 12:
+      raise ValueError('truncated record header')
+    length = struct.unpack('<Q', header[:8])[0]
+    data = stream.read(length)
+    footer = stream.read(4)
+    if len(data) < length or len(footer) < 4:
+      raise ValueError('truncated record')
+    yield data
+
+
+def _tfrecord_samples(path, fmt):
+  from tensorflow.core.example import example_pb2  # proto only: no TF runtime needed here
+  compression = (CompressionTypes.GZIP if path.lower().endswith('.gz')
+                 else CompressionTypes.UNCOMPRESSED)
+  index = -1
+  with FileSystems.open(path, compression_type=compression) as stream:
+    try:
+      for index, payload in enumerate(_tfrecord_payloads(stream)):
+        key = f'{path.rsplit("/", 1)[-1]}#{index}'
+        try:
+          example = example_pb2.Example.FromString(payload)
+        except Exception:
+          yield key, None, None, ('bad_record', 'not a serialized tf.train.Example')
+          continue
+        features = example.features.feature
+        image = features[fmt.image_key].bytes_list.value if fmt.image_key in features else []
+        if len(image) != 1:
+          yield key, None, None, ('missing_image', f'no single bytes value under {fmt.image_key!r}'
+                                  ' (see --image-feature)')
+          continue
+        label = None
+        if fmt.label_key in features:
+          value = features[fmt.label_key]
+          values = list(value.int64_list.value) or list(value.bytes_list.value)
+          if len(values) == 1:
+            label = values[0] if isinstance(values[0], int) else values[0].decode('utf-8', 'replace')
+            label = str(label).strip()
+        if not label:
+          yield key, image[0], None, ('missing_label', f'no single label under {fmt.label_key!r} '
+                                      '(see --label-feature)')
+          continue
+        yield key, image[0], label, None
+    except (ValueError, OSError, EOFError) as e:
+      yield f'{path.rsplit("/", 1)[-1]}#{index + 1}', None, None, (
+          'truncated_shard', f'the TFRecord shard ends or breaks here: {e}')
+
+
+def content_fraction(data):
+  """An image's position in [0, 1) from its bytes alone (for --eval-fraction)."""
+  digest = hashlib.blake2b(data, digest_size=8).digest()
+  return int.from_bytes(digest, 'big') / 2.0**64
+
+
+class ReadImagesFn(beam.DoFn):
+  """A work unit -> RecordBatches of checked images (main output, and EVAL_TAG when carving an
+  eval split) and dead-letter dicts (ERRORS_TAG, with a 'split' key)."""
+
+  def __init__(self, fmt: ImageFormat, split: str, eval_fraction=0.0, images_per_batch=256):
+    self._fmt = fmt
+    self._split = split
+    self._eval_fraction = eval_fraction
+    self._images_per_batch = images_per_batch
+    self._decoder = None
+
+  def setup(self):
+    self._decoder = _Decoder(self._fmt.channels)
+
+  def _split_of(self, data):
+    if self._eval_fraction and data and content_fraction(data) < self._eval_fraction:
+      return EVAL_TAG
+    return self._split
+
+  def _reject(self, path, key, data, kind, reason):
+    split = self._split_of(data)
+    return beam.pvalue.TaggedOutput(ERRORS_TAG, {
+        'split': 'eval' if split == EVAL_TAG else split, 'file': path, 'key': key,
+        'kind': kind, 'reason': reason, 'bytes': len(data) if data is not None else None})
+
+  def _samples(self, unit):
+    kind, what = unit
+    if kind == 'files':
+      for path, label in what:
+        try:
+          yield path, path, _read(path), label, None
+        except Exception as e:  # unreadable file: a dead letter, not a failed bundle
+          yield path, path, None, label, ('unreadable', f'{type(e).__name__}: {e}')
+    elif kind == 'tar':
+      for key, data, label, problem in _tar_samples(what, self._fmt):
+        yield what, key, data, label, problem
+    else:
+      for key, data, label, problem in _tfrecord_samples(what, self._fmt):
+        yield what, key, data, label, problem
+
+  def _flush(self, pending):
+    failed = self._decoder.failures([p[2] for p in pending])
+    good = {self._split: ([], []), EVAL_TAG: ([], [])}
+    for i, (path, key, data, label) in enumerate(pending):
+      if i in failed:
+        yield self._reject(path, key, data, 'corrupt_image', failed[i])
+        continue
+      images, labels = good[self._split_of(data)]
+      images.append([data])
+      labels.append([label.encode('utf-8')])
+    for tag, (images, labels) in good.items():
+      if images:
+        batch = pa.RecordBatch.from_arrays(
+            [pa.array(images, pa.large_list(pa.large_binary())),
+             pa.array(labels, pa.large_list(pa.large_binary()))], schema=arrow_schema())
+        yield batch if tag == self._split else beam.pvalue.TaggedOutput(EVAL_TAG, batch)
+
+  def process(self, unit):
+    pending: List[Tuple[str, str, bytes, str]] = []
+    size = 0
+    for path, key, data, label, problem in self._samples(unit):
+      if problem is None:
+        problem = check_header(data, self._fmt)
+      if problem is not None:
+        yield self._reject(path, key, data, *problem)
+        continue
+      pending.append((path, key, data, label))
+      size += len(data)
+      if len(pending) >= self._images_per_batch or size >= _BATCH_BYTES:
+        yield from self._flush(pending)
+        pending, size = [], 0
+    if pending:
+      yield from self._flush(pending)
+
+
+class ReadImages(beam.PTransform):
+  """Work units from match_image_inputs -> (RecordBatches, eval RecordBatches or None, dead
+  letters)."""
+
+  def __init__(self, units, fmt: ImageFormat, split: str, eval_fraction=0.0,
+               images_per_batch=256, label: Optional[str] = None):
+    super().__init__(label)
+    self._units = list(units)
+    self._fmt = fmt
+    self._split = split
+    self._eval_fraction = eval_fraction
+    self._images_per_batch = images_per_batch
+
+  def expand(self, pbegin):
+    outputs = (
+        pbegin
+        | 'ListUnits' >> beam.Create(self._units)
+        # A unit is a shard or a few hundred files: spread them over workers before reading.
+        | 'SpreadUnits' >> beam.Reshuffle()
+        | 'ReadAndCheck' >> beam.ParDo(
+            ReadImagesFn(self._fmt, self._split, self._eval_fraction,
+                         self._images_per_batch)).with_outputs(ERRORS_TAG, EVAL_TAG, main='images'))
+    evaluate = outputs[EVAL_TAG] if self._eval_fraction else None
+    return outputs.images, evaluate, outputs[ERRORS_TAG]

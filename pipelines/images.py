@@ -1,0 +1,189 @@
+"""Image pipeline: class folders, WebDataset tars or TFRecords -> TF Transform -> TFRecords.
+
+  python -m pipelines.images --train data/fashion_mnist/sample/train \\
+      --eval data/fashion_mnist/sample/test --output /tmp/fmnist_tft --image-size 28 28 --channels 1
+
+Flags this module does not know are Beam's (--runner, --direct_num_workers, --project, ...).
+The output layout, manifest, dead letters and publication are the tabular pipeline's (README.md).
+"""
+
+import time
+
+import apache_beam as beam
+import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystems import FileSystems
+from tensorflow_transform.tf_metadata import schema_utils
+from tfx_bsl.public import tfxio
+from tfx_bsl.tfxio import tensor_representation_util
+
+from pipelines import common, image_source, job, outputs
+from transforms import contract as contract_lib
+
+DEFAULT_TRANSFORMS = 'transforms.images'
+
+
+def parse_args(argv):
+  parser = common.ArgumentParser(prog='python -m pipelines.images',
+                                 description=__doc__.split('\n')[0])
+  parser.add_argument('--train', required=True, nargs='+', action='extend',
+                      help='class-folder root(s), tar shards or TFRecord shards (paths or globs)')
+  parser.add_argument('--eval', nargs='+', action='extend', default=None,
+                      help='the eval split, in any of the same layouts')
+  parser.add_argument('--eval-fraction', type=float, default=0.0,
+                      help='with --train only: carve this share of images out as the eval split, '
+                           'by a hash of each image\'s bytes (the same images on every run)')
+  parser.add_argument('--output', required=True, help='output directory (local or gs://...)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace a complete result already in --output')
+  parser.add_argument('--transforms', default=DEFAULT_TRANSFORMS,
+                      help='dataset module or .py file: make_preprocessing_fn(height, width, '
+                           f'channels) or preprocessing_fn (default {DEFAULT_TRANSFORMS})')
+  parser.add_argument('--image-size', type=int, nargs=2, default=None, metavar=('HEIGHT', 'WIDTH'),
+                      help='size images are resized to (default: the module\'s DEFAULT_SIZE)')
+  parser.add_argument('--channels', type=int, choices=(1, 3), default=None,
+                      help='1 (grayscale) or 3 (RGB); images are converted (default: the '
+                           'module\'s DEFAULT_CHANNELS)')
+  parser.add_argument('--image-feature', default='image/encoded',
+                      help='TFRecord inputs: the bytes feature holding the encoded image')
+  parser.add_argument('--label-feature', default='image/class/label',
+                      help='TFRecord inputs: the int64 or bytes feature holding the label')
+  parser.add_argument('--max-pixels', type=int, default=50_000_000,
+                      help='images whose header claims more pixels are rejected undecoded')
+  parser.add_argument('--max-image-bytes', type=int, default=32 << 20,
+                      help='larger encoded images are rejected unread')
+  parser.add_argument('--num-shards', type=int, default=None,
+                      help='TFRecord shards per split (default: one per 256 MiB of input)')
+  parser.add_argument('--compression', choices=('gzip', 'none'), default='gzip')
+  parser.add_argument('--max-bad-rows', default='1%',
+                      help='rejected images a split may have before the run fails: a count or a '
+                           'percentage of images read (default 1%%)')
+  parser.add_argument('--images-per-batch', type=int, default=256,
+                      help='images per Arrow RecordBatch (and per TF Transform batch)')
+  args, beam_args = parser.parse_known_args(argv)
+  if args.eval and args.eval_fraction:
+    parser.error('give either --eval or --eval-fraction, not both')
+  if not 0 <= args.eval_fraction < 1:
+    parser.error(f'--eval-fraction {args.eval_fraction}: must be in [0, 1)')
+  if args.num_shards is not None and args.num_shards < 1:
+    parser.error(f'--num-shards {args.num_shards}: must be at least 1 (or leave it out)')
+  if args.image_size is not None and min(args.image_size) < 1:
+    parser.error(f'--image-size {args.image_size[0]} {args.image_size[1]}: both must be >= 1')
+  for flag in ('max_pixels', 'max_image_bytes', 'images_per_batch'):
+    if getattr(args, flag) < 1:
+      parser.error(f'--{flag.replace("_", "-")} must be at least 1')
+  args.max_bad_rows_limit = outputs.parse_max_bad_rows(args.max_bad_rows)
+  return args, beam_args
+
+
+def _load(args):
+  """The dataset module's preprocessing_fn for the configured size, and the size it uses."""
+  module = contract_lib.import_module(args.transforms)
+  where = f'--transforms {args.transforms}'
+  spec = getattr(module, 'RAW_FEATURE_SPEC', None)
+  if not isinstance(spec, dict) or set(spec) != {'image', 'label'}:
+    raise common.UserError(f'{where}: an image module\'s RAW_FEATURE_SPEC must have exactly the '
+                           "features 'image' and 'label' (tf.string), which the image reader "
+                           'produces')
+  height, width = args.image_size or getattr(module, 'DEFAULT_SIZE', (None, None))
+  channels = args.channels or getattr(module, 'DEFAULT_CHANNELS', 3)
+  make = getattr(module, 'make_preprocessing_fn', None)
+  if callable(make):
+    if height is None:
+      raise common.UserError(f'{where} has no DEFAULT_SIZE: pass --image-size HEIGHT WIDTH')
+    return make(height, width, channels), spec, (height, width), channels
+  fn = getattr(module, 'preprocessing_fn', None)
+  if not callable(fn):
+    raise common.UserError(f'{where} defines neither make_preprocessing_fn(height, width, '
+                           'channels) nor preprocessing_fn(inputs)')
+  if args.image_size or args.channels:
+    raise common.UserError(f'{where} has a fixed preprocessing_fn: --image-size and --channels '
+                           'need make_preprocessing_fn(height, width, channels)')
+  return fn, spec, (height, width), channels
+
+
+def _bytes_written(directory, pattern):
+  return sum(m.size_in_bytes for m in
+             FileSystems.match([outputs.join(directory, pattern)])[0].metadata_list)
+
+
+def run(argv=None):
+  """Runs the pipeline; returns the published manifest (None for a --dry_run build)."""
+  started = time.time()
+  args, beam_args = parse_args(argv)
+  preprocessing_fn, raw_spec, size, channels = _load(args)
+  fmt = image_source.ImageFormat(channels=channels, max_pixels=args.max_pixels,
+                                 max_bytes=args.max_image_bytes, image_key=args.image_feature,
+                                 label_key=args.label_feature)
+  units, input_bytes = {}, {}
+  units['train'], input_bytes['train'] = image_source.match_image_inputs(args.train, '--train')
+  if args.eval:
+    units['eval'], input_bytes['eval'] = image_source.match_image_inputs(args.eval, '--eval')
+  splits = ['train'] + (['eval'] if args.eval or args.eval_fraction else [])
+  if args.eval_fraction:
+    input_bytes['eval'] = input_bytes['train'] * args.eval_fraction
+  shards = {s: args.num_shards or outputs.auto_num_shards(input_bytes[s]) for s in splits}
+
+  job.check_remote_paths(beam_args, args.output, list(args.train) + list(args.eval or []))
+  out = outputs.OutputDir(args.output, args.overwrite)
+  out.prepare()
+  schema = schema_utils.schema_from_feature_spec(raw_spec)
+  adapter_config = tfxio.TensorAdapterConfig(
+      image_source.arrow_schema(),
+      tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
+
+  pipeline = common.make_pipeline(beam_args)
+  with tft_beam.Context(temp_dir=out.tmp, desired_batch_size=args.images_per_batch):
+    raw, errors = {}, {}
+    raw['train'], carved_eval, errors['train'] = pipeline | 'ReadTrainImages' >> (
+        image_source.ReadImages(units['train'], fmt, 'train', args.eval_fraction,
+                                args.images_per_batch))
+    if args.eval_fraction:
+      raw['eval'] = carved_eval
+      errors['train'], errors['eval'] = (
+          errors['train'] | 'SplitErrors' >> beam.Partition(
+              lambda e, _: int(e['split'] == 'eval'), 2))
+    elif args.eval:
+      raw['eval'], _, errors['eval'] = pipeline | 'ReadEvalImages' >> image_source.ReadImages(
+          units['eval'], fmt, 'eval', 0.0, args.images_per_batch)
+    job.transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shards,
+                            args.compression)
+    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, what='images')
+  if counts is None:
+    return None
+
+  split_entries = job.split_entries(counts, shards, args.compression)
+  for split, entry in split_entries.items():
+    written = _bytes_written(out.out, entry['files'])
+    entry['bytes_written'] = written
+    entry['bytes_per_image'] = round(written / entry['rows_written'], 1) if entry[
+        'rows_written'] else None
+  manifest = {
+      'pipeline': 'images',
+      'transforms': args.transforms,
+      'label_key': 'label',
+      'label_classes': None,  # the label vocabulary file `label` names the classes
+      'raw_columns': [dict(name='image', dtype='string', varlen=False, default=None, binary=True),
+                      dict(name='label', dtype='string', varlen=False, default=None)],
+      'csv_columns': None,
+      'na_values': [],
+      'image': {'height': size[0], 'width': size[1], 'channels': channels,
+                'stored_as': 'int64 pixel values 0..255 (image_xf), per-channel train mean and '
+                             'std of pixels/255 (image_mean_xf, image_std_xf)',
+                'max_pixels': args.max_pixels, 'max_image_bytes': args.max_image_bytes,
+                'input_features': {'image': args.image_feature, 'label': args.label_feature}},
+      'inputs': {'train': list(args.train), **({'eval': list(args.eval)} if args.eval else {})},
+      'splits': split_entries,
+      'eval_fraction': args.eval_fraction,
+      'compression': args.compression,
+      'options': {'argv': list(argv) if argv is not None else None, 'beam': beam_args},
+      'versions': outputs.package_versions(),
+      'run_id': out.run_id,
+      'elapsed_seconds': round(time.time() - started, 1),
+  }
+  manifest = out.publish(manifest)
+  job.print_summary(manifest, args.output, what='images')
+  return manifest
+
+
+if __name__ == '__main__':
+  common.main(run)
