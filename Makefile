@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test bench-input clean
+.PHONY: install demo demo-images fashion-mnist test bench-input bench-images clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,36 @@ demo: install
 	$(PY) -m trainer.predict --model $(OUT)/models/census --input data/adult/adult.test \
 	    --output $(OUT)/predictions.csv --show 5
 
+# The image pipeline on the bundled Fashion-MNIST sample (1,000 train + 200 test PNGs).
+demo-images: install
+	$(PY) -m pipelines.images --train data/fashion_mnist/sample/train \
+	    --eval data/fashion_mnist/sample/test --output $(OUT)/fmnist_sample --overwrite \
+	    --image-size 28 28 --channels 1
+	$(PY) -m trainer.task --transformed $(OUT)/fmnist_sample --model-dir $(OUT)/models \
+	    --model-name fmnist_sample --epochs 10 --batch-size 64
+	$(PY) -m trainer.predict --model $(OUT)/models/fmnist_sample \
+	    --input data/fashion_mnist/sample/test --output $(OUT)/image_predictions.csv --show 5
+
+# The full Fashion-MNIST set (needs the Debian package dataset-fashion-mnist): tar shards,
+# preprocess, train the default CNN, evaluate on the 10,000 test images.
+fashion-mnist: install
+	$(PY) data/fashion_mnist/build.py --layout tar --out $(OUT)/fmnist_shards
+	$(PY) -m pipelines.images --train '$(OUT)/fmnist_shards/train-*.tar' \
+	    --eval '$(OUT)/fmnist_shards/test-*.tar' --output $(OUT)/fmnist --overwrite \
+	    --image-size 28 28 --channels 1
+	$(PY) -m trainer.task --transformed $(OUT)/fmnist --model-dir $(OUT)/models \
+	    --model-name fmnist --epochs 5
+
 test: install
 	$(PY) -m pytest -q tests
 
 # The trainer's tf.data input against a plain TFRecordDataset + parse_example (issue: >= 0.8x).
 bench-input: install
 	$(PY) benchmarks/input_pipeline.py
+
+# The image pipeline against a single-process tf.io decode-and-resize loop (issue: >= 0.5x).
+bench-images: install
+	$(PY) benchmarks/image_pipeline.py
 
 clean:
 	rm -rf out build *.egg-info

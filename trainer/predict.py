@@ -1,14 +1,20 @@
-"""Batch prediction from a raw CSV file to a CSV of predictions, with an exported model.
+"""Batch prediction from raw inputs to a CSV of predictions, with an exported model.
 
   python -m trainer.predict --model out/models/census --input data/adult/adult.test \\
       --output out/predictions.csv
+  python -m trainer.predict --model out/models/images --input 'photos/*.jpg' \\
+      --output out/image_predictions.csv          # image models: a folder, files or a glob
 
-Needs TensorFlow alone. Rows that cannot be encoded are reported with their line number.
+Needs TensorFlow alone. Rows that cannot be encoded, and images that cannot be decoded, are
+reported with their line number or file (and, for images, kept in the output with the reason).
 """
 
 import argparse
 import csv
+import os
 import sys
+
+import tensorflow as tf
 
 from trainer import serving
 
@@ -23,6 +29,8 @@ def run(argv=None):
   p.add_argument('--show', type=int, default=0, help='print the first N rows with their predictions')
   args = p.parse_args(argv)
   model = serving.load_model(args.model)
+  if model.is_image_model:
+    return _predict_images(model, args)
   with open(args.input, newline='') as f:
     rows = [r for r in csv.reader(f) if r]
   columns = model.csv_columns
@@ -54,13 +62,58 @@ def run(argv=None):
   return result, lines
 
 
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+
+
+def image_files(pattern):
+  """A folder (searched recursively), one file, or a glob -> sorted image files."""
+  if tf.io.gfile.isdir(pattern):
+    found = [os.path.join(d, f) for d, _, files in tf.io.gfile.walk(pattern) for f in files
+             if f.lower().endswith(IMAGE_SUFFIXES)]
+  else:
+    found = tf.io.gfile.glob(pattern)
+  if not found:
+    raise serving.ServingError(f'--input {pattern}: no image files (.jpg, .jpeg, .png) found')
+  return sorted(found)
+
+
+def _predict_images(model, args):
+  files = image_files(args.input)[:args.limit]
+  rows = []  # (file, class, probabilities or None, problem)
+  for start in range(0, len(files), 256):
+    chunk = files[start:start + 256]
+    images = [tf.io.gfile.GFile(f, 'rb').read() for f in chunk]
+    try:
+      result = model.predict_images(images)
+      rows += [(f, result['classes'][i], result['probabilities'][i], '')
+               for i, f in enumerate(chunk)]
+    except serving.ServingError:  # one bad image fails its batch: find it, keep the rest
+      for f, image in zip(chunk, images):
+        try:
+          result = model.predict_images([image])
+          rows.append((f, result['classes'][0], result['probabilities'][0], ''))
+        except serving.ServingError as e:
+          print(f'warning: {f}: cannot be predicted: {e}', file=sys.stderr)
+          rows.append((f, '', None, str(e)))
+  n_classes = max((len(r[2]) for r in rows if r[2] is not None), default=0)
+  with tf.io.gfile.GFile(args.output, 'w') as f:
+    writer = csv.writer(f)
+    writer.writerow(['file', 'class'] + [f'p_{i}' for i in range(n_classes)] + ['error'])
+    for name, label, probs, problem in rows:
+      cells = [f'{p:.6f}' for p in probs] if probs is not None else [''] * n_classes
+      writer.writerow([name, label] + cells + [problem])
+  for name, label, probs, problem in rows[:args.show]:
+    print(f'{name}: {label} (p={probs.max():.3f})' if probs is not None else f'{name}: {problem}')
+  return rows, files
+
+
 def main():
   try:
     result, lines = run(sys.argv[1:])
   except serving.ServingError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f'predicted {len(lines)} rows')
+  print(f'predicted {len(lines)} {"images" if lines and isinstance(lines[0], str) else "rows"}')
 
 
 if __name__ == '__main__':

@@ -36,6 +36,15 @@ def newest_version(model_base):
   return os.path.join(model_base, str(max(versions)))
 
 
+def tf_error_detail(error):
+  """The sentence of a TensorFlow error that says what is wrong, without graph node names."""
+  boilerplate = ('[[', 'Graph execution error', 'Detected at node', '<stack traces')
+  lines = [line.strip() for line in error.message.splitlines()
+           if line.strip() and not line.strip().startswith(boilerplate)]
+  text = lines[-1] if lines else error.message.strip()
+  return re.sub(r'\{\{function_node [^}]*\}\}\s*', '', text)
+
+
 def _raw_types(signature):
   return {name: spec.dtype for name, spec in signature.structured_input_signature[1].items()}
 
@@ -114,6 +123,10 @@ class Model:
     """-> {'probabilities': [n, classes], 'class_ids': [n], 'classes': [n] (str)}"""
     return self._batched(self._serve, 'examples', self._examples(rows), batch_size, 'rows')
 
+  @property
+  def is_image_model(self):
+    return 'predict_images' in self._loaded.signatures
+
   def predict_images(self, images, batch_size=256):
     """Encoded JPEG/PNG images (bytes) -> predictions, through the predict_images signature."""
     if 'predict_images' not in self._loaded.signatures:
@@ -131,8 +144,8 @@ class Model:
       try:
         parts.append({k: v.numpy() for k, v in signature(**{argument: batch}).items()})
       except tf.errors.InvalidArgumentError as e:
-        detail = [l for l in e.message.splitlines() if l.strip()][-1]
-        raise ServingError(f'{what} {start}..{start + len(batch) - 1}: {detail}') from None
+        raise ServingError(f'{what} {start}..{start + len(batch) - 1}: {tf_error_detail(e)}') \
+            from None
     result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if 'classes' in result:
       result['classes'] = np.array([c.decode() for c in result['classes']])
