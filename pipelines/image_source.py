@@ -58,8 +58,11 @@ class ImageFormat:
 
 
 def arrow_schema():
-  """TFXIO's layout: every column a list of values, one list per image."""
-  return pa.schema([('image', pa.large_list(pa.large_binary())),
+  """TFXIO's layout: every column a list of values, one list per image. `key` (the file path,
+  `<tar key>` or `<TFRecord file>#<index>`) rides along for tracing; the transform's inputs
+  are `image` and `label` only."""
+  return pa.schema([('key', pa.large_list(pa.large_binary())),
+                    ('image', pa.large_list(pa.large_binary())),
                     ('label', pa.large_list(pa.large_binary()))])
 
 
@@ -482,19 +485,19 @@ class ReadImagesFn(beam.DoFn):
 
   def _flush(self, pending):
     failed = self._decoder.failures([p[2] for p in pending])
-    good = {self._split: ([], []), EVAL_TAG: ([], [])}
+    good = {self._split: ([], [], []), EVAL_TAG: ([], [], [])}
     for i, (path, key, data, label) in enumerate(pending):
       if i in failed:
         yield self._reject(path, key, data, 'corrupt_image', failed[i])
         continue
-      images, labels = good[self._split_of(data)]
+      keys, images, labels = good[self._split_of(data)]
+      keys.append([key.encode('utf-8', 'surrogateescape')])
       images.append([data])
       labels.append([label.encode('utf-8')])
-    for tag, (images, labels) in good.items():
-      if images:
+    for tag, columns in good.items():
+      if columns[0]:
         batch = pa.RecordBatch.from_arrays(
-            [pa.array(images, pa.large_list(pa.large_binary())),
-             pa.array(labels, pa.large_list(pa.large_binary()))], schema=arrow_schema())
+            [pa.array(c, pa.large_list(pa.large_binary())) for c in columns], schema=arrow_schema())
         yield batch if tag == self._split else beam.pvalue.TaggedOutput(EVAL_TAG, batch)
 
   def process(self, unit):
