@@ -26,5 +26,5 @@ setuptools.setup(
                                                'transforms.*', 'trainer', 'trainer.*']),
     python_requires='>=3.10,<3.13',
     install_requires=REQUIRED,
-    extras_require={'test': ['pytest>=8', 'pandas>=2']},
+    extras_require={'test': ['pytest>=8', 'pandas>=2', 'pillow']},  # PIL: independent decodes
 )

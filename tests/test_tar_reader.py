@@ -62,13 +62,16 @@ def test_oversized_members_are_skipped_unread():
   assert by_name['last.cls'] == (1, b'3')  # reading goes on after a skipped member
 
 
-@pytest.mark.parametrize('cut', [100, 512 + 100, 512 * 3 + 7, 'inside big.png'])
-def test_truncated_shards_raise(cut):
+@pytest.mark.parametrize('cut', [100, 512 + 100, 512 * 3 + 7, 'last header'])
+def test_shards_cut_short_raise_or_name_the_cut_member(cut):
   raw = _tar(tarfile.GNU_FORMAT, extra=False)
-  if cut == 'inside big.png':
-    cut = raw.index(b'q' * 5000) + 2500
-  with pytest.raises((EOFError, ValueError)):
-    list(image_source.tar_members(io.BytesIO(raw[:cut]), 1 << 20))
+  if cut == 'last header':
+    cut = raw.index(b'last.cls') + 200
+  try:
+    members = list(image_source.tar_members(io.BytesIO(raw[:cut]), 1 << 20))
+  except (EOFError, ValueError):
+    return
+  assert members[-1][1] == 'truncated'  # a cut inside member data names the member
 
 
 def test_garbage_is_not_a_tar():
@@ -76,8 +79,19 @@ def test_garbage_is_not_a_tar():
     list(image_source.tar_members(io.BytesIO(b'hello world' * 100), 1 << 20))
 
 
-def test_empty_stream_has_no_members():
-  assert list(image_source.tar_members(io.BytesIO(b''), 10)) == []
+def test_a_shard_without_end_blocks_is_truncated():
+  raw = _tar(tarfile.GNU_FORMAT, extra=False)
+  end = raw.index(b'last.cls') + 1024  # its header and data block, no end-of-archive blocks
+  with pytest.raises(EOFError, match='end-of-archive'):
+    list(image_source.tar_members(io.BytesIO(raw[:end]), 1 << 20))
+  with pytest.raises(EOFError):
+    list(image_source.tar_members(io.BytesIO(b''), 10))  # an empty file is no tar either
+
+
+def test_a_cut_inside_member_data_names_that_member():
+  raw = _tar(tarfile.GNU_FORMAT, extra=False)
+  members = list(image_source.tar_members(io.BytesIO(raw[:raw.index(b'q' * 5000) + 100]), 1 << 20))
+  assert [(n, k) for n, k, _, _ in members][-2:] == [('empty.png', 'file'), ('big.png', 'truncated')]
 
 
 def test_webdataset_samples_from_a_gzipped_shard(tmp_path):

@@ -47,7 +47,8 @@ def decode_and_resize(encoded, height, width, channels):
       return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
     same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
-    return tf.cond(same, lambda: tf.ensure_shape(image, [height, width, channels]), resize)
+    # reshape, not ensure_shape: TF Transform's (TF1) graph checks the untaken branch's shape too
+    return tf.cond(same, lambda: tf.reshape(image, [height, width, channels]), resize)
 
   return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec(
       [height, width, channels], tf.uint8))
