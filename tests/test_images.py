@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 import zlib
 
@@ -733,3 +735,29 @@ def test_eval_fraction_is_by_content_and_deterministic(folder_run, tmp_path):
     assert train_pairs + eval_pairs == everything
     runs.append(eval_pairs)
   assert runs[0] == runs[1]
+
+
+def test_image_model_serves_with_tensorflow_alone(trained, tmp_path):
+  """A copy of the export, with no pipeline output beside it, in a process that cannot import
+  TF Transform, tfx-bsl or Beam: predict_images still gives the in-training predictions."""
+  shutil.copytree(trained['path'], tmp_path / 'fmnist' / '1')
+  png = tmp_path / 'one.png'
+  png.write_bytes(trained['pngs'][0])
+  script = f'''
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow_transform', 'tfx_bsl', 'apache_beam'):
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from trainer import serving
+m = serving.load_model({str(tmp_path / 'fmnist')!r})
+p = m.predict_images([open({str(png)!r}, 'rb').read()])['probabilities'][0]
+print('PROBS', ' '.join(repr(float(x)) for x in p))
+'''
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  probs = [float(x) for x in proc.stdout.split('PROBS', 1)[1].split()]
+  expected = _in_training(trained['model'], {k: v[:1] for k, v in trained['transformed'].items()})
+  np.testing.assert_allclose(probs, expected[0], atol=1e-5)
