@@ -16,6 +16,7 @@ REQUIRED = [
     'pyarrow>=14,<26',  # Beam 2.77 requires pyarrow < 26
     'tensorboard>=2.21,<2.22',  # the trainer's logs and profiles
     'numpy',
+    'google-crc32c>=1.5',  # TFRecord checksums of the batched shard writer
 ]
 
 setuptools.setup(

@@ -23,6 +23,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -214,28 +215,80 @@ def _bad_indices(array, arrow_type):
 
 
 class _Block:
-  """Rows of one file gathered for conversion to one RecordBatch."""
+  """Rows of one file gathered by the csv module for conversion to one RecordBatch."""
 
   def __init__(self):
     self.rows: List[List[str]] = []
     self.lines: List[int] = []
     self.raws: List[str] = []
 
+  def __len__(self):
+    return len(self.rows)
+
+  def line(self, i):
+    return self.lines[i]
+
+  def raw(self, i):
+    return self.raws[i]
+
+  def columns(self, positions, fmt):
+    by_column = list(zip(*self.rows))
+    return {c.name: pa.array(by_column[positions[c.name]], pa.string()) for c in fmt.columns}
+
+
+class _ArrowBlock:
+  """Rows of a chunk parsed by Arrow's CSV reader, one physical line each (see _fast_block)."""
+
+  def __init__(self, columns, rows, first_line, chunk, parent=None, offset=0, line_of_row=None):
+    self._columns = columns
+    self._rows = rows
+    self._first_line = first_line
+    self._chunk = chunk
+    self._parent, self._offset = parent, offset
+    self._line_of_row = line_of_row  # where blank lines were skipped: row -> line index
+    self._lines = None
+
+  def __len__(self):
+    return self._rows
+
+  def line(self, i):
+    if self._parent is not None:
+      return self._parent.line(self._offset + i)
+    return self._first_line + (int(self._line_of_row[i]) if self._line_of_row is not None else i)
+
+  def raw(self, i):
+    if self._parent is not None:
+      return self._parent.raw(self._offset + i)
+    if self._lines is None:  # only for rejected rows and --eval-fraction
+      self._lines = self._chunk.split(b'\n')
+    if self._line_of_row is not None:
+      i = int(self._line_of_row[i])
+    return self._lines[i].decode('utf-8', 'surrogateescape') + '\n'
+
+  def columns(self, positions, fmt):
+    return self._columns
+
+  def slice(self, start, length):
+    rows = min(length, self._rows - start)
+    return _ArrowBlock({k: v.slice(start, rows) for k, v in self._columns.items()}, rows,
+                       None, None, self, start)
+
 
 def block_to_record_batch(block, positions, fmt):
   """Converts the rows of a block column by column.
 
-  Returns (record_batch of good rows, their raw texts, [(row index, kind, reason)] of the rest).
+  Returns (record_batch of good rows, their indices in the block, [(row index, kind, reason)] of
+  the rest).
   """
-  n = len(block.rows)
+  n = len(block)
   bad_reason = [None] * n
   bad_kind = [None] * n
-  by_column = list(zip(*block.rows))
+  columns = block.columns(positions, fmt)
   na = pa.array([''] + list(fmt.na_values), pa.string())
   converted = []
   for column in fmt.columns:
-    cells = pa.array(by_column[positions[column.name]], pa.string())
-    cells = pc.utf8_trim_whitespace(cells)
+    original = columns[column.name]
+    cells = pc.utf8_trim_whitespace(original)
     missing = pc.is_in(cells, value_set=na)
     values = pc.if_else(missing, pa.scalar(None, pa.string()), cells)
     if column.dtype == 'string':
@@ -246,7 +299,7 @@ def block_to_record_batch(block, positions, fmt):
       for i in bad:
         if bad_reason[i] is None:
           bad_kind[i] = 'bad_number'
-          bad_reason[i] = (f'column {column.name!r}: {by_column[positions[column.name]][i]!r} is '
+          bad_reason[i] = (f'column {column.name!r}: {original[i].as_py()!r} is '
                            f'not a valid {column.dtype}')
       if bad:
         mask = np.zeros(n, bool)
@@ -261,7 +314,7 @@ def block_to_record_batch(block, positions, fmt):
         for i in infinite:
           if bad_reason[i] is None:
             bad_kind[i] = 'bad_number'
-            bad_reason[i] = (f'column {column.name!r}: {by_column[positions[column.name]][i]!r} is '
+            bad_reason[i] = (f'column {column.name!r}: {original[i].as_py()!r} is '
                              'not a finite float32')
     missing_np = missing.to_numpy(zero_copy_only=False)
     if not column.varlen:
@@ -291,8 +344,7 @@ def block_to_record_batch(block, positions, fmt):
     np.cumsum(counts, out=offsets[1:])
     arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), values))
   batch = pa.RecordBatch.from_arrays(arrays, [c.name for c in fmt.columns])
-  raws = [block.raws[i] for i in np.flatnonzero(keep)]
-  return batch, raws, rejected
+  return batch, np.flatnonzero(keep), rejected
 
 
 def arrow_schema(fmt):
@@ -321,15 +373,15 @@ class ReadCsvFileFn(beam.DoFn):
     return beam.pvalue.TaggedOutput(ERRORS_TAG, record)
 
   def _emit_block(self, block, positions, path):
-    batch, raws, rejected = block_to_record_batch(block, positions, self._fmt)
+    batch, kept, rejected = block_to_record_batch(block, positions, self._fmt)
     for i, kind, reason in rejected:
-      yield self._reject(path, block.lines[i], kind, reason, block.raws[i])
+      yield self._reject(path, block.line(i), kind, reason, block.raw(i))
     if not self._eval_fraction:
       if batch.num_rows:
         yield batch
       return
-    to_eval = np.array([row_hash_fraction(r.rstrip('\r\n')) < self._eval_fraction for r in raws],
-                       bool)
+    to_eval = np.array([row_hash_fraction(block.raw(i).rstrip('\r\n')) < self._eval_fraction
+                        for i in kept], bool)
     train, evaluate = batch.filter(pa.array(~to_eval)), batch.filter(pa.array(to_eval))
     if train.num_rows:
       yield train
@@ -337,53 +389,207 @@ class ReadCsvFileFn(beam.DoFn):
       yield beam.pvalue.TaggedOutput(EVAL_TAG, evaluate)
 
   def process(self, path):
-    fmt = self._fmt
-    with _open_text(path) as f:
-      tap = _LineTap(f)
-      reader = _reader(tap, fmt)
-      layout, positions, width = None, None, None
-      block = _Block()
-      while True:
-        start = tap.line_no + 1
-        tap.record.clear()
-        try:
-          row = next(reader)
-        except StopIteration:
+    state = _FileState()
+    raw = FileSystems.open(path, mime_type='application/octet-stream',
+                           compression_type=CompressionTypes.AUTO)
+    with raw:
+      for chunk, first_line in _record_chunks(raw):
+        if chunk is None:  # no record boundary found: read the rest record by record
+          rest = io.TextIOWrapper(io.BufferedReader(_RawReader(raw), buffer_size=1 << 20),
+                                  encoding='utf-8', errors='surrogateescape', newline='')
+          yield from self._python_rows(rest, first_line, state, path)
           break
-        except csv.Error as e:
-          yield self._reject(path, start, 'malformed_csv', f'malformed CSV: {e}',
-                             ''.join(tap.record))
+        block = _fast_block(chunk, first_line, state, self._fmt) if state.layout else None
+        if block is not None:
+          for start in range(0, len(block), self._rows_per_batch):
+            yield from self._emit_block(block.slice(start, self._rows_per_batch),
+                                        state.positions, path)
+        else:
+          text = io.StringIO(chunk.decode('utf-8', 'surrogateescape'), newline='')
+          yield from self._python_rows(text, first_line, state, path)
+
+  def _python_rows(self, lines, first_line, state, path):
+    """Records of a text stream starting at line `first_line`, read by Python's csv module: the
+    exact path, for chunks that Arrow's reader cannot map back to lines (see _fast_block)."""
+    fmt = self._fmt
+    tap = _LineTap(lines)
+    tap.line_no = first_line - 1
+    reader = _reader(tap, fmt)
+    block = _Block()
+    while True:
+      start = tap.line_no + 1
+      tap.record.clear()
+      try:
+        row = next(reader)
+      except StopIteration:
+        break
+      except csv.Error as e:
+        yield self._reject(path, start, 'malformed_csv', f'malformed CSV: {e}',
+                           ''.join(tap.record))
+        continue
+      if not row:
+        continue  # a blank line is not a row
+      raw = tap.record[0] if len(tap.record) == 1 else ''.join(tap.record)
+      if state.layout is None:
+        try:
+          state.set_layout(detect_layout(path, fmt, row))
+        except UserError as e:  # checked at launch; a file changed since is this row's problem
+          yield self._reject(path, start, 'bad_header', str(e), raw)
           continue
-        if not row:
-          continue  # a blank line is not a row
-        raw = tap.record[0] if len(tap.record) == 1 else ''.join(tap.record)
-        if layout is None:
-          try:
-            layout = detect_layout(path, fmt, row)
-          except UserError as e:  # checked at launch; a file changed since is this row's problem
-            yield self._reject(path, start, 'bad_header', str(e), raw)
-            continue
-          positions = {name: i for i, name in enumerate(layout.names)}
-          width = len(layout.names)
-          if layout.has_header:
-            continue
-        if len(row) != width:
-          yield self._reject(path, start, 'field_count', f'{len(row)} fields, expected {width}', raw)
+        if state.layout.has_header:
           continue
-        if not raw.isascii():
-          try:
-            raw.encode('utf-8')
-          except UnicodeEncodeError:
-            yield self._reject(path, start, 'bad_encoding', 'bytes that are not valid UTF-8', raw)
-            continue
-        block.rows.append(row)
-        block.lines.append(start)
-        block.raws.append(raw)
-        if len(block.rows) >= self._rows_per_batch:
-          yield from self._emit_block(block, positions, path)
-          block = _Block()
-      if block.rows:
-        yield from self._emit_block(block, positions, path)
+      if len(row) != state.width:
+        yield self._reject(path, start, 'field_count',
+                           f'{len(row)} fields, expected {state.width}', raw)
+        continue
+      if not raw.isascii():
+        try:
+          raw.encode('utf-8')
+        except UnicodeEncodeError:
+          yield self._reject(path, start, 'bad_encoding', 'bytes that are not valid UTF-8', raw)
+          continue
+      block.rows.append(row)
+      block.lines.append(start)
+      block.raws.append(raw)
+      if len(block.rows) >= self._rows_per_batch:
+        yield from self._emit_block(block, state.positions, path)
+        block = _Block()
+    if block.rows:
+      yield from self._emit_block(block, state.positions, path)
+
+
+class _FileState:
+  """What reading a file has learned so far: its layout (from its first record)."""
+
+  def __init__(self):
+    self.layout = None
+    self.positions = None
+    self.width = None
+
+  def set_layout(self, layout):
+    self.layout = layout
+    self.positions = {name: i for i, name in enumerate(layout.names)}
+    self.width = len(layout.names)
+
+
+# Files are read in chunks of whole records. The first chunk is small, so that the exact
+# (Python csv) reader, which finds the header, handles few rows; later chunks are large.
+_FIRST_CHUNK = 64 << 10
+_CHUNK = 16 << 20
+_MAX_CHUNK = 256 << 20  # no record boundary in this much: give up chunking (broken quoting)
+
+
+def _line_breaks(data, end=None):
+  """Line breaks as Python's universal newlines count them: \n, \r\n and a lone \r."""
+  end = len(data) if end is None else end
+  return data.count(b'\n', 0, end) + data.count(b'\r', 0, end) - data.count(b'\r\n', 0, end)
+
+
+def _record_boundary(buffer):
+  """The end of the last whole line in `buffer` that is outside quotes (an even number of quote
+  characters before it), or None."""
+  pos = buffer.rfind(b'\n')
+  while pos >= 0:
+    if buffer.count(b'"', 0, pos) % 2 == 0:
+      return pos + 1
+    pos = buffer.rfind(b'\n', 0, pos)
+  return None
+
+
+def _record_chunks(stream):
+  """(chunk of whole records, its first line number) through the file; (None, line) once when
+  no record boundary turns up in _MAX_CHUNK bytes: the caller reads the rest of the stream."""
+  buffer, line, size, eof = b'', 1, _FIRST_CHUNK, False
+  while True:
+    if not eof:
+      data = stream.read(size)
+      eof = not data
+      buffer += data
+    if not buffer:
+      return
+    cut = len(buffer) if eof else _record_boundary(buffer)
+    if cut is None:
+      if len(buffer) > _MAX_CHUNK:
+        stream = _Prepend(buffer, stream)
+        yield None, line
+        return
+      size = _CHUNK
+      continue
+    chunk, buffer = buffer[:cut], buffer[cut:]
+    yield chunk, line
+    line += _line_breaks(chunk)
+    size = _CHUNK
+
+
+class _Prepend:
+  """A stream that first returns `head`, then the rest of `stream`."""
+
+  def __init__(self, head, stream):
+    self._head, self._stream = head, stream
+
+  def read(self, size=-1):
+    if self._head:
+      data, self._head = self._head[:size], self._head[size:]
+      return data
+    return self._stream.read(size)
+
+  def close(self):
+    self._stream.close()
+
+
+def _fast_block(chunk, first_line, state, fmt):
+  """The chunk's rows parsed by Arrow's CSV reader (C++, no Python object per cell), or None
+  where its rows cannot be mapped one to one onto the chunk's lines, so that the exact reader
+  must handle the chunk: quoted line breaks, blank lines, lone \r line ends, rows with a wrong
+  field count, bytes that are not UTF-8. Dead letters then still name the right line. Blank
+  lines are skipped, as the exact reader does."""
+  if b'\r' in chunk and chunk.count(b'\r') != chunk.count(b'\r\n'):
+    return None
+  line_of_row = _nonblank_lines(chunk) if _has_blank_line(chunk) else None
+  lines = (len(line_of_row) if line_of_row is not None else
+           chunk.count(b'\n') + (0 if chunk.endswith(b'\n') else 1))
+  invalid = []
+
+  def on_invalid(row):
+    invalid.append(row)
+    return 'skip'
+
+  wanted = [c.name for c in fmt.columns]
+  try:
+    table = pacsv.read_csv(
+        io.BytesIO(chunk),
+        read_options=pacsv.ReadOptions(column_names=list(state.layout.names), use_threads=False,
+                                       block_size=len(chunk) + 1),
+        parse_options=pacsv.ParseOptions(delimiter=fmt.delimiter, newlines_in_values=False,
+                                         ignore_empty_lines=True, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.binary() for name in wanted}, include_columns=wanted,
+            null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False))
+  except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    return None
+  if invalid or table.num_rows != lines:
+    return None
+  try:  # validates UTF-8
+    columns = {name: table.column(name).combine_chunks().cast(pa.string()) for name in wanted}
+  except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    return None
+  return _ArrowBlock(columns, table.num_rows, first_line, chunk, line_of_row=line_of_row)
+
+
+def _has_blank_line(chunk):
+  return (chunk.startswith((b'\n', b'\r\n')) or b'\n\n' in chunk or b'\n\r\n' in chunk)
+
+
+def _nonblank_lines(chunk):
+  """Indices of the chunk's lines that are not empty (numpy over the bytes: no per-line Python)."""
+  data = np.frombuffer(chunk, np.uint8)
+  ends = np.flatnonzero(data == 10)
+  if not chunk.endswith(b'\n'):
+    ends = np.append(ends, len(chunk))
+  starts = np.concatenate([[0], ends[:-1] + 1])
+  lengths = ends - starts
+  crlf = (lengths > 0) & (data[np.maximum(ends - 1, 0)] == 13)
+  return np.flatnonzero(lengths - crlf > 0)
 
 
 class ReadCsv(beam.PTransform):

@@ -51,9 +51,10 @@ def transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shar
 
   for split in raw:
     label = split.capitalize()
-    examples = transformed[split] | f'Encode{label}' >> tft_beam.EncodeTransformedDataset()
-    written = examples | f'Write{label}' >> outputs.WriteExamples(
-        out.split_prefix(split), shards[split], compression)
+    data, metadata = transformed[split]
+    written = data | f'Write{label}' >> outputs.WriteExamples(
+        out.split_prefix(split), shards[split], compression, outputs.join(out.tmp, 'parts', split),
+        metadata)
     rejected = errors[split] | f'Write{label}Errors' >> outputs.WriteErrors(out.errors_path(split))
     rows_ok = (raw[split]
                | f'Rows{label}' >> beam.Map(lambda batch: batch.num_rows)

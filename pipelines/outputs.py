@@ -13,16 +13,22 @@ All I/O goes through Beam FileSystems, so DIR may be gs://... as well as a local
 """
 
 import datetime
+import gzip
 import importlib.metadata
 import json
 import logging
 import math
+import random
+import struct
 import traceback
 import uuid
+import zlib
 
 import apache_beam as beam
+import google_crc32c
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from tfx_bsl.coders import example_coder
 
 from pipelines.common import UserError
 
@@ -209,24 +215,133 @@ def _now():
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 
-class WriteExamples(beam.PTransform):
-  """Serialized tf.train.Examples -> TFRecord shards; returns the example count."""
+GZIP_LEVEL = 1
 
-  def __init__(self, prefix, num_shards, compression):
+
+def _masked_crc32c(data):
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_records(records):
+  """Serialized records -> the bytes of a TFRecord file holding them (uint64 length, masked
+  crc32c of the length, data, masked crc32c of the data, per record)."""
+  parts = []
+  pack_length, pack_crc = struct.Struct('<Q').pack, struct.Struct('<I').pack
+  for record in records:
+    length = pack_length(len(record))
+    parts += (length, pack_crc(_masked_crc32c(length)), record, pack_crc(_masked_crc32c(record)))
+  return b''.join(parts)
+
+
+def shard_name(prefix, index, num_shards, compression):
+  suffix = '.tfrecord.gz' if compression == 'gzip' else '.tfrecord'
+  return f'{prefix}-{index:05d}-of-{num_shards:05d}{suffix}'
+
+
+class _WriteShardPartsFn(beam.DoFn):
+  """RecordBatches -> part files of the shards (main output: (shard, part path, examples)).
+
+  Each RecordBatch is encoded by tfx_bsl's RecordBatchToExamplesEncoder (what TF Transform's
+  EncodeTransformedDataset uses), framed as TFRecords in one buffer, gzip-compressed in one call,
+  and appended to this bundle's part file of one shard (batches go round the shards).
+  """
+
+  def __init__(self, parts_dir, num_shards, compression):
+    self._parts_dir = parts_dir
+    self._num_shards = num_shards
+    self._compression = compression
+    self._encoder = None
+
+  def start_bundle(self):
+    self._parts = {}  # shard -> [file, compressor or None, path, examples]
+    self._next = random.randrange(self._num_shards)
+
+  def process(self, element, schema):
+    if self._encoder is None:
+      self._encoder = example_coder.RecordBatchToExamplesEncoder(schema)
+    batch = element[0] if isinstance(element, tuple) else element  # (batch, passthrough)
+    if not batch.num_rows:
+      return
+    data = frame_records(self._encoder.encode(batch))
+    shard = self._next
+    self._next = (self._next + 1) % self._num_shards
+    if shard not in self._parts:
+      path = join(self._parts_dir, f'{shard:05d}-{uuid.uuid4().hex}')
+      compressor = (zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+                    if self._compression == 'gzip' else None)
+      handle = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+      self._parts[shard] = [handle, compressor, path, 0]
+    part = self._parts[shard]
+    part[0].write(part[1].compress(data) if part[1] else data)
+    part[3] += batch.num_rows
+
+  def finish_bundle(self):
+    for shard, (handle, compressor, path, examples) in sorted(self._parts.items()):
+      if compressor:
+        handle.write(compressor.flush())
+      handle.close()
+      yield beam.transforms.window.GlobalWindows.windowed_value((shard, (path, examples)))
+    self._parts = {}
+
+
+def _finish_shard(shard_and_parts, prefix, num_shards, compression):
+  """Joins one shard's parts into its final file (gzip members and TFRecord files both
+  concatenate); a shard without parts becomes a valid empty file. Returns its example count."""
+  shard, parts = shard_and_parts
+  parts = sorted(p for p in parts if p is not None)
+  target = shard_name(prefix, shard, num_shards, compression)
+  if len(parts) == 1:
+    FileSystems.rename([parts[0][0]], [target])
+  else:
+    with FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED) as out:
+      if not parts and compression == 'gzip':
+        out.write(gzip.compress(b''))
+      for path, _ in parts:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+          while True:
+            chunk = f.read(16 << 20)
+            if not chunk:
+              break
+            out.write(chunk)
+    if parts:
+      FileSystems.delete([path for path, _ in parts])
+  return sum(examples for _, examples in parts)
+
+
+class WriteExamples(beam.PTransform):
+  """TF Transform's transformed RecordBatches -> `num_shards` TFRecord shards of tf.train.Example;
+  returns a PCollection of the example count.
+
+  Replaces EncodeTransformedDataset + WriteToTFRecord, which make every example a Beam element,
+  compress every record in its own zlib call and group all records by shard in memory (per-record
+  work was about half of the tabular pipeline's time, and the grouping made memory grow with the
+  data: benchmarks/tabular_pipeline.py). Here a RecordBatch stays one element from TF Transform to
+  the file, and only part-file names are grouped.
+  """
+
+  def __init__(self, prefix, num_shards, compression, parts_dir, transformed_metadata):
     super().__init__()
     self._prefix = prefix
     self._num_shards = num_shards
     self._compression = compression
+    self._parts_dir = parts_dir
+    self._metadata = transformed_metadata
 
-  def expand(self, examples):
-    gzip = self._compression == 'gzip'
-    _ = examples | 'WriteShards' >> beam.io.WriteToTFRecord(
-        self._prefix,
-        file_name_suffix='.tfrecord.gz' if gzip else '.tfrecord',
-        num_shards=self._num_shards,
-        shard_name_template='-SSSSS-of-NNNNN',
-        compression_type=CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED)
-    return examples | 'CountExamples' >> beam.combiners.Count.Globally()
+  def expand(self, batches):
+    schema = (self._metadata.deferred_metadata
+              | 'Schema' >> beam.Map(lambda metadata: metadata.schema))
+    parts = batches | 'EncodeAndWriteParts' >> beam.ParDo(
+        _WriteShardPartsFn(self._parts_dir, self._num_shards, self._compression),
+        schema=beam.pvalue.AsSingleton(schema))
+    every_shard = (batches.pipeline
+                   | 'ShardIndices' >> beam.Create([(i, None) for i in range(self._num_shards)]))
+    return ((parts, every_shard)
+            | 'AllShards' >> beam.Flatten()
+            | 'PartsByShard' >> beam.GroupByKey()
+            | 'FinishShards' >> beam.Map(_finish_shard, self._prefix, self._num_shards,
+                                         self._compression)
+            | 'CountExamples' >> beam.CombineGlobally(sum))
 
 
 class WriteErrors(beam.PTransform):

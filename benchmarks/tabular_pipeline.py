@@ -1,0 +1,283 @@
+"""The tabular pipeline against the ways TF Transform is usually run, and a single-process bound.
+
+  .venv/bin/python benchmarks/tabular_pipeline.py [--rows 1000000] [--runs 3]
+      [--contenders a,b,c,d] [--scale-rows 4000000 --scale-runs 3]     (or: make bench)
+
+Contenders, all on the same seeded CSV (benchmarks/synthetic.py: 8 float columns, 4 string
+columns of 1,000-4,000 values, an int label), all computing the same preprocessing_fn and writing
+gzip TFRecords of tf.train.Example, all on Beam's in-process runner with one worker:
+  (a) the tutorial pipeline: ReadFromText line by line, each line parsed into an instance dict,
+      AnalyzeAndTransformDataset on instance dicts, ExampleProtoCoder, WriteToTFRecord;
+  (b) TF Transform's recommended TFXIO path: CsvTFXIO, RecordBatches, output_record_batches=True,
+      EncodeTransformedDataset, WriteToTFRecord;
+  (c) this project: `python -m pipelines.tabular` with its defaults;
+  (d) the single-process lower bound: pyarrow CSV read, numpy exact mean/std/quantiles and
+      vocabularies, tfx_bsl's RecordBatchToExamplesEncoder, tf.io.TFRecordWriter.
+Each run is a separate process, timed as a whole command; peak RSS is the largest resident set of
+that process and its children. Runs go round the contenders; medians are reported. With
+--scale-rows, (c) also runs on that many rows with 1 and 2 workers (multi-process) and its peak
+RSS is compared with the --rows run.
+"""
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import synthetic  # noqa: E402
+
+MODULE = os.path.join(ROOT, 'benchmarks', 'synthetic.py')
+GZIP_LEVEL = 1  # what pipelines.tabular writes, so (d) writes the same bytes' worth of work
+
+
+def _transform_context(temp_dir):
+  import tensorflow_transform.beam as tft_beam
+  return tft_beam.Context(temp_dir=temp_dir)
+
+
+def _pipeline():
+  import apache_beam as beam
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+  return beam.Pipeline(runner=FnApiRunner())
+
+
+def _raw_schema():
+  from tensorflow_transform.tf_metadata import schema_utils
+  return schema_utils.schema_from_feature_spec(synthetic.RAW_FEATURE_SPEC)
+
+
+def tutorial(csv_path, out):
+  """(a) Per-line reads, a Python dict per row, instance-dict TFT, per-example encoding."""
+  import apache_beam as beam
+  import numpy as np
+  import tensorflow_transform.beam as tft_beam
+  from tensorflow_transform import coders
+  from tensorflow_transform.tf_metadata import dataset_metadata
+
+  columns = synthetic.CSV_COLUMNS
+
+  def parse(line):
+    values = next(csv.reader([line]))
+    row = dict(zip(columns, values))
+    return {**{f: np.float32(row[f]) for f in synthetic.FLOATS},
+            **{s: row[s].encode() for s in synthetic.STRINGS},
+            synthetic.LABEL_KEY: np.int64(row[synthetic.LABEL_KEY])}
+
+  metadata = dataset_metadata.DatasetMetadata(_raw_schema())
+  with _pipeline() as p, _transform_context(os.path.join(out, 'tmp')):
+    rows = (p | beam.io.ReadFromText(csv_path, skip_header_lines=1) | beam.Map(parse))
+    (data, transformed_metadata), transform_fn = (
+        (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(synthetic.preprocessing_fn))
+    coder = coders.ExampleProtoCoder(transformed_metadata.schema)
+    _ = (data | beam.Map(coder.encode)
+         | beam.io.WriteToTFRecord(os.path.join(out, 'train'), file_name_suffix='.tfrecord.gz'))
+    _ = transform_fn | tft_beam.WriteTransformFn(out)
+
+
+def tfxio_path(csv_path, out):
+  """(b) TF Transform's recommended path: CsvTFXIO RecordBatches end to end into TFT."""
+  import apache_beam as beam
+  import tensorflow_transform.beam as tft_beam
+  from tfx_bsl.public import tfxio
+
+  source = tfxio.CsvTFXIO(csv_path, column_names=synthetic.CSV_COLUMNS, schema=_raw_schema(),
+                          skip_header_lines=1, telemetry_descriptors=['benchmark'])
+  with _pipeline() as p, _transform_context(os.path.join(out, 'tmp')):
+    raw = p | source.BeamSource()
+    transformed, transform_fn = (
+        (raw, source.TensorAdapterConfig())
+        | tft_beam.AnalyzeAndTransformDataset(synthetic.preprocessing_fn,
+                                              output_record_batches=True))
+    _ = (transformed | tft_beam.EncodeTransformedDataset()
+         | beam.io.WriteToTFRecord(os.path.join(out, 'train'), file_name_suffix='.tfrecord.gz'))
+    _ = transform_fn | tft_beam.WriteTransformFn(out)
+
+
+def lower_bound(csv_path, out, chunk=65536):
+  """(d) One process, no Beam, no TFT: exact statistics with numpy, the same encoder and file
+  format. Writes train.tfrecord.gz and one vocabulary file per string column."""
+  import numpy as np
+  import pyarrow as pa
+  import pyarrow.compute as pc
+  import pyarrow.csv as pacsv
+  import tensorflow as tf
+  from tfx_bsl.coders import example_coder
+
+  table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(column_types={
+      **{f: pa.float32() for f in synthetic.FLOATS}, **{s: pa.string() for s in synthetic.STRINGS},
+      synthetic.LABEL_KEY: pa.int64()}))
+  columns = {}
+  for f in synthetic.FLOATS:
+    x = table[f].to_numpy()
+    mean, std = x.mean(dtype=np.float64), x.std(dtype=np.float64)
+    columns[f'{f}_z'] = ((x - mean) / std).astype(np.float32)
+    boundaries = np.quantile(x, np.arange(1, synthetic.NUM_BUCKETS) / synthetic.NUM_BUCKETS)
+    columns[f'{f}_bucket'] = np.searchsorted(boundaries, x, side='right').astype(np.int64)
+  os.makedirs(os.path.join(out, 'vocabularies'), exist_ok=True)
+  for s in synthetic.STRINGS:
+    counts = pc.value_counts(table[s]).flatten()
+    values, freq = counts[0].to_numpy(zero_copy_only=False), counts[1].to_numpy()
+    order = np.lexsort((-np.arange(len(values)), values))[::-1]  # by value, descending
+    order = order[np.argsort(-freq[order], kind='stable')]  # then by count, descending
+    vocab = values[order]
+    with open(os.path.join(out, 'vocabularies', s), 'w') as f:
+      f.write('\n'.join(vocab) + '\n')
+    ids = pc.index_in(table[s], value_set=pa.array(vocab)).to_numpy(zero_copy_only=False)
+    columns[f'{s}_id'] = np.where(np.isnan(ids), len(vocab), ids).astype(np.int64)
+  columns[synthetic.LABEL_KEY] = table[synthetic.LABEL_KEY].to_numpy()
+  names = sorted(columns)
+  schema = None
+  options = tf.io.TFRecordOptions(compression_type='GZIP', compression_level=GZIP_LEVEL)
+  with tf.io.TFRecordWriter(os.path.join(out, 'train.tfrecord.gz'), options) as writer:
+    for start in range(0, table.num_rows, chunk):
+      arrays = []
+      for name in names:
+        values = pa.array(columns[name][start:start + chunk])
+        offsets = pa.array(np.arange(len(values) + 1, dtype=np.int64))
+        arrays.append(pa.LargeListArray.from_arrays(offsets, values))
+      batch = pa.RecordBatch.from_arrays(arrays, names)
+      if schema is None:
+        schema = _transformed_schema(batch)
+      for example in example_coder.RecordBatchToExamplesEncoder(schema).encode(batch):
+        writer.write(example)
+
+
+def _transformed_schema(batch):
+  import tensorflow as tf
+  from tensorflow_transform.tf_metadata import schema_utils
+  types = {'float': tf.float32, 'int64': tf.int64}
+  return schema_utils.schema_from_feature_spec({
+      field.name: tf.io.FixedLenFeature([], types[str(field.type.value_type)])
+      for field in batch.schema})
+
+
+def ours(csv_path, out, workers=None):
+  """(c) The project's pipeline, as a user runs it."""
+  argv = [sys.executable, '-m', 'pipelines.tabular', '--transforms', MODULE, '--train', csv_path,
+          '--output', out]
+  if workers:
+    argv += [f'--direct_num_workers={workers}', '--direct_running_mode=multi_processing']
+  subprocess.run(argv, check=True, cwd=ROOT, capture_output=True)
+
+
+CONTENDERS = {'a': tutorial, 'b': tfxio_path, 'c': ours, 'd': lower_bound}
+NAMES = {'a': '(a) tutorial: ReadFromText + instance dicts',
+         'b': '(b) TFT recommended: CsvTFXIO + RecordBatches',
+         'c': '(c) pipelines.tabular, defaults',
+         'd': '(d) lower bound: pyarrow + numpy, 1 process'}
+
+_TIMED = r'''
+import resource, subprocess, sys, time
+start = time.perf_counter()
+code = subprocess.run(sys.argv[1:]).returncode
+seconds = time.perf_counter() - start
+print('RESULT', code, seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+'''
+
+
+def timed(contender, csv_path, out, workers=None):
+  """(seconds, peak RSS in MiB) of one run in a fresh process."""
+  shutil.rmtree(out, ignore_errors=True)
+  os.makedirs(out)
+  command = [sys.executable, os.path.abspath(__file__), '--run', contender, '--csv', csv_path,
+             '--out', out] + (['--workers', str(workers)] if workers else [])
+  proc = subprocess.run([sys.executable, '-c', _TIMED] + command, capture_output=True, text=True,
+                        cwd=ROOT)
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1].split()
+  if line[1] != '0':
+    sys.exit(f'error: contender {contender} failed:\n{proc.stderr[-3000:]}')
+  return float(line[2]), int(line[3]) / 1024
+
+
+def _row(name, seconds, rss, rows):
+  return (f'  {name:48s} {statistics.median(seconds):8.1f} s {rows / statistics.median(seconds):10,.0f}'
+          f' rows/s {statistics.median(rss):8.0f} MiB')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--rows', type=int, default=1_000_000)
+  parser.add_argument('--runs', type=int, default=3)
+  parser.add_argument('--contenders', default='a,b,c,d')
+  parser.add_argument('--scale-rows', type=int, default=0,
+                      help='also run (c) on this many rows with 1 and 2 workers')
+  parser.add_argument('--scale-runs', type=int, default=3)
+  parser.add_argument('--run', choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
+  parser.add_argument('--csv', help=argparse.SUPPRESS)
+  parser.add_argument('--out', help=argparse.SUPPRESS)
+  parser.add_argument('--workers', type=int, default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.run:  # one contender, in this process (timed by the parent)
+    if args.run == 'c':
+      ours(args.csv, args.out, args.workers)
+    else:
+      CONTENDERS[args.run](args.csv, args.out)
+    # The work is done and written. Skip interpreter teardown: with instance-dict TF Transform
+    # (a), TensorFlow objects crashed the garbage collector at exit here (SIGSEGV).
+    sys.stdout.flush()
+    os._exit(0)
+
+  contenders = args.contenders.split(',')
+  work = tempfile.mkdtemp(prefix='bench_tabular_')
+  try:
+    csv_path = os.path.join(work, f'rows_{args.rows}.csv')
+    synthetic.write_csv(csv_path, args.rows)
+    seconds = {c: [] for c in contenders}
+    rss = {c: [] for c in contenders}
+    for run in range(args.runs):
+      for c in contenders:
+        s, m = timed(c, csv_path, os.path.join(work, 'out'))
+        seconds[c].append(s)
+        rss[c].append(m)
+        print(f'run {run + 1} {c}: {s:7.1f} s  {args.rows / s:9,.0f} rows/s  {m:6.0f} MiB',
+              flush=True)
+    print(f'\n{args.rows:,} rows x {len(synthetic.CSV_COLUMNS)} columns '
+          f'({os.path.getsize(csv_path) / 2**20:.0f} MiB CSV), {os.cpu_count()} CPUs, '
+          f'median of {args.runs} runs, each a whole command (start-up included)')
+    for c in contenders:
+      print(_row(NAMES[c], seconds[c], rss[c], args.rows))
+    if 'c' in contenders:
+      median = {c: statistics.median(seconds[c]) for c in contenders}
+      for other, target in (('a', 10), ('b', 4)):
+        if other in contenders:
+          print(f'  (c) throughput / ({other}): {median[other] / median["c"]:.2f}x '
+                f'(target >= {target}x)')
+      if 'd' in contenders:
+        print(f'  (c) wall time / (d): {median["c"] / median["d"]:.2f}x (target <= 2.5x)')
+
+    if args.scale_rows:
+      big = os.path.join(work, f'rows_{args.scale_rows}.csv')
+      synthetic.write_csv(big, args.scale_rows)
+      one, two, rss_big = [], [], []
+      for run in range(args.scale_runs):
+        s1, m1 = timed('c', big, os.path.join(work, 'out'))
+        s2, _ = timed('c', big, os.path.join(work, 'out'), workers=2)
+        one.append(s1)
+        two.append(s2)
+        rss_big.append(m1)
+        print(f'scale run {run + 1}: 1 worker {s1:.1f} s ({m1:.0f} MiB), 2 workers {s2:.1f} s',
+              flush=True)
+      print(f'\n(c) on {args.scale_rows:,} rows, median of {args.scale_runs} runs')
+      print(f'  1 worker  {statistics.median(one):8.1f} s {args.scale_rows / statistics.median(one):10,.0f} rows/s '
+            f'{statistics.median(rss_big):8.0f} MiB')
+      print(f'  2 workers {statistics.median(two):8.1f} s {args.scale_rows / statistics.median(two):10,.0f} rows/s'
+            ' (--direct_num_workers=2 --direct_running_mode=multi_processing)')
+      print(f'  speed-up with 2 workers: {statistics.median(one) / statistics.median(two):.2f}x '
+            '(target >= 1.6x)')
+      if 'c' in contenders:
+        print(f'  peak RSS {args.scale_rows:,} rows / {args.rows:,} rows: '
+              f'{statistics.median(rss_big) / statistics.median(rss["c"]):.2f}x (target <= 1.3x)')
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
