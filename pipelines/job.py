@@ -33,16 +33,27 @@ def check_remote_paths(beam_args, output, paths):
                            'inputs and --output on gs:// (or add --dry_run=True to only build)')
 
 
-def transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shards, compression):
+def transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shards, compression,
+                        analyze=None):
   """Adds TFT and the sinks to the pipeline of `raw` ({split: PCollection of RecordBatches}, the
-  train split first) and `errors` ({split: PCollection of dead-letter dicts})."""
+  train split first) and `errors` ({split: PCollection of dead-letter dicts}).
+
+  `analyze`, where given, is a second read of the train split for the analysis alone. On Beam's
+  local runners a PCollection that two stages consume (analysis, then transform once the analysis
+  is done) is held in memory in full between them; reading the input twice keeps memory flat
+  whatever the data size, and costs less time than holding it (benchmarks/tabular_pipeline.py).
+  """
   transformed = {}
-  transformed['train'], transform_fn = (
-      (raw['train'], adapter_config)
-      | 'AnalyzeAndTransformTrain' >> tft_beam.AnalyzeAndTransformDataset(
-          preprocessing_fn, output_record_batches=True))
+  if analyze is None:
+    transformed['train'], transform_fn = (
+        (raw['train'], adapter_config)
+        | 'AnalyzeAndTransformTrain' >> tft_beam.AnalyzeAndTransformDataset(
+            preprocessing_fn, output_record_batches=True))
+  else:
+    transform_fn = ((analyze, adapter_config)
+                    | 'AnalyzeTrain' >> tft_beam.AnalyzeDataset(preprocessing_fn))
   for split in raw:
-    if split != 'train':
+    if split != 'train' or analyze is not None:
       transformed[split] = (
           ((raw[split], adapter_config), transform_fn)
           | f'Transform{split.capitalize()}' >> tft_beam.TransformDataset(

@@ -111,8 +111,12 @@ def run(argv=None):
       raw['eval'], _, errors['eval'] = pipeline | 'ReadEvalCsv' >> csv_source.ReadCsv(
           inputs['eval'], fmt, 'eval', 0.0, args.rows_per_batch)
 
+    # The analysis reads the train split again (see job.transform_and_write): its rows, and
+    # errors, are those of the read above; only those of the read above are counted.
+    analyze, _, _ = pipeline | 'ReadTrainCsvForAnalysis' >> csv_source.ReadCsv(
+        inputs['train'], fmt, 'train', args.eval_fraction, args.rows_per_batch)
     job.transform_and_write(raw, errors, adapter_config, contract.preprocessing_fn, out, shards,
-                            args.compression)
+                            args.compression, analyze=analyze)
     counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit)
   if counts is None:
     return None
