@@ -317,6 +317,9 @@ def _finish_shard(shard_and_parts, prefix, num_shards, compression):
   shard, parts = shard_and_parts
   parts = sorted(p for p in parts if p is not None)
   target = shard_name(prefix, shard, num_shards, compression)
+  directory = target[:target.rindex('/')] if '/' in target else '.'
+  if FileSystems.get_filesystem(target).has_dirs() and not FileSystems.exists(directory):
+    _mkdirs(directory)
   if len(parts) == 1:
     FileSystems.rename([parts[0][0]], [target])
   else:
