@@ -145,8 +145,11 @@ def run(argv=None):
     elif args.eval:
       raw['eval'], _, errors['eval'] = pipeline | 'ReadEvalImages' >> image_source.ReadImages(
           units['eval'], fmt, 'eval', 0.0, args.images_per_batch)
+    # The analysis reads the train split again (see job.transform_and_write).
+    analyze, _, _ = pipeline | 'ReadTrainImagesForAnalysis' >> image_source.ReadImages(
+        units['train'], fmt, 'train', args.eval_fraction, args.images_per_batch)
     job.transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shards,
-                            args.compression)
+                            args.compression, analyze=analyze)
     counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, what='images')
   if counts is None:
     return None

@@ -63,10 +63,16 @@ def parse_args(argv):
 
 
 def _inspect(files, fmt, flag):
+  """Checks every file at launch; returns the work units: files, large ones cut in ranges."""
   layouts = [csv_source.inspect_file(f, fmt) for f in files]
   if all(layout is None for layout in layouts):
     raise common.UserError(f'{flag}: every matched file is empty ({", ".join(files[:3])}'
                            f'{", ..." if len(files) > 3 else ""})')
+  units = []
+  for path, layout in zip(files, layouts):
+    size = job.input_bytes([path])
+    units.extend(csv_source.plan_ranges(path, size, layout) if layout else [path])
+  return units
 
 
 def run(argv=None):
@@ -81,8 +87,7 @@ def run(argv=None):
   inputs = {'train': csv_source.match_inputs(args.train, '--train')}
   if args.eval:
     inputs['eval'] = csv_source.match_inputs(args.eval, '--eval')
-  for split, files in inputs.items():
-    _inspect(files, fmt, f'--{split}')
+  units = {split: _inspect(files, fmt, f'--{split}') for split, files in inputs.items()}
   splits = ['train'] + (['eval'] if args.eval or args.eval_fraction else [])
   input_bytes = {split: job.input_bytes(files) for split, files in inputs.items()}
   if args.eval_fraction:
@@ -101,7 +106,7 @@ def run(argv=None):
   with tft_beam.Context(temp_dir=out.tmp):
     raw, errors = {}, {}
     raw['train'], carved_eval, errors['train'] = pipeline | 'ReadTrainCsv' >> csv_source.ReadCsv(
-        inputs['train'], fmt, 'train', args.eval_fraction, args.rows_per_batch)
+        units['train'], fmt, 'train', args.eval_fraction, args.rows_per_batch)
     if args.eval_fraction:
       raw['eval'] = carved_eval
       errors['train'], errors['eval'] = (
@@ -109,12 +114,12 @@ def run(argv=None):
               lambda e, _: int(e['split'] == 'eval'), 2))
     elif args.eval:
       raw['eval'], _, errors['eval'] = pipeline | 'ReadEvalCsv' >> csv_source.ReadCsv(
-          inputs['eval'], fmt, 'eval', 0.0, args.rows_per_batch)
+          units['eval'], fmt, 'eval', 0.0, args.rows_per_batch)
 
     # The analysis reads the train split again (see job.transform_and_write): its rows, and
     # errors, are those of the read above; only those of the read above are counted.
     analyze, _, _ = pipeline | 'ReadTrainCsvForAnalysis' >> csv_source.ReadCsv(
-        inputs['train'], fmt, 'train', args.eval_fraction, args.rows_per_batch)
+        units['train'], fmt, 'train', args.eval_fraction, args.rows_per_batch)
     job.transform_and_write(raw, errors, adapter_config, contract.preprocessing_fn, out, shards,
                             args.compression, analyze=analyze)
     counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit)

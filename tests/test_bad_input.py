@@ -72,9 +72,13 @@ def test_too_many_bad_rows_fail_and_publish_nothing(tmp_path):
   assert not [f for f in os.listdir(out) if f.startswith('train-')]
 
 
-def test_header_gzip_several_globs_and_a_module_file(tmp_path):
+@pytest.mark.parametrize('beam_args', [
+    [], ['--direct_num_workers=2', '--direct_running_mode=multi_processing']],
+    ids=['in_process', 'two_worker_processes'])
+def test_header_gzip_several_globs_and_a_module_file(tmp_path, beam_args):
   """A user's own module file, CSVs with a header (columns in another order, an extra column),
-  gzip and plain files from two globs, VarLen missing values and FixedLen defaults."""
+  gzip and plain files from two globs, VarLen missing values and FixedLen defaults. Worker
+  processes cannot import the module file: its functions must travel to them by value."""
   module = tmp_path / 'houses.py'
   module.write_text('''
 import tensorflow as tf
@@ -110,7 +114,7 @@ def preprocessing_fn(inputs):
     f.write('sold,rooms,price,city,note\nno,5,400,Oslo,w\n')
   out = tmp_path / 'out'
   manifest = tabular.run(['--transforms', str(module), '--train', str(tmp_path / 'a' / '*.csv'),
-                          str(tmp_path / 'b' / '*.gz'), '--output', str(out)])
+                          str(tmp_path / 'b' / '*.gz'), '--output', str(out)] + beam_args)
   assert manifest['splits']['train']['rows_written'] == 4
   got = read_split(str(out), 'train')
   order = np.argsort(got['price_xf'])

@@ -245,3 +245,39 @@ def test_means_variances_and_quantile_boundaries_agree(both):
     ranks = lambda positions: np.searchsorted(np.sort(x), grid[positions]) / len(x)  # noqa: E731
     assert len(steps_b) == len(steps_c) == synthetic.NUM_BUCKETS - 1
     assert np.abs(ranks(steps_b) - ranks(steps_c)).max() <= 0.01
+
+
+@pytest.mark.parametrize('range_bytes', [300, 1000, 4096])
+def test_ranges_read_like_the_whole_file(tmp_path, range_bytes):
+  """A file cut at record boundaries (quoted line breaks, CRLF, blank lines near the cuts) reads
+  as the same rows and dead letters, with the same line numbers, as the whole file."""
+  module = tmp_path / 'messy.py'
+  module.write_text(MODULE)
+  contract = contract_lib.load(str(module))
+  fmt = csv_source.CsvFormat(columns=contract.columns, column_names=None,
+                             na_values=contract.na_values)
+  path = tmp_path / 'messy.csv'
+  path.write_bytes('\n'.join(MESSY_ROWS * 40).encode() + b'\n')
+  layout = csv_source.inspect_file(str(path), fmt)
+  ranges = csv_source.plan_ranges(str(path), path.stat().st_size, layout, range_bytes)
+  assert len(ranges) >= min(8, path.stat().st_size // range_bytes)
+  assert ranges[0].start == 0 and ranges[-1].end is None
+  assert all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
+  whole = _read(str(path), fmt, True, 1 << 16)
+  rows, errors = [], []
+  for unit in ranges:
+    fn = csv_source.ReadCsvFileFn(fmt, 'train', 0.0, 7)
+    for item in fn.process(unit):
+      if isinstance(item, pa.RecordBatch):
+        rows += [('train', r) for r in item.to_pylist()]
+      else:
+        errors.append(item.value)
+  assert sorted(map(repr, rows)) == sorted(map(repr, whole[0]))
+  assert sorted(map(repr, errors)) == sorted(map(repr, whole[1]))
+
+
+def test_small_and_compressed_files_are_one_range(tmp_path):
+  path = tmp_path / 'small.csv.gz'
+  path.write_bytes(gzip.compress(b'a,b\n1,2\n' * 1000))
+  ranges = csv_source.plan_ranges(str(path), 10 << 30, None, 100)
+  assert [(r.start, r.end) for r in ranges] == [(0, None)]

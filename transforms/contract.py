@@ -93,6 +93,10 @@ def import_module(module_or_file):
       del sys.modules[name]
       raise UserError(f'--transforms {module_or_file}: importing it failed: '
                       f'{type(e).__name__}: {e}') from e
+    # Workers in other processes (multi-process runner, portable runner, Dataflow) cannot
+    # import a module that lives at a path on this machine: pickle its functions by value.
+    from apache_beam.internal.cloudpickle import cloudpickle  # pylint: disable=import-outside-toplevel
+    cloudpickle.register_pickle_by_value(module)
     return module
   try:
     return importlib.import_module(module_or_file)
