@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images fashion-mnist test bench-input bench-images clean
+.PHONY: install demo demo-images fashion-mnist test bench bench-input bench-images clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ fashion-mnist: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The tabular pipeline against the tutorial pipeline, TFT's TFXIO path and a single-process
+# bound, on 1M rows (3 runs each), then on 4M rows with 1 and 2 workers (about 30 minutes).
+bench: install
+	$(PY) benchmarks/tabular_pipeline.py --rows 1000000 --runs 3 --scale-rows 4000000 --scale-runs 1
 
 # The trainer's tf.data input against a plain TFRecordDataset + parse_example (issue: >= 0.8x).
 bench-input: install
