@@ -159,16 +159,16 @@ def _transformed_schema(batch):
       for field in batch.schema})
 
 
-def ours(csv_path, out, workers=None):
+def _our_command(csv_path, out, workers=None):
   """(c) The project's pipeline, as a user runs it."""
   argv = [sys.executable, '-m', 'pipelines.tabular', '--transforms', MODULE, '--train', csv_path,
-          '--output', out]
+          '--output', out, '--overwrite']
   if workers:
     argv += [f'--direct_num_workers={workers}', '--direct_running_mode=multi_processing']
-  subprocess.run(argv, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)  # stderr: to the timer
+  return argv
 
 
-CONTENDERS = {'a': tutorial, 'b': tfxio_path, 'c': ours, 'd': lower_bound}
+CONTENDERS = {'a': tutorial, 'b': tfxio_path, 'd': lower_bound}
 NAMES = {'a': '(a) tutorial: ReadFromText + instance dicts',
          'b': '(b) TFT recommended: CsvTFXIO + RecordBatches',
          'c': '(c) pipelines.tabular, defaults',
@@ -187,10 +187,13 @@ def timed(contender, csv_path, out, workers=None):
   """(seconds, peak RSS in MiB) of one run in a fresh process."""
   shutil.rmtree(out, ignore_errors=True)
   os.makedirs(out)
-  command = [sys.executable, os.path.abspath(__file__), '--run', contender, '--csv', csv_path,
-             '--out', out] + (['--workers', str(workers)] if workers else [])
+  if contender == 'c':  # the user's command itself, not through this script's imports
+    command = _our_command(csv_path, out, workers)
+  else:
+    command = [sys.executable, os.path.abspath(__file__), '--run', contender, '--csv', csv_path,
+               '--out', out]
   proc = subprocess.run([sys.executable, '-c', _TIMED] + command, capture_output=True, text=True,
-                        cwd=ROOT)
+                        cwd=ROOT)  # (c)'s summary goes to stdout too: only RESULT lines are read
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1].split()
   if line[1] != '0':
     sys.exit(f'error: contender {contender} failed:\n{proc.stderr[-3000:]}')
@@ -213,13 +216,9 @@ def main():
   parser.add_argument('--run', choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
   parser.add_argument('--csv', help=argparse.SUPPRESS)
   parser.add_argument('--out', help=argparse.SUPPRESS)
-  parser.add_argument('--workers', type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.run:  # one contender, in this process (timed by the parent)
-    if args.run == 'c':
-      ours(args.csv, args.out, args.workers)
-    else:
-      CONTENDERS[args.run](args.csv, args.out)
+    CONTENDERS[args.run](args.csv, args.out)
     # The work is done and written. Skip interpreter teardown: with instance-dict TF Transform
     # (a), TensorFlow objects crashed the garbage collector at exit here (SIGSEGV).
     sys.stdout.flush()
