@@ -8,6 +8,23 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 
+# Side outputs of the sources' DoFns: dead-letter dicts, and rows carved out for the eval split.
+ERRORS_TAG = 'errors'
+EVAL_TAG = 'eval'
+
+
+def read_units(pbegin, units, read_fn, carves_eval):
+  """Work units (files, ranges, shards) -> (RecordBatches, carved eval RecordBatches or None,
+  dead letters), read by `read_fn`, a DoFn with the ERRORS_TAG and EVAL_TAG side outputs."""
+  outputs = (
+      pbegin
+      | 'ListUnits' >> beam.Create(list(units))
+      # A unit is a file, a range of one or a shard: spread them over workers before reading.
+      | 'SpreadUnits' >> beam.Reshuffle()
+      | 'Read' >> beam.ParDo(read_fn).with_outputs(ERRORS_TAG, EVAL_TAG, main='rows'))
+  return outputs.rows, (outputs[EVAL_TAG] if carves_eval else None), outputs[ERRORS_TAG]
+
+
 class UserError(Exception):
   """A problem the user can fix (bad path, flag or data): shown as one line, exit status 2."""
 

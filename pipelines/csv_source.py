@@ -27,10 +27,8 @@ import pyarrow.csv as pacsv
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import UserError
+from pipelines.common import EVAL_TAG, ERRORS_TAG, UserError, read_units
 
-ERRORS_TAG = 'errors'
-EVAL_TAG = 'eval'
 RAW_TEXT_LIMIT = 1000  # characters of a rejected row kept in the dead-letter record
 # Python's csv default (128 KiB) is smaller than some real cells; larger fields are rejected rows.
 FIELD_SIZE_LIMIT = 1 << 20
@@ -705,13 +703,5 @@ class ReadCsv(beam.PTransform):
     self._rows_per_batch = rows_per_batch
 
   def expand(self, pbegin):
-    outputs = (
-        pbegin
-        | 'ListFiles' >> beam.Create(self._files)
-        # One file (or range of one) is one element: spread over workers before decoding.
-        | 'SpreadFiles' >> beam.Reshuffle()
-        | 'DecodeCsv' >> beam.ParDo(
-            ReadCsvFileFn(self._fmt, self._split, self._eval_fraction,
-                          self._rows_per_batch)).with_outputs(ERRORS_TAG, EVAL_TAG, main='rows'))
-    evaluate = outputs[EVAL_TAG] if self._eval_fraction else None
-    return outputs.rows, evaluate, outputs[ERRORS_TAG]
+    return read_units(pbegin, self._files, ReadCsvFileFn(
+        self._fmt, self._split, self._eval_fraction, self._rows_per_batch), self._eval_fraction)

@@ -31,10 +31,8 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import UserError
+from pipelines.common import EVAL_TAG, ERRORS_TAG, UserError, read_units
 
-ERRORS_TAG = 'errors'
-EVAL_TAG = 'eval'
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png')
 LABEL_EXTENSIONS = ('cls', 'txt')  # WebDataset: .cls holds a class index, .txt a class name
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
@@ -543,13 +541,5 @@ class ReadImages(beam.PTransform):
     self._images_per_batch = images_per_batch
 
   def expand(self, pbegin):
-    outputs = (
-        pbegin
-        | 'ListUnits' >> beam.Create(self._units)
-        # A unit is a shard or a few hundred files: spread them over workers before reading.
-        | 'SpreadUnits' >> beam.Reshuffle()
-        | 'ReadAndCheck' >> beam.ParDo(
-            ReadImagesFn(self._fmt, self._split, self._eval_fraction,
-                         self._images_per_batch)).with_outputs(ERRORS_TAG, EVAL_TAG, main='images'))
-    evaluate = outputs[EVAL_TAG] if self._eval_fraction else None
-    return outputs.images, evaluate, outputs[ERRORS_TAG]
+    return read_units(pbegin, self._units, ReadImagesFn(
+        self._fmt, self._split, self._eval_fraction, self._images_per_batch), self._eval_fraction)

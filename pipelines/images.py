@@ -9,7 +9,6 @@ The output layout, manifest, dead letters and publication are the tabular pipeli
 
 import time
 
-import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_transform.tf_metadata import schema_utils
@@ -25,16 +24,8 @@ DEFAULT_TRANSFORMS = 'transforms.images'
 def parse_args(argv):
   parser = common.ArgumentParser(prog='python -m pipelines.images',
                                  description=__doc__.split('\n')[0])
-  parser.add_argument('--train', required=True, nargs='+', action='extend',
-                      help='class-folder root(s), tar shards or TFRecord shards (paths or globs)')
-  parser.add_argument('--eval', nargs='+', action='extend', default=None,
-                      help='the eval split, in any of the same layouts')
-  parser.add_argument('--eval-fraction', type=float, default=0.0,
-                      help='with --train only: carve this share of images out as the eval split, '
-                           'by a hash of each image\'s bytes (the same images on every run)')
-  parser.add_argument('--output', required=True, help='output directory (local or gs://...)')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace a complete result already in --output')
+  job.add_split_flags(parser, 'images', 'class-folder root(s), tar shards or TFRecord shards '
+                      '(paths or globs)')
   parser.add_argument('--transforms', default=DEFAULT_TRANSFORMS,
                       help='dataset module or .py file: make_preprocessing_fn(height, width, '
                            f'channels) or preprocessing_fn (default {DEFAULT_TRANSFORMS})')
@@ -51,27 +42,15 @@ def parse_args(argv):
                       help='images whose header claims more pixels are rejected undecoded')
   parser.add_argument('--max-image-bytes', type=int, default=32 << 20,
                       help='larger encoded images are rejected unread')
-  parser.add_argument('--num-shards', type=int, default=None,
-                      help='TFRecord shards per split (default: one per 256 MiB of input)')
-  parser.add_argument('--compression', choices=('gzip', 'none'), default='gzip')
-  parser.add_argument('--max-bad-rows', default='1%',
-                      help='rejected images a split may have before the run fails: a count or a '
-                           'percentage of images read (default 1%%)')
   parser.add_argument('--images-per-batch', type=int, default=256,
                       help='images per Arrow RecordBatch (and per TF Transform batch)')
   args, beam_args = parser.parse_known_args(argv)
-  if args.eval and args.eval_fraction:
-    parser.error('give either --eval or --eval-fraction, not both')
-  if not 0 <= args.eval_fraction < 1:
-    parser.error(f'--eval-fraction {args.eval_fraction}: must be in [0, 1)')
-  if args.num_shards is not None and args.num_shards < 1:
-    parser.error(f'--num-shards {args.num_shards}: must be at least 1 (or leave it out)')
+  job.check_split_flags(parser, args)
   if args.image_size is not None and min(args.image_size) < 1:
     parser.error(f'--image-size {args.image_size[0]} {args.image_size[1]}: both must be >= 1')
   for flag in ('max_pixels', 'max_image_bytes', 'images_per_batch'):
     if getattr(args, flag) < 1:
       parser.error(f'--{flag.replace("_", "-")} must be at least 1')
-  args.max_bad_rows_limit = outputs.parse_max_bad_rows(args.max_bad_rows)
   return args, beam_args
 
 
@@ -118,10 +97,7 @@ def run(argv=None):
   units['train'], input_bytes['train'] = image_source.match_image_inputs(args.train, '--train')
   if args.eval:
     units['eval'], input_bytes['eval'] = image_source.match_image_inputs(args.eval, '--eval')
-  splits = ['train'] + (['eval'] if args.eval or args.eval_fraction else [])
-  if args.eval_fraction:
-    input_bytes['eval'] = input_bytes['train'] * args.eval_fraction
-  shards = {s: args.num_shards or outputs.auto_num_shards(input_bytes[s]) for s in splits}
+  splits, shards = job.plan_splits(args, input_bytes)
 
   job.check_remote_paths(beam_args, args.output, list(args.train) + list(args.eval or []))
   out = outputs.OutputDir(args.output, args.overwrite)
@@ -133,23 +109,11 @@ def run(argv=None):
 
   pipeline = common.make_pipeline(beam_args)
   with tft_beam.Context(temp_dir=out.tmp, desired_batch_size=args.images_per_batch):
-    raw, errors = {}, {}
-    raw['train'], carved_eval, errors['train'] = pipeline | 'ReadTrainImages' >> (
-        image_source.ReadImages(units['train'], fmt, 'train', args.eval_fraction,
-                                args.images_per_batch))
-    if args.eval_fraction:
-      raw['eval'] = carved_eval
-      errors['train'], errors['eval'] = (
-          errors['train'] | 'SplitErrors' >> beam.Partition(
-              lambda e, _: int(e['split'] == 'eval'), 2))
-    elif args.eval:
-      raw['eval'], _, errors['eval'] = pipeline | 'ReadEvalImages' >> image_source.ReadImages(
-          units['eval'], fmt, 'eval', 0.0, args.images_per_batch)
-    # The analysis reads the train split again (see job.transform_and_write).
-    analyze, _, _ = pipeline | 'ReadTrainImagesForAnalysis' >> image_source.ReadImages(
-        units['train'], fmt, 'train', args.eval_fraction, args.images_per_batch)
-    job.transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shards,
-                            args.compression, analyze=analyze)
+    raw, errors, analyze = job.read_splits(
+        pipeline, lambda u, split, fraction: image_source.ReadImages(
+            u, fmt, split, fraction, args.images_per_batch), units, args.eval_fraction, 'Images')
+    job.transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, out, shards,
+                            args.compression)
     counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, what='images')
   if counts is None:
     return None
@@ -160,7 +124,7 @@ def run(argv=None):
     entry['bytes_written'] = written
     entry['bytes_per_image'] = round(written / entry['rows_written'], 1) if entry[
         'rows_written'] else None
-  manifest = {
+  return job.publish(out, {
       'pipeline': 'images',
       'transforms': args.transforms,
       'label_key': 'label',
@@ -176,16 +140,7 @@ def run(argv=None):
                 'input_features': {'image': args.image_feature, 'label': args.label_feature}},
       'inputs': {'train': list(args.train), **({'eval': list(args.eval)} if args.eval else {})},
       'splits': split_entries,
-      'eval_fraction': args.eval_fraction,
-      'compression': args.compression,
-      'options': {'argv': list(argv) if argv is not None else None, 'beam': beam_args},
-      'versions': outputs.package_versions(),
-      'run_id': out.run_id,
-      'elapsed_seconds': round(time.time() - started, 1),
-  }
-  manifest = out.publish(manifest)
-  job.print_summary(manifest, args.output, what='images')
-  return manifest
+  }, args, argv, beam_args, started, what='images')
 
 
 if __name__ == '__main__':

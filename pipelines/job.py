@@ -4,6 +4,7 @@ letters and the counts; then run the job, check what it did and publish (or publ
 """
 
 import logging
+import time
 
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
@@ -14,6 +15,67 @@ from apache_beam.runners.runner import PipelineState
 from pipelines import common, outputs
 
 _LOG = logging.getLogger('pipelines')
+
+
+def add_split_flags(parser, what, inputs_help):
+  """The flags every pipeline takes for its splits and its output. `what`: 'rows' or 'images'."""
+  parser.add_argument('--train', required=True, nargs='+', action='extend',
+                      help=f'{inputs_help} of the training split; may repeat')
+  parser.add_argument('--eval', nargs='+', action='extend', default=None,
+                      help='the same for the eval split, transformed with the train analysis')
+  parser.add_argument('--eval-fraction', type=float, default=0.0,
+                      help=f'with --train only: carve this share of {what} out as the eval split, '
+                           'by a hash of each one\'s content (the same ones on every run)')
+  parser.add_argument('--output', required=True, help='output directory (local or gs://...)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace a complete result already in --output')
+  parser.add_argument('--num-shards', type=int, default=None,
+                      help='TFRecord shards per split (default: one per 256 MiB of input)')
+  parser.add_argument('--compression', choices=('gzip', 'none'), default='gzip')
+  parser.add_argument('--max-bad-rows', default='1%',
+                      help=f'rejected {what} a split may have before the run fails: a count or a '
+                           f'percentage of {what} read (default 1%%)')
+
+
+def check_split_flags(parser, args):
+  """Checks the flags of add_split_flags; sets args.max_bad_rows_limit."""
+  if args.eval and args.eval_fraction:
+    parser.error('give either --eval or --eval-fraction, not both')
+  if not 0 <= args.eval_fraction < 1:
+    parser.error(f'--eval-fraction {args.eval_fraction}: must be in [0, 1)')
+  if args.num_shards is not None and args.num_shards < 1:
+    parser.error(f'--num-shards {args.num_shards}: must be at least 1 (or leave it out)')
+  args.max_bad_rows_limit = outputs.parse_max_bad_rows(args.max_bad_rows)
+
+
+def plan_splits(args, input_bytes):
+  """(splits, {split: shards}) from the flags and {split: bytes of its inputs}."""
+  splits = ['train'] + (['eval'] if args.eval or args.eval_fraction else [])
+  if args.eval_fraction:
+    input_bytes = dict(input_bytes, eval=input_bytes['train'] * args.eval_fraction)
+  return splits, {s: args.num_shards or outputs.auto_num_shards(input_bytes[s]) for s in splits}
+
+
+def read_splits(pipeline, read, units, eval_fraction, name):
+  """Reads every split with `read(units, split, eval_fraction)`, a source PTransform returning
+  (RecordBatches, carved eval RecordBatches or None, dead letters). Returns ({split: batches},
+  {split: dead letters}, a second read of the train split for the analysis alone)."""
+  raw, errors = {}, {}
+  raw['train'], carved_eval, errors['train'] = pipeline | f'ReadTrain{name}' >> read(
+      units['train'], 'train', eval_fraction)
+  if eval_fraction:
+    raw['eval'] = carved_eval
+    errors['train'], errors['eval'] = (
+        errors['train'] | 'SplitErrors' >> beam.Partition(
+            lambda e, _: int(e['split'] == 'eval'), 2))
+  elif 'eval' in units:
+    raw['eval'], _, errors['eval'] = pipeline | f'ReadEval{name}' >> read(
+        units['eval'], 'eval', 0.0)
+  # The analysis reads the train split again (see transform_and_write); only the rows and dead
+  # letters of the read above are counted.
+  analyze, _, _ = pipeline | f'ReadTrain{name}ForAnalysis' >> read(
+      units['train'], 'train', eval_fraction)
+  return raw, errors, analyze
 
 
 def input_bytes(files):
@@ -33,31 +95,24 @@ def check_remote_paths(beam_args, output, paths):
                            'inputs and --output on gs:// (or add --dry_run=True to only build)')
 
 
-def transform_and_write(raw, errors, adapter_config, preprocessing_fn, out, shards, compression,
-                        analyze=None):
-  """Adds TFT and the sinks to the pipeline of `raw` ({split: PCollection of RecordBatches}, the
-  train split first) and `errors` ({split: PCollection of dead-letter dicts}).
+def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, out, shards,
+                        compression):
+  """Adds TFT and the sinks to the pipeline of `raw` ({split: PCollection of RecordBatches}) and
+  `errors` ({split: PCollection of dead-letter dicts}).
 
-  `analyze`, where given, is a second read of the train split for the analysis alone. On Beam's
-  local runners a PCollection that two stages consume (analysis, then transform once the analysis
-  is done) is held in memory in full between them; reading the input twice keeps memory flat
+  `analyze` is a second read of the train split, for the analysis alone. On Beam's local
+  runners a PCollection that two stages consume (analysis, then transform once the analysis is
+  done) is held in memory in full between them; reading the input twice keeps memory flat
   whatever the data size, and costs less time than holding it (benchmarks/tabular_pipeline.py).
   """
+  transform_fn = ((analyze, adapter_config)
+                  | 'AnalyzeTrain' >> tft_beam.AnalyzeDataset(preprocessing_fn))
   transformed = {}
-  if analyze is None:
-    transformed['train'], transform_fn = (
-        (raw['train'], adapter_config)
-        | 'AnalyzeAndTransformTrain' >> tft_beam.AnalyzeAndTransformDataset(
-            preprocessing_fn, output_record_batches=True))
-  else:
-    transform_fn = ((analyze, adapter_config)
-                    | 'AnalyzeTrain' >> tft_beam.AnalyzeDataset(preprocessing_fn))
   for split in raw:
-    if split != 'train' or analyze is not None:
-      transformed[split] = (
-          ((raw[split], adapter_config), transform_fn)
-          | f'Transform{split.capitalize()}' >> tft_beam.TransformDataset(
-              output_record_batches=True))
+    transformed[split] = (
+        ((raw[split], adapter_config), transform_fn)
+        | f'Transform{split.capitalize()}' >> tft_beam.TransformDataset(
+            output_record_batches=True))
   _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out.out)
 
   for split in raw:
@@ -116,6 +171,22 @@ def split_entries(counts, shards, compression):
   return {split: dict(c, files=f'{split}-*-of-{shards[split]:05d}{suffix}',
                       num_shards=shards[split])
           for split, c in counts.items()}
+
+
+def publish(out, manifest, args, argv, beam_args, started, what='rows'):
+  """Adds what every pipeline records to the pipeline's own `manifest` (which has 'splits'),
+  publishes the result and prints the summary; returns the published manifest."""
+  manifest = dict(
+      manifest,
+      eval_fraction=args.eval_fraction,
+      compression=args.compression,
+      options={'argv': list(argv) if argv is not None else None, 'beam': beam_args},
+      versions=outputs.package_versions(),
+      run_id=out.run_id,
+      elapsed_seconds=round(time.time() - started, 1))
+  manifest = out.publish(manifest)
+  print_summary(manifest, args.output, what)
+  return manifest
 
 
 def print_summary(manifest, directory, what='rows'):

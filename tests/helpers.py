@@ -35,3 +35,15 @@ def tft_vocabulary_order(values):
   counts = values.dropna().value_counts()
   pairs = sorted(counts.items(), key=lambda kv: (kv[1], kv[0].encode()), reverse=True)
   return [k for k, _ in pairs]
+
+
+# The start of a script run in a subprocess where only TensorFlow is importable, as a serving
+# process would be: TF Transform, tfx-bsl and Beam imports fail.
+TENSORFLOW_ONLY = """
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow_transform', 'tfx_bsl', 'apache_beam'):
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""

@@ -83,15 +83,20 @@ def _read(path, fmt, fast, chunk, eval_fraction=0.0):
   return rows, errors
 
 
-@pytest.mark.parametrize('chunk', [40, 97, 256, 1 << 16])
-@pytest.mark.parametrize('eval_fraction', [0.0, 0.5])
-def test_fast_csv_path_equals_the_exact_reader(tmp_path, chunk, eval_fraction):
+def _messy_format(tmp_path):
+  """(CsvFormat of MODULE, path for the messy CSV) in tmp_path."""
   module = tmp_path / 'messy.py'
   module.write_text(MODULE)
   contract = contract_lib.load(str(module))
   fmt = csv_source.CsvFormat(columns=contract.columns, column_names=None,
                              na_values=contract.na_values)
-  path = tmp_path / 'messy.csv'
+  return fmt, tmp_path / 'messy.csv'
+
+
+@pytest.mark.parametrize('chunk', [40, 97, 256, 1 << 16])
+@pytest.mark.parametrize('eval_fraction', [0.0, 0.5])
+def test_fast_csv_path_equals_the_exact_reader(tmp_path, chunk, eval_fraction):
+  fmt, path = _messy_format(tmp_path)
   body = '\n'.join(MESSY_ROWS * 30).encode() + b'\n13,9.5,M\xfcnchen,1\n'  # and bad UTF-8
   path.write_bytes(body)
   fast = _read(str(path), fmt, True, chunk, eval_fraction)
@@ -251,12 +256,7 @@ def test_means_variances_and_quantile_boundaries_agree(both):
 def test_ranges_read_like_the_whole_file(tmp_path, range_bytes):
   """A file cut at record boundaries (quoted line breaks, CRLF, blank lines near the cuts) reads
   as the same rows and dead letters, with the same line numbers, as the whole file."""
-  module = tmp_path / 'messy.py'
-  module.write_text(MODULE)
-  contract = contract_lib.load(str(module))
-  fmt = csv_source.CsvFormat(columns=contract.columns, column_names=None,
-                             na_values=contract.na_values)
-  path = tmp_path / 'messy.csv'
+  fmt, path = _messy_format(tmp_path)
   path.write_bytes('\n'.join(MESSY_ROWS * 40).encode() + b'\n')
   layout = csv_source.inspect_file(str(path), fmt)
   ranges = csv_source.plan_ranges(str(path), path.stat().st_size, layout, range_bytes)

@@ -24,7 +24,7 @@ from PIL import Image
 from pipelines import images
 from pipelines.common import UserError
 from tests.conftest import REPO
-from tests.helpers import read_split, tft_vocabulary_order
+from tests.helpers import TENSORFLOW_ONLY, read_split, tft_vocabulary_order
 from trainer import input as input_lib
 from trainer import serving, train
 from transforms import images as image_transforms
@@ -743,13 +743,7 @@ def test_image_model_serves_with_tensorflow_alone(trained, tmp_path):
   shutil.copytree(trained['path'], tmp_path / 'fmnist' / '1')
   png = tmp_path / 'one.png'
   png.write_bytes(trained['pngs'][0])
-  script = f'''
-import sys
-class Block:
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('tensorflow_transform', 'tfx_bsl', 'apache_beam'):
-      raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+  script = TENSORFLOW_ONLY + f'''
 from trainer import serving
 m = serving.load_model({str(tmp_path / 'fmnist')!r})
 p = m.predict_images([open({str(png)!r}, 'rb').read()])['probabilities'][0]

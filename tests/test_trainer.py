@@ -12,7 +12,7 @@ import tensorflow as tf
 from pipelines import tabular
 from pipelines.common import UserError
 from tests.conftest import REPO
-from tests.helpers import read_split
+from tests.helpers import TENSORFLOW_ONLY, read_split
 from trainer import serving, task
 
 
@@ -59,13 +59,7 @@ def test_self_contained_and_tensorflow_only(trained, tmp_path):
   shutil.copytree(trained['transformed'], tmp_path / 'backup')
   shutil.rmtree(os.path.join(trained['transformed'], 'transform_fn'))
   try:
-    script = f'''
-import sys
-class Block:
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('tensorflow_transform', 'tfx_bsl', 'apache_beam'):
-      raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    script = TENSORFLOW_ONLY + f'''
 from trainer import serving
 m = serving.load_model({str(os.path.dirname(trained["path"]))!r})
 line = open({str(trained["test_csv"])!r}).read().splitlines()[1]
