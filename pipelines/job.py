@@ -12,7 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines import common, outputs
+from pipelines import common, outputs, vocabulary
 
 _LOG = logging.getLogger('pipelines')
 
@@ -105,6 +105,7 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
   done) is held in memory in full between them; reading the input twice keeps memory flat
   whatever the data size, and costs less time than holding it (benchmarks/tabular_pipeline.py).
   """
+  vocabulary.install()
   transform_fn = ((analyze, adapter_config)
                   | 'AnalyzeTrain' >> tft_beam.AnalyzeDataset(preprocessing_fn))
   transformed = {}
