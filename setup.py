@@ -27,5 +27,6 @@ setuptools.setup(
                                                'transforms.*', 'trainer', 'trainer.*']),
     python_requires='>=3.10,<3.13',
     install_requires=REQUIRED,
-    extras_require={'test': ['pytest>=8', 'pandas>=2', 'pillow']},  # PIL: independent decodes
+    extras_require={'test': ['pytest>=8', 'pandas>=2', 'pillow',  # PIL: independent decodes
+                             'hypothesis>=6.100']},  # tests/test_properties.py
 )

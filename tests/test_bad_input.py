@@ -5,12 +5,14 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipelines import tabular
+from pipelines import csv_source, tabular
 from pipelines.common import UserError
 from tests.conftest import ADULT_TRAIN, head_lines
 from tests.helpers import read_split
+from transforms import contract as contract_lib
 
 GOOD = [l for l in head_lines(ADULT_TRAIN, 60)]
 
@@ -198,3 +200,84 @@ def preprocessing_fn(inputs):  # a 2-D dense output of unknown width: TFT cannot
   assert '\n' not in message and 'nothing was published' in message
   assert os.path.isfile(message.split('full traceback in ')[1].split(';')[0])
   assert not os.path.exists(out / 'manifest.json')
+
+
+# ---- regressions found by tests/test_properties.py -------------------------------------------
+
+CONTRACT = '''
+import tensorflow as tf
+RAW_FEATURE_SPEC = {'n': tf.io.FixedLenFeature([], tf.int64), 'city': tf.io.VarLenFeature(tf.string)}
+LABEL_KEY = 'n'
+def preprocessing_fn(inputs):
+  return {'n_xf': inputs['n']}
+'''
+HEADER = b'n,city,note\n'
+
+
+def _read_csv(tmp_path, body, chunk, fast=True, max_chunk=None):
+  """(rows as (n, city), {line: kind} of dead letters) of ReadCsvFileFn over HEADER + body."""
+  module = tmp_path / 'contract.py'
+  module.write_text(CONTRACT)
+  contract = contract_lib.load(str(module))
+  fmt = csv_source.CsvFormat(columns=contract.columns, column_names=None)
+  path = tmp_path / 'data.csv'
+  path.write_bytes(HEADER + body)
+  saved = (csv_source._fast_block, csv_source._FIRST_CHUNK, csv_source._CHUNK,
+           csv_source._MAX_CHUNK)
+  try:
+    if not fast:
+      csv_source._fast_block = lambda *args: None
+    csv_source._FIRST_CHUNK = csv_source._CHUNK = chunk
+    csv_source._MAX_CHUNK = max_chunk or saved[3]
+    out = list(csv_source.ReadCsvFileFn(fmt, 'train').process(str(path)))
+  finally:
+    (csv_source._fast_block, csv_source._FIRST_CHUNK, csv_source._CHUNK,
+     csv_source._MAX_CHUNK) = saved
+  rows = [(r['n'][0], r['city'][0].decode() if r['city'] else None)
+          for o in out if isinstance(o, pa.RecordBatch) for r in o.to_pylist()]
+  return rows, {o.value['line']: o.value['kind'] for o in out if not isinstance(o, pa.RecordBatch)}
+
+
+FILLER = b''.join(b'%d,c%d,x\n' % (i, i) for i in range(10, 40))
+FILLED = [(i, f'c{i}') for i in range(10, 40)]
+
+
+@pytest.mark.parametrize('body, rows, errors', [
+    # A quote inside an unquoted field is text to the csv module; counting quotes to find where
+    # records end then cut the quoted line break of the next record in two.
+    (b'1,5\'10",x\n2,"two\nlines",y\n' + FILLER, [(1, '5\'10"'), (2, 'two\nlines')] + FILLED, {}),
+    # A quoted field still open at the end of the file swallowed the lines after it into one
+    # "valid" row.
+    (FILLER + b'3,"open\n4,d,x\n', FILLED, {32: 'malformed_csv'}),
+    # A field over FIELD_SIZE_LIMIT was taken by the fast path (only the exact one rejected it).
+    (FILLER + b'5,' + b'a' * (csv_source.FIELD_SIZE_LIMIT + 1) + b',x\n6,e,x\n',
+     FILLED + [(6, 'e')], {32: 'malformed_csv'}),
+    # Bytes that are not UTF-8 in a column outside the contract: the fast path let them through.
+    (FILLER + b'7,f,\xff\xfe\n', FILLED, {32: 'bad_encoding'}),
+    # A NUL byte (binary data, a damaged file) was read as part of a value.
+    (FILLER + b'8,g\0h,x\n', FILLED, {32: 'malformed_csv'}),
+])
+@pytest.mark.parametrize('chunk', [64, 1 << 16])
+@pytest.mark.parametrize('fast', [True, False], ids=['fast', 'exact'])
+def test_csv_reader_regressions(tmp_path, body, rows, errors, chunk, fast):
+  got_rows, got_errors = _read_csv(tmp_path, body, chunk, fast)
+  assert sorted(got_rows) == sorted(rows) and got_errors == errors
+
+
+def test_rows_before_a_giving_up_chunker_are_kept(tmp_path):
+  """Where no record boundary turns up in _MAX_CHUNK bytes the rest of the file is read record
+  by record; the bytes already buffered were lost (the rows in them silently dropped)."""
+  body = FILLER + b'9,"a long\n' + b'quoted field\n' * 40 + b'",x\n' + FILLER
+  rows, errors = _read_csv(tmp_path, body, 64, max_chunk=256)
+  assert sorted(rows) == sorted(FILLED * 2 + [(9, ('a long\n' + 'quoted field\n' * 40).strip())])
+  assert errors == {}
+
+
+def test_a_stray_quote_keeps_a_file_in_one_range(tmp_path):
+  """Byte ranges are cut by counting quotes too: a stray quote would cut a record in two."""
+  path = tmp_path / 'stray.csv'
+  path.write_bytes(HEADER + b'1,5\'10",x\n' + b'2,"two\nlines",y\n' * 200)
+  size = os.path.getsize(path)
+  assert len(csv_source.plan_ranges(str(path), size, None, range_bytes=256)) == 1
+  path.write_bytes(HEADER + b'1,5 ft,x\n' + b'2,"two\nlines",y\n' * 200)
+  assert len(csv_source.plan_ranges(str(path), size, None, range_bytes=256)) > 1
