@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images fashion-mnist test bench bench-input bench-images clean
+.PHONY: install demo demo-images fashion-mnist test bench bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-input: install
 # The image pipeline against a single-process tf.io decode-and-resize loop (issue: >= 0.5x).
 bench-images: install
 	$(PY) benchmarks/image_pipeline.py
+
+# HTTP serving (python -m trainer.serve) against the SavedModel in-process: p50/p99 latency and
+# throughput with 1 and 16 clients (trains a census model first; about 3 minutes in all).
+bench-serve: install
+	$(PY) benchmarks/serve_latency.py
 
 clean:
 	rm -rf out build *.egg-info

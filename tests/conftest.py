@@ -25,3 +25,20 @@ def adult_sample(tmp_path_factory):
   train.write_bytes(b''.join(head_lines(ADULT_TRAIN, 3000)))
   test.write_bytes(b''.join(head_lines(ADULT_TEST, 1500)))
   return train, test
+
+
+@pytest.fixture(scope='session')
+def trained(adult_sample, tmp_path_factory):
+  """The tabular pipeline on the Adult sample, 30 training steps, the export (census/1).
+  Tests may add versions beside it but must leave census/1 and the pipeline output as they are."""
+  from pipelines import tabular  # pylint: disable=import-outside-toplevel
+  from trainer import task  # pylint: disable=import-outside-toplevel
+  train_csv, test_csv = adult_sample
+  root = tmp_path_factory.mktemp('trained')
+  transformed = str(root / 'tft')
+  tabular.run(['--transforms', 'transforms.census', '--train', str(train_csv), '--eval',
+               str(test_csv), '--output', transformed])
+  path, metrics, model = task.run(['--transformed', transformed, '--model-dir',
+                                   str(root / 'models'), '--max-steps', '30', '--batch-size', '64'])
+  return {'root': root, 'transformed': transformed, 'path': path, 'metrics': metrics,
+          'model': model, 'test_csv': test_csv}

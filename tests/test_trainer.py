@@ -16,17 +16,7 @@ from tests.helpers import TENSORFLOW_ONLY, read_split
 from trainer import serving, task
 
 
-@pytest.fixture(scope='module')
-def trained(adult_sample, tmp_path_factory):
-  train_csv, test_csv = adult_sample
-  root = tmp_path_factory.mktemp('trained')
-  transformed = str(root / 'tft')
-  tabular.run(['--transforms', 'transforms.census', '--train', str(train_csv), '--eval',
-               str(test_csv), '--output', transformed])
-  path, metrics, model = task.run(['--transformed', transformed, '--model-dir',
-                                   str(root / 'models'), '--max-steps', '30', '--batch-size', '64'])
-  return {'root': root, 'transformed': transformed, 'path': path, 'metrics': metrics,
-          'model': model, 'test_csv': test_csv}
+# `trained` (the pipeline on the Adult sample, 30 training steps, the export) is in conftest.py.
 
 
 def test_export_layout_and_new_versions(trained):

@@ -42,6 +42,7 @@ def tf_error_detail(error):
   lines = [line.strip() for line in error.message.splitlines()
            if line.strip() and not line.strip().startswith(boilerplate)]
   text = lines[-1] if lines else error.message.strip()
+  text = re.sub(r'\s*\[Op:[^\]]*\]', '', text)  # eager calls name the op at the end
   return re.sub(r'\{\{function_node [^}]*\}\}\s*', '', text)
 
 
@@ -92,7 +93,10 @@ def to_examples(rows, raw_types, csv_columns=None, na_values=(), required=(), la
         value = None
       if value is None or (isinstance(value, str) and not value.strip()):
         continue  # missing: the model's parse spec applies the default or reports it
-      features[name] = _feature(value, dtype, name)
+      try:
+        features[name] = _feature(value, dtype, name)
+      except ServingError as e:
+        raise ServingError(f'row {i}: {e}') from None
     lacking = [name for name in required if name not in features]
     if lacking:
       raise ServingError(f'row {i}: missing required feature(s) {lacking}')
@@ -106,7 +110,8 @@ class Model:
   def __init__(self, path):
     self.path = newest_version(path)
     self._loaded = tf.saved_model.load(self.path)
-    self._serve = self._loaded.signatures['serving_default']
+    self.signatures = self._loaded.signatures  # by name, for callers of other signatures
+    self._serve = self.signatures['serving_default']
     self.raw_types = _raw_types(self._loaded.signatures['predict_raw'])
     meta = os.path.join(self.path, 'assets.extra', 'raw_format.json')
     fmt = json.load(tf.io.gfile.GFile(meta)) if tf.io.gfile.exists(meta) else {}
