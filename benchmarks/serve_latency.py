@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,7 @@ def main():
   finally:
     if proc.poll() is None:
       stop_server(proc)
+    shutil.rmtree(workdir, ignore_errors=True)  # the model made here, if any
 
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   print(f'\n{time.strftime("%Y-%m-%d")}, {platform.node()}: {os.cpu_count()} CPUs, '
