@@ -44,6 +44,7 @@ class CsvFormat:
   column_names: Optional[Tuple[str, ...]]  # every column in file order, for headerless files
   na_values: Tuple[str, ...] = ()
   delimiter: str = ','
+  label_key: Optional[str] = None  # named as the label in messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,9 @@ def detect_layout(path, fmt, first_record):
       fmt.column_names is None or 2 * named >= len(fields))
   if looks_like_header:
     lacking = [n for n in wanted if n not in fields]
-    raise UserError(f'{path}: the header row lacks column(s) {lacking} that the contract '
-                    f'declares; header is {fields}')
+    label = ' (the label column among them)' if fmt.label_key in lacking else ''
+    raise UserError(f'{path}: the header row lacks column(s) {lacking}{label} that the contract '
+                    f'declares; add them to the file or fix RAW_FEATURE_SPEC; header is {fields}')
   if fmt.column_names is None:
     raise UserError(f'{path} has no header row; name its columns with --column-names or '
                     'CSV_COLUMNS in the transforms module')
@@ -119,7 +121,9 @@ def _is_number(text):
 
 def inspect_file(path, fmt):
   """Checks at launch that a file can be read and fits the contract; returns its layout, or None
-  for a file with no records. Raises UserError with one line naming the file otherwise."""
+  for a file with no data rows (empty, or a header row alone). Raises UserError with one line
+  naming the file otherwise."""
+  complete = True  # every record up to the end (or to the sample's size) was readable
   try:
     with _open_text(path) as f:
       reader = _reader(f, fmt)
@@ -130,8 +134,11 @@ def inspect_file(path, fmt):
             records.append(row)
             if len(records) >= _SAMPLE_RECORDS:
               break
-      except csv.Error:
-        pass  # a malformed record is a bad row, found and reported by the job itself
+      except csv.Error as e:
+        if not records:  # nothing tells the file's layout
+          raise UserError(f'{path}: its first record is not readable CSV ({e}); fix the file '
+                          'or leave it out') from e
+        complete = False  # a malformed record is a bad row, found and reported by the job itself
   except UserError:
     raise
   except Exception as e:  # any filesystem's error: not found, permission, corrupt gzip...
@@ -140,6 +147,8 @@ def inspect_file(path, fmt):
     return None
   layout = detect_layout(path, fmt, records[0])
   data = records[1:] if layout.has_header else records
+  if not data and complete:
+    return None
   if data and not any(len(r) == len(layout.names) for r in data):
     counts = sorted({len(r) for r in data})
     raise UserError(

@@ -113,6 +113,9 @@ def match_image_inputs(patterns, flag):
     total += sum(size for _, size in found)
     for i in range(0, len(files), FILES_PER_ELEMENT):
       units.append(('files', files[i:i + FILES_PER_ELEMENT]))
+  if not total:
+    raise UserError(f'{flag} {" ".join(patterns)}: every matched file is empty (0 bytes); check '
+                    'the paths')
   return units, total
 
 

@@ -3,16 +3,18 @@ analyze the train split with TF Transform, transform every split, write the shar
 letters and the counts; then run the job, check what it did and publish (or publish nothing).
 """
 
+import json
 import logging
 import time
 
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines import common, outputs, vocabulary
+from pipelines import common, outputs, progress, vocabulary
 
 _LOG = logging.getLogger('pipelines')
 
@@ -75,7 +77,9 @@ def read_splits(pipeline, read, units, eval_fraction, name):
   # letters of the read above are counted.
   analyze, _, _ = pipeline | f'ReadTrain{name}ForAnalysis' >> read(
       units['train'], 'train', eval_fraction)
-  return raw, errors, analyze
+  raw = {split: progress.count_batches(batches, 'transform', split)
+         for split, batches in raw.items()}
+  return raw, errors, progress.count_batches(analyze, 'analyze', 'train')
 
 
 def input_bytes(files):
@@ -147,7 +151,8 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows'):
   Any failure is one UserError line and leaves DIR as it was (nothing published).
   """
   try:
-    state = pipeline.run().wait_until_finish()
+    with progress.Reporter(pipeline, what):
+      state = pipeline.run().wait_until_finish()
   except Exception as e:  # a worker's failure (often the user's preprocessing_fn)
     raise common.UserError(out.failure(e)) from e
   if common.is_dry_run(pipeline):
@@ -162,7 +167,15 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows'):
     if c['rows_read'] != c['rows_written'] + c['rows_rejected']:
       raise RuntimeError(f'{split}: {what} read {c["rows_read"]} != written {c["rows_written"]} '
                          f'+ rejected {c["rows_rejected"]}; nothing was published')
-    _check_bad_rows(split, c, max_bad_rows, out, what)
+  if not counts['train']['rows_read']:
+    raise common.UserError(f'--train: no {what} were read from its inputs (files without '
+                           f'{what} in them?); give inputs with data; nothing was published')
+  try:
+    for split, c in counts.items():
+      _check_bad_rows(split, c, max_bad_rows, out, what)
+  except common.UserError:  # what was rejected, before the one line that says the run failed
+    print('\n'.join(['dead letters:'] + dead_letter_lines(counts, out.errors_path, what)))
+    raise
   return counts
 
 
@@ -190,13 +203,92 @@ def publish(out, manifest, args, argv, beam_args, started, what='rows'):
   return manifest
 
 
+DEAD_LETTER_EXAMPLES = 3  # of each reason, in the summary
+_EXCERPT = 80  # characters of a rejected record or reason shown
+_SCAN_LINES = 100_000  # dead letters read at most to find the examples
+
+
+def _shorten(text, limit=_EXCERPT):
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def dead_letter_examples(path, kinds, limit=DEAD_LETTER_EXAMPLES):
+  """{kind: the first `limit` dead letters of that kind} from a dead-letter file, read only until
+  every kind in `kinds` has its examples (or _SCAN_LINES lines: a reason first seen after that
+  shows none)."""
+  examples = {kind: [] for kind in kinds}
+  try:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      for n, line in enumerate(f):
+        if n >= _SCAN_LINES or all(len(e) >= limit for e in examples.values()):
+          break
+        if line.strip():
+          letter = json.loads(line)
+          found = examples.setdefault(letter.get('kind'), [])
+          if len(found) < limit:
+            found.append(letter)
+  except Exception as e:  # the summary must not turn a finished run into a failed one
+    _LOG.warning('cannot read dead-letter examples from %s: %s', path, e)
+  return examples
+
+
+def _where(letter):
+  """file:line of a CSV row; the file, and the key inside it, of an image."""
+  if letter.get('line') is not None:
+    return f'{letter["file"]}:{letter["line"]}'
+  key = letter.get('key')
+  return letter['file'] if key in (None, letter['file']) else f'{letter["file"]} [{key}]'
+
+
+def _excerpt(letter):
+  if letter.get('raw') is not None:  # escapes show line breaks, tabs and NUL bytes
+    return '| ' + _shorten(repr(letter['raw'].rstrip('\r\n'))[1:-1])
+  if letter.get('bytes') is not None:
+    return f'({letter["bytes"]:,} bytes)'
+  return None
+
+
+def dead_letter_lines(counts, errors_path, what='rows'):
+  """The dead-letter summary: per split with rejects, their count by reason, the first few of
+  each reason (where, why, an excerpt) and the file holding them all."""
+  lines = []
+  for split, c in counts.items():
+    if not c['rows_rejected']:
+      continue
+    path = errors_path(split)
+    lines.append(f'  {split}: {c["rows_rejected"]:,} {what} rejected, all of them in {path}')
+    examples = dead_letter_examples(path, c['rejected_by_kind'])
+    for kind, n in sorted(c['rejected_by_kind'].items(), key=lambda kv: (-kv[1], kv[0])):
+      shown = len(examples.get(kind, []))
+      lines.append(f'    {kind}: {n:,}' + (f' (first {shown})' if n > shown else ''))
+      for letter in examples.get(kind, []):
+        lines.append(f'      {_where(letter)}: {_shorten(letter["reason"])}')
+        excerpt = _excerpt(letter)
+        if excerpt:
+          lines.append(f'        {excerpt}')
+  return lines
+
+
 def print_summary(manifest, directory, what='rows'):
-  lines = [f'published {directory} in {manifest["elapsed_seconds"]}s']
-  for split, c in manifest['splits'].items():
-    rejected = ''
-    if c['rows_rejected']:
-      rejected = ' (' + ', '.join(f'{k}: {v}' for k, v in c['rejected_by_kind'].items()) + \
-          f'; see {outputs.join(directory, "errors", split + ".jsonl")})'
-    lines.append(f'  {split:5s} {what} read {c["rows_read"]:>9,}  written {c["rows_written"]:>9,}'
-                 f'  rejected {c["rows_rejected"]:>7,}{rejected}')
+  """What every successful run ends with: rows per split, rejects by reason with examples,
+  elapsed time and throughput, and where the outputs are."""
+  splits = manifest['splits']
+  seconds = manifest['elapsed_seconds']
+  read = sum(c['rows_read'] for c in splits.values())
+  lines = [f'published {directory} in {seconds}s',
+           f'  {"split":8s} {"read":>12s} {"written":>12s} {"rejected":>10s}']
+  for split, c in splits.items():
+    lines.append(f'  {split:8s} {c["rows_read"]:>12,} {c["rows_written"]:>12,} '
+                 f'{c["rows_rejected"]:>10,}')
+  lines.append(f'  {read:,} {what} read in {seconds}s: {read / max(seconds, 0.1):,.0f} {what}/s')
+  letters = dead_letter_lines(splits, lambda split: outputs.join(directory, 'errors',
+                                                                 f'{split}.jsonl'), what)
+  if letters:
+    lines += ['dead letters:'] + letters
+  lines += [f'outputs in {directory}:',
+            '  shards        ' + ', '.join(outputs.join(directory, c['files'])
+                                          for c in splits.values()),
+            f'  transform_fn  {outputs.join(directory, "transform_fn")}',
+            '  errors        ' + ', '.join(outputs.join(directory, 'errors', f'{split}.jsonl')
+                                          for split in splits)]
   print('\n'.join(lines))

@@ -136,7 +136,8 @@ class OutputDir:
         _mkdirs(d)
       write_text(join(self.staging, 'RUNNING'), self.run_id)
     except Exception as e:
-      raise UserError(f'--output {self.directory} is not writable: {e}') from e
+      raise UserError(f'--output {self.directory} is not writable ({e}); choose a directory '
+                      'you can write to') from e
 
   def split_prefix(self, split):
     return join(self.out, split)

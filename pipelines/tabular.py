@@ -45,8 +45,9 @@ def _inspect(files, fmt, flag):
   the files' total bytes."""
   layouts = [csv_source.inspect_file(f, fmt) for f in files]
   if all(layout is None for layout in layouts):
-    raise common.UserError(f'{flag}: every matched file is empty ({", ".join(files[:3])}'
-                           f'{", ..." if len(files) > 3 else ""})')
+    raise common.UserError(f'{flag}: every matched file is empty or holds only a header row '
+                           f'({", ".join(files[:3])}{", ..." if len(files) > 3 else ""}); give '
+                           'files with data rows')
   units, total = [], 0
   for path, layout in zip(files, layouts):
     size = job.input_bytes([path])
@@ -63,7 +64,8 @@ def run(argv=None):
   fmt = csv_source.CsvFormat(
       columns=contract.columns,
       column_names=args.column_names or contract.csv_columns,
-      na_values=contract.na_values)
+      na_values=contract.na_values,
+      label_key=contract.label_key)
   inputs = {'train': csv_source.match_inputs(args.train, '--train')}
   if args.eval:
     inputs['eval'] = csv_source.match_inputs(args.eval, '--eval')

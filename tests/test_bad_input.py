@@ -3,15 +3,18 @@
 import gzip
 import json
 import os
+import re
+import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines import csv_source, tabular
+from pipelines import csv_source, images, tabular
 from pipelines.common import UserError
-from tests.conftest import ADULT_TRAIN, head_lines
+from tests.conftest import ADULT_TRAIN, REPO, head_lines
 from tests.helpers import read_split
+from transforms import census
 from transforms import contract as contract_lib
 
 GOOD = [l for l in head_lines(ADULT_TRAIN, 60)]
@@ -38,12 +41,13 @@ def _bad_adult_csv(path):
   return bad
 
 
-def test_malformed_rows_are_dead_lettered(tmp_path):
+def test_malformed_rows_are_dead_lettered(tmp_path, capsys):
   csv_path = tmp_path / 'dirty.csv'
   bad = _bad_adult_csv(csv_path)
   out = tmp_path / 'out'
   manifest = tabular.run(['--transforms', 'transforms.census', '--train', str(csv_path),
                           '--output', str(out), '--max-bad-rows', '10'])
+  summary = capsys.readouterr().out
   counts = manifest['splits']['train']
   assert counts['rows_read'] == 60
   assert counts['rows_rejected'] == len(bad) == 6
@@ -58,8 +62,20 @@ def test_malformed_rows_are_dead_lettered(tmp_path):
   assert '\ufffd' in by_line[15]['raw']  # undecodable bytes shown, not lost
   assert len(read_split(str(out), 'train')['age_xf']) == 54
 
+  # The summary: the counts, each reason with its first rows (file:line, reason, the record),
+  # where the dead letters and the outputs are.
+  assert re.search(r'train +60 +54 +6\n', summary)
+  assert f'train: 6 rows rejected, all of them in {out}/errors/train.jsonl' in summary
+  assert '    bad_number: 3\n' in summary and '    field_count: 1\n' in summary
+  assert f"{csv_path}:10: column 'age': 'thirty' is not a valid int64\n        | thirty," in summary
+  assert f'{csv_path}:5: 5 fields, expected 15\n        | 39, State-gov, 77516' in summary
+  assert re.search(r'60 rows read in [\d.]+s: [\d,]+ rows/s', summary)
+  for line in (f'outputs in {out}:', f'shards        {out}/train-*-of-00001.tfrecord.gz',
+               f'transform_fn  {out}/transform_fn', f'errors        {out}/errors/train.jsonl'):
+    assert line in summary
 
-def test_too_many_bad_rows_fail_and_publish_nothing(tmp_path):
+
+def test_too_many_bad_rows_fail_and_publish_nothing(tmp_path, capsys):
   csv_path = tmp_path / 'dirty.csv'
   _bad_adult_csv(csv_path)
   out = tmp_path / 'out'
@@ -68,8 +84,13 @@ def test_too_many_bad_rows_fail_and_publish_nothing(tmp_path):
                  '--output', str(out), '--max-bad-rows', '2'])
   message = str(e.value)
   assert '6 of 60 rows rejected' in message and 'nothing was published' in message
+  assert '\n' not in message
   errors_file = message.split('see ')[1].split(';')[0]
   assert len(open(errors_file).readlines()) == 6
+  # What was rejected is shown before the failure (a user need not open the file to see why).
+  summary = capsys.readouterr().out
+  assert f'train: 6 rows rejected, all of them in {errors_file}' in summary
+  assert f'{csv_path}:15: bytes that are not valid UTF-8\n        | 40, Priv\ufffd\ufffdate' in summary
   assert not os.path.exists(out / 'manifest.json')
   assert not [f for f in os.listdir(out) if f.startswith('train-')]
 
@@ -143,6 +164,10 @@ def _run(tmp_path, *extra, train=None):
      'rows have 3 fields but 15 columns are expected'),
     (lambda p: (p / 'bad.csv.gz').write_bytes(b'not gzip at all') and None or str(p / 'bad.csv.gz'),
      'cannot read'),
+    (lambda p: (p / 'header.csv').write_text(','.join(census.CSV_COLUMNS) + '\n\n') and None or
+     str(p / 'header.csv'), r'every matched file is empty or holds only a header row \(.*\); give'),
+    (lambda p: (p / 'huge.csv').write_text('a' * (csv_source.FIELD_SIZE_LIMIT + 1)) and None or
+     str(p / 'huge.csv'), r'huge.csv: its first record is not readable CSV \(field larger'),
 ])
 def test_input_errors(tmp_path, make_input, expected):
   with pytest.raises(UserError, match=expected):
@@ -155,6 +180,47 @@ def test_header_lacking_a_column(tmp_path):
   path.write_text('age,workclass\n39,Private\n')
   with pytest.raises(UserError, match=r"header row lacks column\(s\)"):
     _run(tmp_path, train=str(path))
+
+
+def test_header_lacking_the_label(tmp_path):
+  columns = [c for c in census.CSV_COLUMNS if c != census.LABEL_KEY]
+  path = tmp_path / 'h.csv'
+  path.write_text(','.join(columns) + '\n' + ','.join(['1'] * len(columns)) + '\n')
+  with pytest.raises(UserError) as e:
+    _run(tmp_path, train=str(path))
+  assert str(e.value).startswith(f"{path}: the header row lacks column(s) ['income_bracket'] "
+                                 '(the label column among them)')
+  assert 'add them to the file or fix RAW_FEATURE_SPEC' in str(e.value)
+
+
+def _under_a_file(tmp_path):
+  (tmp_path / 'a_file').write_text('not a directory')
+  return str(tmp_path / 'a_file' / 'out')
+
+
+def _read_only_dir(tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip('running as root, whom a directory without write permission does not stop')
+  (tmp_path / 'ro').mkdir()
+  os.chmod(tmp_path / 'ro', 0o555)
+  return str(tmp_path / 'ro' / 'out')
+
+
+@pytest.mark.parametrize('make_output', [_under_a_file, _read_only_dir],
+                         ids=['under_a_regular_file', 'read_only_directory'])
+@pytest.mark.parametrize('pipeline', ['tabular', 'images'])
+def test_output_that_is_not_writable(tmp_path, make_output, pipeline):
+  """Found before any work: one line naming --output and what to do."""
+  output = make_output(tmp_path)
+  if pipeline == 'tabular':
+    run = lambda: _run(tmp_path, '--output', output)  # the last --output wins
+  else:
+    run = lambda: images.run(['--train', str(REPO / 'data' / 'fashion_mnist' / 'sample' / 'test'),
+                              '--output', output])
+  with pytest.raises(UserError) as e:
+    run()
+  assert str(e.value).startswith(f'--output {output} is not writable (')
+  assert str(e.value).endswith('choose a directory you can write to') and '\n' not in str(e.value)
 
 
 @pytest.mark.parametrize('flags, expected', [
@@ -281,3 +347,26 @@ def test_a_stray_quote_keeps_a_file_in_one_range(tmp_path):
   assert len(csv_source.plan_ranges(str(path), size, None, range_bytes=256)) == 1
   path.write_bytes(HEADER + b'1,5 ft,x\n' + b'2,"two\nlines",y\n' * 200)
   assert len(csv_source.plan_ranges(str(path), size, None, range_bytes=256)) > 1
+
+
+def test_image_inputs_without_images(tmp_path):
+  """Empty shards are refused at launch; a tar with no members (only its end blocks) is found
+  when no image was read, before anything is published."""
+  (tmp_path / 'empty.tfrecord').write_bytes(b'')
+  with pytest.raises(UserError, match=r'--train .*empty.tfrecord: every matched file is empty '
+                                      r'\(0 bytes\); check the paths'):
+    images.run(['--train', str(tmp_path / 'empty.tfrecord'), '--output', str(tmp_path / 'o1')])
+  assert not os.path.exists(tmp_path / 'o1')
+  tarfile.open(tmp_path / 'none.tar', 'w').close()
+  out = tmp_path / 'o2'
+  with pytest.raises(UserError, match='--train: no images were read from its inputs .*; nothing '
+                                      'was published'):
+    images.run(['--train', str(tmp_path / 'none.tar'), '--output', str(out)])
+  assert not os.path.exists(out / 'manifest.json')
+
+
+def test_image_num_shards_zero(tmp_path):
+  with pytest.raises(UserError, match='--num-shards 0: must be at least 1'):
+    images.run(['--train', str(REPO / 'data' / 'fashion_mnist' / 'sample' / 'test'),
+                '--num-shards', '0', '--output', str(tmp_path / 'out')])
+  assert not os.path.exists(tmp_path / 'out')

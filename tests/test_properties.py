@@ -15,11 +15,18 @@ import collections
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import pickle
+import pty
+import re
+import select
+import subprocess
+import sys
 import struct
 import tarfile
 import tempfile
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -30,6 +37,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipelines import csv_source, image_source
+from tests.conftest import REPO
+from tests.helpers import read_split
 from tests.test_images import encode, png_chunk
 from transforms import contract as contract_lib
 
@@ -460,3 +469,138 @@ def test_bytes_posing_as_images(samples_, layout, per_batch, seed):
   assert {(e['file'], e['key']): e['kind'] for e in errors} == expected
   for e in errors:
     assert e['split'] == 'train' and e['reason']
+
+
+# ---- the whole command line on generated messy inputs ----------------------------------------
+
+
+def _env():
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=str(REPO))
+
+
+def messy_csv_for_the_cli():
+  """A messy CSV with every kind of record the generators make, built from the same builders
+  with chosen values: (Messy, the file's column order)."""
+  order = ('label', 'city', 'n', 'note', 'x')
+  cities = ['Oslo', ' New York, NY ', 'He said "hi"', 'two\nlines', '?', '', 'Zürich 中', '\t']
+  records = [valid_record(order, i * 7919 - 10**12, [0.5, None, 'na', 'nan', -3.25][i % 5],
+                          cities[i % len(cities)], 'n, "q"', ['yes', 'no'][i % 2],
+                          ['', ' '][i % 2]) for i in range(60)]
+  bad = [bad_record(order, kind, variant, 'free text')
+         for kind in BAD_KINDS for variant in range(4)]
+  bad.append(bad_record(order, 'long_field', 0))
+  odd = [odd_record(order, kind, 5 + i, 'a b') for i, kind in enumerate(
+      ['stray_quote', 'text_after_quotes', 'long_valid'])]
+  mixed = []
+  for i, record in enumerate(records):  # bad and odd records spread among the valid ones
+    mixed.append(record)
+    if i < len(bad):
+      mixed.append(bad[i])
+    if i % 20 == 3:
+      mixed.append(odd[i // 20])
+  mixed += bad[len(records):] + [unterminated_record(order, 'never closed')]
+  blanks = [1 if i % 17 == 5 else 0 for i in range(len(mixed))]
+  data, lines = assemble(True, order, mixed, blanks, b'\r\n', True)
+  return Messy(data, mixed, lines)
+
+
+def test_the_tabular_command_on_a_messy_csv(csv_format, tmp_path):
+  """The command as a user runs it, output to a pipe: every row accounted for in the manifest,
+  the dead letters and the written examples (read back with TensorFlow); the summary names the
+  counts, the reasons with examples and the outputs; progress is plain lines, no terminal
+  control characters."""
+  _, module = csv_format
+  messy = messy_csv_for_the_cli()
+  path = tmp_path / 'messy.csv'
+  path.write_bytes(messy.data)
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'pipelines.tabular', '--transforms', module, '--train', str(path),
+       '--output', str(out), '--max-bad-rows', '100%'],
+      cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  expected_rows, expected_errors = expected_of(messy.records, messy.lines)
+  counts = json.loads((out / 'manifest.json').read_text())['splits']['train']
+  assert (counts['rows_read'], counts['rows_written'], counts['rows_rejected']) == (
+      len(messy.records), len(expected_rows), len(expected_errors))
+  assert counts['rejected_by_kind'] == dict(collections.Counter(expected_errors.values()))
+  errors = [json.loads(l) for l in open(out / 'errors' / 'train.jsonl', encoding='utf-8')]
+  assert {e['line']: e['kind'] for e in errors} == expected_errors
+  got = read_split(str(out), 'train')
+  assert sorted(zip(got['n_xf'].tolist(), got['x_xf'].tolist(), got['label_xf'].tolist())) == (
+      sorted((n, x, int(label == 'yes')) for n, x, _, label in expected_rows))
+
+  summary = proc.stdout
+  assert f'published {out} in ' in summary
+  assert re.search(rf'train +{len(messy.records)} +{len(expected_rows)} +'
+                   rf'{len(expected_errors)}\n', summary)
+  for kind, n in collections.Counter(expected_errors.values()).items():
+    assert f'    {kind}: {n}' in summary
+  first_bad = min(expected_errors)
+  assert f'{path}:{first_bad}: ' in summary  # an example: file:line, reason, then the record
+  assert f'outputs in {out}:' in summary and f'{out}/train-*-of-00001.tfrecord.gz' in summary
+  assert f'{out}/errors/train.jsonl' in summary and f'{out}/transform_fn' in summary
+  assert '\r' not in proc.stderr and '\x1b' not in proc.stderr
+  progress = [l for l in proc.stderr.splitlines() if l.startswith('progress: ')]
+  assert 1 <= len(progress) <= 4, progress
+  assert any(f'train {len(expected_rows)} rows' in l for l in progress), progress
+
+
+def _run_in_terminal(command, timeout=300):
+  """Runs `command` with stdout and stderr on a pseudo-terminal: (exit status, all it wrote)."""
+  controller, terminal = pty.openpty()
+  proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+                          stdout=terminal, stderr=terminal)
+  os.close(terminal)
+  output = b''
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    ready, _, _ = select.select([controller], [], [], 1)
+    if ready:
+      try:
+        data = os.read(controller, 1 << 16)
+      except OSError:  # EIO: the process closed the terminal
+        break
+      if not data:
+        break
+      output += data
+    elif proc.poll() is not None:
+      break
+  os.close(controller)
+  return proc.wait(timeout=60), output.decode('utf-8', 'replace')
+
+
+def test_the_image_command_on_a_terminal(tmp_path):
+  """The image command on a class-folder tree of generated good and bad images, on a terminal:
+  progress is one line redrawn in place (carriage returns), then the summary; every image is
+  written or dead-lettered as expected."""
+  rng = np.random.default_rng(11)
+  made = [Sample(encode(rng.integers(0, 256, (6 + i % 3, 5, 3), np.uint8), 'PNG'))
+          for i in range(12)]
+  made += [Sample(b'', 'empty_file'), Sample(b'GIF89a' + bytes(20), 'not_an_image'),
+           Sample(png_header(5000, 5000) + bytes(30), 'too_many_pixels'),
+           Sample(made[0].data[:40], 'corrupt_image'),
+           Sample(jpeg_header(8, 8) + rng.bytes(200), 'corrupt_image')]
+  labels = [f'class{i % 2}' for i in range(len(made))]
+  units, names = write_layout('files', str(tmp_path), made, labels)
+  out = tmp_path / 'out'
+  status, text = _run_in_terminal(
+      [sys.executable, '-m', 'pipelines.images', '--train', str(tmp_path / 'root'), '--output',
+       str(out), '--image-size', '6', '5', '--max-pixels', str(MAX_PIXELS), '--max-bad-rows',
+       '50%'])
+  assert status == 0, text[-3000:]
+  assert re.search(r'\r(analyzing the train split|transforming and writing): train \d+ images',
+                   text), text[-3000:]
+  counts = json.loads((out / 'manifest.json').read_text())['splits']['train']
+  expected = collections.Counter(s.kind for s in made if s.kind)
+  assert (counts['rows_read'], counts['rows_written']) == (len(made), 12)
+  assert counts['rejected_by_kind'] == dict(expected)
+  errors = [json.loads(l) for l in open(out / 'errors' / 'train.jsonl')]
+  assert {(e['file'], e['key']): e['kind'] for e in errors} == {
+      name: s.kind for name, s in zip(names, made) if s.kind}
+  summary = text[text.index('published '):]
+  assert '\r' not in summary.replace('\r\n', '\n')  # the progress line was cleared before it
+  for kind, n in expected.items():
+    assert f'    {kind}: {n}' in summary
+  assert '(0 bytes)' in summary and f'{out}/errors/train.jsonl' in summary
