@@ -14,7 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines import common, outputs, progress, vocabulary
+from pipelines import common, outputs, progress, report, stats, vocabulary
 
 _LOG = logging.getLogger('pipelines')
 
@@ -37,6 +37,7 @@ def add_split_flags(parser, what, inputs_help):
   parser.add_argument('--max-bad-rows', default='1%',
                       help=f'rejected {what} a split may have before the run fails: a count or a '
                            f'percentage of {what} read (default 1%%)')
+  report.add_flags(parser)
 
 
 def check_split_flags(parser, args):
@@ -119,6 +120,7 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
         | f'Transform{split.capitalize()}' >> tft_beam.TransformDataset(
             output_record_batches=True))
   _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out.out)
+  stats.add_statistics(raw, transformed, out)
 
   for split in raw:
     label = split.capitalize()
@@ -198,7 +200,7 @@ def publish(out, manifest, args, argv, beam_args, started, what='rows'):
       versions=outputs.package_versions(),
       run_id=out.run_id,
       elapsed_seconds=round(time.time() - started, 1))
-  manifest = out.publish(manifest)
+  manifest = out.publish(report.write_report(out, manifest, args))
   print_summary(manifest, args.output, what)
   return manifest
 

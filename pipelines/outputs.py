@@ -37,7 +37,8 @@ from pipelines.common import UserError
 MANIFEST = 'manifest.json'
 STAGING = '.staging'
 # Entries of DIR that a run owns and --overwrite replaces; anything else in DIR is left alone.
-OWNED = ('train-*', 'eval-*', 'transform_fn', 'transformed_metadata', 'errors', MANIFEST)
+OWNED = ('train-*', 'eval-*', 'transform_fn', 'transformed_metadata', 'errors', 'statistics',
+         'report.html', MANIFEST)
 _LOG = logging.getLogger('pipelines')
 _VERSIONED = ('tensorflow', 'tensorflow-transform', 'tfx-bsl', 'apache-beam', 'pyarrow',
               'tensorflow-metadata')

@@ -1,0 +1,693 @@
+"""Dataset statistics computed inside the Beam pipeline, per split, of the raw and the transformed
+RecordBatches; stored as tensorflow_metadata's DatasetFeatureStatisticsList (what TFDV and Facets
+read) in DIR/statistics/<split>_raw.pb and <split>_transformed.pb.
+
+TensorFlow Data Validation would be the natural library, but no release of it installs beside
+TF 2.21 / TFT 1.21, so this module computes the same kind of statistics with one CombineFn over
+RecordBatches. Every statistic is updated once per batch with vectorized numpy / Arrow / tfx_bsl
+calls over whole columns (never per row), and every accumulator has a bounded size:
+
+  numeric features  count, missing, values per row, min, max, zeros, NaN, mean and standard
+                    deviation (population, merged with Chan's formula: exact up to float64
+                    rounding), and an equal-width histogram (AlignedHistogram, below);
+  string features   count, missing, distinct values (tfx_bsl's KmvSketch), top values and their
+                    counts (tfx_bsl's MisraGriesSketch), average length, invalid UTF-8 count;
+                    features whose values are mostly not UTF-8 (encoded images) become BYTES
+                    statistics (distinct values, min/avg/max bytes).
+
+The histogram: equal-width bins need the value range, which one pass only knows at its end.
+tfx_bsl's QuantilesSketch would give quantiles to interpolate bins from, but costs 0.6 ms per 8,192
+values (measured: 15 times the rest of a numeric feature's statistics, 10% of a 1M-row run), and
+its interpolated counts are approximate. AlignedHistogram instead keeps exact counts in at most
+MAX_BINS bins whose width is a power of two and whose edges are multiples of the width: when values
+fall outside the range the bins cover, the width doubles and each pair of neighbouring bins merges
+into one, exactly. Two such histograms (two batches, two workers, train and eval) are brought to
+the larger width the same way, so every merge is exact and train and eval always have common bins
+for the drift measure. The median is interpolated within its bin (off by at most one bin width).
+
+Each CombineFn also keeps a uniform random sample of SAMPLE_ROWS rows (at most SAMPLE_BYTES), for
+the report's sample images; it is staged beside the run, not published.
+"""
+
+import math
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from tensorflow_metadata.proto.v0 import statistics_pb2
+from tfx_bsl import sketches
+
+MAX_BINS = 64
+TOP_VALUES = 20  # StringStatistics.top_values; the rank histogram holds all that the sketch keeps
+# Misra-Gries counts are exact for a feature with at most this many distinct values, and lower
+# bounds (off by at most values / (MG_BUCKETS + 1)) beyond.
+MG_BUCKETS = 1000
+KMV_BUCKETS = 1024  # KMV's distinct count is exact below this many distinct values
+SAMPLE_ROWS = 16
+SAMPLE_BYTES = 4 << 20
+STAGES = ('raw', 'transformed')
+_FLOAT_MIN_EXPONENT = -1000  # far above float64's subnormals, where ldexp stops being exact
+_BYTES_PLACEHOLDER = '__BYTES_VALUE__'
+_LARGE_PLACEHOLDER = '__LARGE_BYTES__'
+_LARGE_STRING = 1024  # longer values are counted under one placeholder by the top-values sketch
+_RNG = np.random.default_rng()  # the sample's priorities (thread-safe: the generator locks)
+
+Stats = statistics_pb2.FeatureNameStatistics
+
+
+def statistics_path(directory, split, stage):
+  return FileSystems.join(directory, 'statistics', f'{split}_{stage}.pb')
+
+
+def sample_path(staging, split, stage):
+  return FileSystems.join(staging, 'samples', f'{split}_{stage}.arrow')
+
+
+# ---- the histogram ---------------------------------------------------------------------------
+
+
+class AlignedHistogram:
+  """Exact counts in equal-width bins [k * 2**exponent, (k + 1) * 2**exponent) for k in
+  start .. start + len(counts) - 1; see the module docstring."""
+
+  __slots__ = ('exponent', 'start', 'counts')
+
+  def __init__(self, exponent, start, counts):
+    self.exponent = int(exponent)
+    self.start = int(start)
+    self.counts = np.asarray(counts, np.int64)
+
+  @staticmethod
+  def exponent_for(lo, hi, min_exponent, max_bins=MAX_BINS):
+    """The smallest exponent (at least min_exponent: 0 for integers, one integer per bin at
+    most) whose aligned bins cover [lo, hi] in at most max_bins bins."""
+    if hi > lo:
+      exponent = math.ceil(math.log2(hi / 2 - lo / 2)) + 1 - int(math.log2(max_bins))
+    else:  # one value: any width holds it; a narrow one leaves room for what merges bring
+      exponent = math.frexp(abs(lo))[1] - 10 if lo else -20
+    exponent = max(exponent, min_exponent)
+    while math.floor(math.ldexp(hi, -exponent)) - math.floor(math.ldexp(lo, -exponent)) >= max_bins:
+      exponent += 1
+    return exponent
+
+  def counts_at(self, exponent, start, length):
+    """This histogram's counts in the `length` bins of 2**exponent from bin `start` (a range
+    that holds all of them, at an exponent no smaller than this one's)."""
+    coarse = self.coarsen(exponent)
+    counts = np.zeros(length, np.int64)
+    counts[coarse.start - start:coarse.start - start + len(coarse.counts)] = coarse.counts
+    return counts
+
+  @property
+  def width(self):
+    return math.ldexp(1.0, self.exponent)
+
+  def edges(self):
+    """The len(counts) + 1 bin edges (exact: multiples of a power of two)."""
+    return [math.ldexp(k, self.exponent)
+            for k in range(self.start, self.start + len(self.counts) + 1)]
+
+  def coarsen(self, exponent):
+    """The same counts in bins 2**(exponent - self.exponent) times wider (floor division of the
+    bin index: neighbouring bins merge, nothing is split)."""
+    shift = exponent - self.exponent
+    if shift <= 0:
+      return self
+    index = (self.start + np.arange(len(self.counts), dtype=np.int64)) >> shift
+    start = self.start >> shift
+    counts = np.bincount(index - start, weights=self.counts).astype(np.int64)
+    return AlignedHistogram(exponent, start, counts)
+
+  @staticmethod
+  def common(histograms, max_bins=MAX_BINS):
+    """The histograms brought onto one set of bins: the widest width of them, doubled further
+    while the union of their ranges takes more than max_bins bins."""
+    exponent = max(h.exponent for h in histograms)
+    while True:
+      aligned = [h.coarsen(exponent) for h in histograms]
+      start = min(h.start for h in aligned)
+      stop = max(h.start + len(h.counts) for h in aligned)
+      if stop - start <= max_bins:
+        break
+      exponent += 1
+    padded = []
+    for h in aligned:
+      counts = np.zeros(stop - start, np.int64)
+      counts[h.start - start:h.start - start + len(h.counts)] = h.counts
+      padded.append(AlignedHistogram(exponent, start, counts))
+    return padded
+
+  def merge(self, other, max_bins=MAX_BINS):
+    a, b = AlignedHistogram.common([self, other], max_bins)
+    return AlignedHistogram(a.exponent, a.start, a.counts + b.counts)
+
+  @classmethod
+  def from_buckets(cls, buckets):
+    """Back from the (low, high, count) buckets of a histogram this class wrote (its edges are
+    multiples of a power of two)."""
+    low, high, _ = buckets[0]
+    _, exponent = math.frexp(high - low)
+    exponent -= 1  # frexp's mantissa is in [0.5, 1)
+    return cls(exponent, round(math.ldexp(low, -exponent)), [int(c) for _, _, c in buckets])
+
+  def to_proto(self, histogram):
+    edges = self.edges()
+    histogram.type = statistics_pb2.Histogram.STANDARD
+    for i, count in enumerate(self.counts):
+      histogram.buckets.add(low_value=edges[i], high_value=edges[i + 1], sample_count=int(count))
+
+  def median(self, integer):
+    """The median, interpolated linearly within its bin (exact for one-integer-wide bins, the
+    nearest integer for wider bins of integers)."""
+    total = int(self.counts.sum())
+    cumulative = np.cumsum(self.counts)
+    k = int(np.searchsorted(cumulative, total / 2))
+    before = int(cumulative[k - 1]) if k else 0
+    low = math.ldexp(self.start + k, self.exponent)
+    if integer and self.exponent == 0:
+      return low
+    median = low + self.width * (total / 2 - before) / int(self.counts[k])
+    return float(round(median)) if integer else median
+
+
+# ---- drift measures --------------------------------------------------------------------------
+
+
+def jensen_shannon(p_counts, q_counts):
+  """Jensen-Shannon divergence (base 2: 0 for equal distributions, 1 for disjoint ones) of two
+  count vectors over the same bins."""
+  p = np.asarray(p_counts, np.float64)
+  q = np.asarray(q_counts, np.float64)
+  if not p.sum() or not q.sum():
+    return None
+  p, q = p / p.sum(), q / q.sum()
+  m = (p + q) / 2
+
+  def kl(a):
+    nonzero = a > 0
+    return float(np.sum(a[nonzero] * np.log2(a[nonzero] / m[nonzero])))
+
+  return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
+
+
+def l_infinity(p_counts, p_total, q_counts, q_total):
+  """L-infinity distance of two categorical distributions: the largest difference, over every
+  value either side counted, between the value's shares of all values of each side."""
+  if not p_total or not q_total:
+    return None
+  values = set(p_counts) | set(q_counts)
+  return max((abs(p_counts.get(v, 0) / p_total - q_counts.get(v, 0) / q_total) for v in values),
+             default=0.0)
+
+
+# ---- the accumulators ------------------------------------------------------------------------
+
+
+def _is_list(arrow_type):
+  return (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or
+          pa.types.is_fixed_size_list(arrow_type))
+
+
+def _flatten(column):
+  """An Arrow column -> (its values as one flat array without nulls, values per row)."""
+  if not _is_list(column.type):
+    return (pc.drop_null(column) if column.null_count else column,
+            pc.is_valid(column).to_numpy(zero_copy_only=False).astype(np.int64))
+  values = pc.list_flatten(column)
+  if not _is_list(values.type):  # one value list per row, TFXIO's usual layout
+    if pa.types.is_fixed_size_list(column.type):
+      lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+    else:  # a null list spans no values
+      lengths = np.diff(column.offsets.to_numpy(zero_copy_only=False))
+  else:  # nested lists ([batch, a, b] tensors): follow each leaf value up to its row
+    rows = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+    while _is_list(values.type):
+      rows = rows[pc.list_parent_indices(values).to_numpy(zero_copy_only=False)]
+      values = pc.list_flatten(values)
+    lengths = np.bincount(rows, minlength=len(column))
+  if values.null_count:
+    values = pc.drop_null(values)
+  return values, np.asarray(lengths, np.int64)
+
+
+def _dense_values(column):
+  """The values of a column with exactly one value in every row, as numpy; None otherwise."""
+  if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+    if column.null_count:
+      return None
+    offsets = column.offsets.to_numpy(zero_copy_only=False)
+    if not (np.diff(offsets) == 1).all():
+      return None
+    values = pc.list_flatten(column)
+  elif pa.types.is_fixed_size_list(column.type):
+    if column.null_count or column.type.list_size != 1:
+      return None
+    values = pc.list_flatten(column)
+  else:
+    values = column
+  if _is_list(values.type) or values.null_count:
+    return None
+  return values.to_numpy(zero_copy_only=False)
+
+
+def _kind(arrow_type):
+  while hasattr(arrow_type, 'value_type'):
+    arrow_type = arrow_type.value_type
+  if pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type):
+    return 'int'
+  if pa.types.is_floating(arrow_type):
+    return 'float'
+  if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type) or \
+      pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+    return 'string'
+  return None  # e.g. a column of nulls only: its rows count as missing
+
+
+class _Feature:
+  """What every feature keeps: presence and values per row."""
+
+  def __init__(self, kind):
+    self.kind = kind
+    self.present = 0
+    self.missing = 0
+    self.values = 0
+    self.min_values = None
+    self.max_values = None
+
+  def add_rows(self, lengths):
+    present = lengths > 0
+    n_present = int(np.count_nonzero(present))
+    self.present += n_present
+    self.missing += len(lengths) - n_present
+    self.values += int(lengths.sum())
+    if n_present:
+      counts = lengths[present]
+      self.min_values = _combine(min, self.min_values, int(counts.min()))
+      self.max_values = _combine(max, self.max_values, int(counts.max()))
+
+  def merge_rows(self, other):
+    self.present += other.present
+    self.missing += other.missing
+    self.values += other.values
+    self.min_values = _combine(min, self.min_values, other.min_values)
+    self.max_values = _combine(max, self.max_values, other.max_values)
+
+  def common_proto(self, common):
+    common.num_non_missing = self.present
+    common.num_missing = self.missing
+    common.tot_num_values = self.values
+    if self.present:
+      common.min_num_values = self.min_values
+      common.max_num_values = self.max_values
+      common.avg_num_values = self.values / self.present
+
+
+def _combine(fn, a, b):
+  return b if a is None else a if b is None else fn(a, b)
+
+
+class _Numeric(_Feature):
+
+  def __init__(self, kind):
+    super().__init__(kind)
+    self.n = 0  # finite values
+    self.mean = 0.0
+    self.m2 = 0.0  # sum of squared deviations from the mean
+    self.min = None
+    self.max = None
+    self.zeros = 0
+    self.nan = 0
+    self.infinite = 0
+    self.histogram = None
+
+  def add(self, values, lengths):
+    self.add_rows(lengths)
+    if len(values):
+      self.add_array(values.to_numpy(zero_copy_only=False))
+
+  def add_array(self, array):
+    """Values (NaN and infinities are counted, not added)."""
+    if self.kind == 'float':
+      finite = np.isfinite(array)
+      if not finite.all():
+        nan = int(np.count_nonzero(np.isnan(array)))
+        self.nan += nan
+        self.infinite += len(array) - int(np.count_nonzero(finite)) - nan
+        array = array[finite]
+        if not len(array):
+          return
+    _add_values([self], array[None, :])
+
+  def add_dense(self, rows):
+    """One value in each of `rows` rows (the values themselves go through _add_values)."""
+    self.present += rows
+    self.values += rows
+    self.min_values = _combine(min, self.min_values, 1)
+    self.max_values = _combine(max, self.max_values, 1)
+
+  def merge_moments(self, n, mean, m2):
+    total = self.n + n
+    delta = mean - self.mean
+    self.mean += delta * n / total
+    self.m2 += m2 + delta * delta * self.n * n / total
+    self.n = total
+
+  def merge(self, other):
+    self.merge_rows(other)
+    if other.n:
+      self.merge_moments(other.n, other.mean, other.m2)
+    self.min = _combine(min, self.min, other.min)
+    self.max = _combine(max, self.max, other.max)
+    self.zeros += other.zeros
+    self.nan += other.nan
+    self.infinite += other.infinite
+    if other.histogram is not None:
+      self.histogram = (other.histogram if self.histogram is None
+                        else self.histogram.merge(other.histogram))
+
+  def to_proto(self, feature):
+    feature.type = Stats.INT if self.kind == 'int' else Stats.FLOAT
+    numeric = feature.num_stats
+    self.common_proto(numeric.common_stats)
+    if self.n:
+      numeric.mean = self.mean
+      numeric.std_dev = math.sqrt(self.m2 / self.n)
+      numeric.min = self.min
+      numeric.max = self.max
+      numeric.num_zeros = self.zeros
+      numeric.median = self.histogram.median(self.kind == 'int')
+    histogram = numeric.histograms.add()
+    if self.histogram is not None:
+      self.histogram.to_proto(histogram)
+    histogram.num_nan = self.nan
+    histogram.num_undefined = self.infinite  # infinities: in no finite bin
+
+
+def _add_values(features, matrix):
+  """Adds one row of finite values per feature (numeric features of one kind; equal counts) to
+  each: every statistic is one numpy call over the whole matrix, not one per feature."""
+  low, high = matrix.min(axis=1), matrix.max(axis=1)  # exact, in the columns' own type
+  matrix = matrix.astype(np.float64, copy=False)
+  count = matrix.shape[1]
+  means = matrix.mean(axis=1)
+  scratch = matrix - means[:, None]
+  m2s = np.einsum('ij,ij->i', scratch, scratch)  # sums of squares without a squared copy
+  zeros = count - np.count_nonzero(matrix, axis=1)
+  # Each feature's bins must cover what it has seen and this batch; when they cannot at its
+  # current width, the width doubles (old counts merge pairwise) until they do.
+  exponents, starts, lengths = [], [], []
+  for f, feature in enumerate(features):
+    lo, hi = low[f].item(), high[f].item()
+    min_exponent = 0 if feature.kind == 'int' else _FLOAT_MIN_EXPONENT
+    if feature.histogram is not None:
+      lo, hi = min(lo, feature.min), max(hi, feature.max)
+      min_exponent = max(min_exponent, feature.histogram.exponent)
+    exponent = AlignedHistogram.exponent_for(float(lo), float(hi), min_exponent)
+    first = math.floor(math.ldexp(float(lo), -exponent))
+    exponents.append(exponent)
+    starts.append(first)
+    lengths.append(math.floor(math.ldexp(float(hi), -exponent)) - first + 1)
+  np.ldexp(matrix, -np.array(exponents)[:, None], out=scratch)
+  index = np.floor(scratch, out=scratch).astype(np.int64)
+  index += (np.arange(len(features)) * MAX_BINS - np.array(starts))[:, None]
+  counts = np.bincount(index.ravel(), minlength=len(features) * MAX_BINS).reshape(-1, MAX_BINS)
+  for f, feature in enumerate(features):
+    feature.merge_moments(count, float(means[f]), float(m2s[f]))
+    feature.min = _combine(min, feature.min, low[f].item())
+    feature.max = _combine(max, feature.max, high[f].item())
+    feature.zeros += int(zeros[f])
+    added = counts[f, :lengths[f]]
+    if feature.histogram is not None:
+      added = added + feature.histogram.counts_at(exponents[f], starts[f], lengths[f])
+    feature.histogram = AlignedHistogram(exponents[f], starts[f], added)
+
+
+class _String(_Feature):
+
+  def __init__(self, kind):
+    super().__init__(kind)
+    self.kmv = sketches.KmvSketch(KMV_BUCKETS)
+    self.top = sketches.MisraGriesSketch(
+        MG_BUCKETS, invalid_utf8_placeholder=_BYTES_PLACEHOLDER,
+        large_string_threshold=_LARGE_STRING, large_string_placeholder=_LARGE_PLACEHOLDER)
+    self.bytes = 0
+    self.min_bytes = None
+    self.max_bytes = None
+    self.invalid_utf8 = 0
+
+  def add(self, values, lengths):
+    self.add_rows(lengths)
+    if not len(values):
+      return
+    # The sketches see each distinct value of the batch once, with its count as weight: most
+    # string features repeat their values, and Arrow's hash count is far cheaper than the
+    # sketches' per-value work (measured: 0.1 ms instead of 0.6 ms per 8,192 values).
+    counts = pc.value_counts(values)
+    distinct = counts.field('values')
+    self.kmv.AddValues(distinct)
+    self.top.AddValues(distinct, counts.field('counts').cast(pa.float32()))
+    large = pa.types.is_large_binary(values.type) or pa.types.is_large_string(values.type)
+    offsets = np.frombuffer(values.buffers()[1], np.int64 if large else np.int32)[
+        values.offset:values.offset + len(values) + 1]  # a slice's own offsets
+    sizes = np.diff(offsets)
+    self.bytes += int(offsets[-1] - offsets[0])
+    self.min_bytes = _combine(min, self.min_bytes, int(sizes.min()))
+    self.max_bytes = _combine(max, self.max_bytes, int(sizes.max()))
+    if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
+      try:
+        distinct.cast(pa.large_string())  # validates UTF-8 in C++
+      except pa.ArrowInvalid:
+        invalid = np.array([not _is_utf8(v) for v in distinct.to_pylist()])
+        self.invalid_utf8 += int(counts.field('counts').to_numpy()[invalid].sum())
+
+  def merge(self, other):
+    self.merge_rows(other)
+    self.kmv.Merge(other.kmv)
+    self.top.Merge(other.top)
+    self.bytes += other.bytes
+    self.min_bytes = _combine(min, self.min_bytes, other.min_bytes)
+    self.max_bytes = _combine(max, self.max_bytes, other.max_bytes)
+    self.invalid_utf8 += other.invalid_utf8
+
+  def to_proto(self, feature):
+    if self.values and 2 * self.invalid_utf8 > self.values:  # encoded images, other binaries
+      feature.type = Stats.BYTES
+      stats = feature.bytes_stats
+      self.common_proto(stats.common_stats)
+      stats.unique = self.kmv.Estimate()
+      stats.avg_num_bytes = self.bytes / self.values
+      stats.min_num_bytes = self.min_bytes
+      stats.max_num_bytes = self.max_bytes
+      stats.max_num_bytes_int = self.max_bytes
+      return
+    feature.type = Stats.STRING
+    stats = feature.string_stats
+    self.common_proto(stats.common_stats)
+    stats.invalid_utf8_count = self.invalid_utf8
+    if not self.values:
+      return
+    stats.unique = self.kmv.Estimate()
+    stats.avg_length = self.bytes / self.values
+    for rank, item in enumerate(self.top.Estimate().to_pylist()):
+      label = item['values'].decode('utf-8', 'replace')
+      if rank < TOP_VALUES:
+        stats.top_values.add(value=label, frequency=item['counts'])
+      stats.rank_histogram.buckets.add(low_rank=rank, high_rank=rank, label=label,
+                                       sample_count=item['counts'])
+
+
+def _is_utf8(value):
+  try:
+    value.decode('utf-8')
+    return True
+  except UnicodeDecodeError:
+    return False
+
+
+_FEATURES = {'int': _Numeric, 'float': _Numeric, 'string': _String}
+
+
+class _Accumulator:
+
+  def __init__(self):
+    self.rows = 0
+    self.features = {}  # name -> _Numeric | _String
+    self.sample = None  # an Arrow table of SAMPLE_ROWS rows at most
+    self.priorities = None  # the sample rows' random priorities
+
+
+class StatisticsFn(beam.CombineFn):
+  """RecordBatches -> (serialized DatasetFeatureStatisticsList with one dataset, sample rows as
+  an Arrow table or None)."""
+
+  def __init__(self, name):
+    super().__init__()
+    self._name = name
+
+  def create_accumulator(self):
+    return _Accumulator()
+
+  def add_input(self, acc, element):
+    batch = element[0] if isinstance(element, tuple) else element  # (batch, passthrough)
+    acc.rows += batch.num_rows
+    # Numeric columns with one value in every row (most are) are stacked by kind, so that
+    # each statistic is one numpy call for all of them (measured: 3 times less time than one
+    # feature at a time, per-call overhead dominating at a few thousand rows).
+    dense = {'int': ([], []), 'float': ([], [])}
+    for name, column in zip(batch.schema.names, batch.columns):
+      feature = acc.features.get(name)
+      if feature is None:
+        kind = _kind(column.type)
+        feature = _FEATURES[kind](kind) if kind else None
+        if feature is None:
+          continue
+        acc.features[name] = feature
+      values = _dense_values(column) if isinstance(feature, _Numeric) and len(column) else None
+      if values is None:
+        feature.add(*_flatten(column))
+        continue
+      feature.add_dense(len(values))
+      dense[feature.kind][0].append(feature)
+      dense[feature.kind][1].append(values)
+    for features, arrays in dense.values():
+      if not features:
+        continue
+      matrix = np.stack(arrays)
+      if matrix.dtype.kind == 'f':
+        finite = np.isfinite(matrix).all(axis=1)
+        if not finite.all():  # those with NaN or infinities one by one
+          for f in np.flatnonzero(~finite):
+            features[f].add_array(matrix[f])
+          features = [feature for feature, ok in zip(features, finite) if ok]
+          matrix = matrix[finite]
+      if features:
+        _add_values(features, matrix)
+    _add_sample(acc, batch)
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    accumulators = iter(accumulators)
+    merged = next(accumulators)
+    for acc in accumulators:
+      merged.rows += acc.rows
+      for name, feature in acc.features.items():
+        if name in merged.features:
+          merged.features[name].merge(feature)
+        else:
+          merged.features[name] = feature
+      if acc.sample is not None:
+        _add_sample(merged, acc.sample, acc.priorities)
+    return merged
+
+  def extract_output(self, acc):
+    result = statistics_pb2.DatasetFeatureStatisticsList()
+    dataset = result.datasets.add(name=self._name, num_examples=acc.rows)
+    for name in sorted(acc.features):
+      feature = dataset.features.add()
+      feature.path.step.append(name)
+      acc.features[name].to_proto(feature)
+    return result.SerializeToString(), acc.sample
+
+
+def _add_sample(acc, batch, priorities=None):
+  """Keeps the SAMPLE_ROWS rows of lowest random priority of all rows seen: a uniform sample of
+  the split, whatever the order of batches and merges (the first rows of a class-folder tree
+  would all be of its first class)."""
+  if priorities is None:
+    priorities = _priorities(batch.num_rows, acc)
+    if priorities is None:
+      return
+  if not len(priorities):
+    return
+  if len(priorities) > SAMPLE_ROWS:
+    pick = np.argpartition(priorities, SAMPLE_ROWS)[:SAMPLE_ROWS]
+    batch, priorities = batch.take(pa.array(pick)), priorities[pick]
+  # Sorted columns: TF Transform's batches need not list them in one order.
+  table = batch.select(sorted(batch.schema.names))
+  if isinstance(table, pa.RecordBatch):
+    table = pa.Table.from_batches([table])
+  if acc.sample is not None:
+    table = pa.concat_tables([acc.sample, table])
+    priorities = np.concatenate([acc.priorities, priorities])
+  keep = np.argsort(priorities, kind='stable')[:SAMPLE_ROWS]
+  while len(keep) > 1 and table.take(pa.array(keep)).nbytes > SAMPLE_BYTES:
+    keep = keep[:-1]
+  # take() copies: the sample does not keep whole batches alive in the accumulator.
+  acc.sample, acc.priorities = table.take(pa.array(keep)).combine_chunks(), priorities[keep]
+
+
+def _priorities(rows, acc):
+  """Uniform random priorities of `rows` rows; None when none of them would enter the full
+  sample of `acc`. The batch's smallest priority is drawn first (the minimum of n uniforms is
+  1 - U**(1/n)), so that a batch that cannot enter costs one random number, not `rows`; the
+  others are then uniform above it, at a random position of their own."""
+  if not rows:
+    return None
+  lowest = 1.0 - _RNG.random() ** (1.0 / rows)
+  if acc.sample is not None and acc.sample.num_rows >= SAMPLE_ROWS and (
+      lowest >= acc.priorities.max()):
+    return None
+  priorities = lowest + (1.0 - lowest) * _RNG.random(rows)
+  priorities[_RNG.integers(rows)] = lowest
+  return priorities
+
+
+# ---- in the pipeline -------------------------------------------------------------------------
+
+
+def _write(result, stats_file, sample_file):
+  proto, sample = result
+  with FileSystems.create(stats_file, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    f.write(proto)
+  if sample is not None:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, sample.schema) as writer:
+      writer.write_table(sample)
+    with FileSystems.create(sample_file, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      f.write(sink.getvalue().to_pybytes())
+
+
+class WriteStatistics(beam.PTransform):
+  """RecordBatches (or TF Transform's (RecordBatch, passthrough) pairs) -> their statistics in
+  `stats_file`, and a few sample rows in `sample_file`."""
+
+  def __init__(self, name, stats_file, sample_file):
+    super().__init__()
+    self._name = name
+    self._stats_file = stats_file
+    self._sample_file = sample_file
+
+  def expand(self, batches):
+    return (batches
+            | 'Combine' >> beam.CombineGlobally(StatisticsFn(self._name))
+            | 'Write' >> beam.Map(_write, self._stats_file, self._sample_file))
+
+
+def add_statistics(raw, transformed, out):
+  """Adds the statistics of every split's raw batches (`raw`: {split: PCollection}) and
+  transformed batches (`transformed`: {split: (PCollection, metadata)}) to their pipeline; the
+  files are staged in `out` (an outputs.OutputDir) and published with the rest."""
+  for split in raw:
+    for stage, batches in (('raw', raw[split]), ('transformed', transformed[split][0])):
+      _ = batches | f'Statistics{split.capitalize()}{stage.capitalize()}' >> WriteStatistics(
+          f'{split}_{stage}', statistics_path(out.out, split, stage),
+          sample_path(out.staging, split, stage))
+
+
+def read_statistics(path):
+  """A statistics file -> its DatasetFeatureStatistics (the one dataset it holds)."""
+  result = statistics_pb2.DatasetFeatureStatisticsList()
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    result.ParseFromString(f.read())
+  return result.datasets[0]
+
+
+def read_sample(path):
+  """The sample rows staged by a run, or None."""
+  if not FileSystems.exists(path):
+    return None
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
