@@ -77,7 +77,44 @@ def pipeline_options(beam_args):
 
 def make_pipeline(beam_args):
   options, runner = pipeline_options(beam_args)
+  _fail_instructions_of_lost_workers()
   return beam.Pipeline(runner=runner, options=options)
+
+
+def _fail_instructions_of_lost_workers():
+  """Where the job service runs in this process (the default FnApiRunner, PortableRunner with
+  --job_endpoint=embed), Beam waits for an SDK worker's answer to an instruction without a
+  timeout. A worker process that dies (killed, out of memory) while the runner waits for such an
+  answer, or before the runner's next instruction, hangs the job forever: the worker's control
+  stream ends with an error that nothing passes on. Passed on here, the job fails and says why,
+  as Beam itself does for Docker workers that exit (DockerSdkWorkerHandler.watch_container)."""
+  from apache_beam.runners.portability.fn_api_runner import worker_handlers
+  connection = worker_handlers.ControlConnection
+  if getattr(connection, '_fails_when_lost', False):
+    return
+  read, push = connection._read, connection.push
+
+  def read_then_fail_the_rest(self):
+    try:
+      read(self)
+      cause = 'its control stream ended'
+    except Exception as e:  # the stream broke: passed on below, not printed by the thread
+      cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    # Set before failing what waits: an instruction pushed from now on fails at once.
+    self._lost = RuntimeError('an SDK worker process stopped (killed, crashed or out of memory) '
+                              f'while the job waited for it ({cause})')
+    for future in list(self._futures_by_id.values()):
+      future.abort(self._lost)
+
+  def push_or_fail(self, request):
+    future = push(self, request)
+    if future is not None and getattr(self, '_lost', None):
+      future.abort(self._lost)
+    return future
+
+  connection._read = read_then_fail_the_rest
+  connection.push = push_or_fail
+  connection._fails_when_lost = True
 
 
 def is_dry_run(pipeline):

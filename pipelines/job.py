@@ -89,7 +89,9 @@ def input_bytes(files):
 
 def check_remote_paths(beam_args, output, paths):
   """Dataflow workers cannot see this machine's disk: local paths would only fail once workers
-  start (and bill); a dry run only builds the job, so it may use them."""
+  start (and bill); a dry run only builds the job, so it may use them. And --output must be on a
+  file system TensorFlow knows too (TF Transform writes with it)."""
+  outputs.check_tensorflow_can_write(output)
   options, _ = common.pipeline_options(beam_args)
   runner = str(options.view_as(StandardOptions).runner or '').lower()
   if 'dataflow' not in runner or options.get_all_options().get('dry_run'):

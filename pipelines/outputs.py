@@ -9,7 +9,9 @@ Layout of a published result (DIR):
 While a run works, everything goes to DIR/.staging/<run id>/ (TFT's temp files included, so that
 distributed workers can reach them). Only a finished, checked run moves its files into DIR and then
 writes the manifest, so a run that dies at any point leaves nothing that looks complete.
-All I/O goes through Beam FileSystems, so DIR may be gs://... as well as a local path.
+All of this module's I/O goes through Beam FileSystems, so DIR may be gs://... as well as a local
+path; TF Transform writes transform_fn/ with TensorFlow's own file system, so a pipeline's DIR must
+be on a scheme both know (check_tensorflow_can_write, at launch).
 """
 
 import collections
@@ -37,8 +39,11 @@ from pipelines.common import UserError
 MANIFEST = 'manifest.json'
 STAGING = '.staging'
 # Entries of DIR that a run owns and --overwrite replaces; anything else in DIR is left alone.
-OWNED = ('train-*', 'eval-*', 'transform_fn', 'transformed_metadata', 'errors', 'statistics',
-         'report.html', MANIFEST)
+OWNED = ('train-*-of-*.tfrecord*', 'eval-*-of-*.tfrecord*', 'transform_fn', 'transformed_metadata',
+         'errors', 'statistics', 'report.html', MANIFEST)
+# Written into a run's staging area before its publication touches DIR. Where one is found, the
+# OWNED entries of a DIR without a manifest are what that interrupted publication left.
+PUBLISHING = 'PUBLISHING'
 _LOG = logging.getLogger('pipelines')
 _VERSIONED = ('tensorflow', 'tensorflow-transform', 'tfx-bsl', 'apache-beam', 'pyarrow',
               'tensorflow-metadata')
@@ -61,6 +66,25 @@ def write_text(path, text):
 def _files_under(directory):
   result = FileSystems.match([join(directory, '**')])[0]
   return sorted(m.path for m in result.metadata_list)
+
+
+def _entry_exists(path):
+  """A file or a directory. On object stores (gs://) a directory is only a prefix of object
+  names, which FileSystems.exists does not see."""
+  return FileSystems.exists(path) or bool(
+      FileSystems.match([join(path, '**')], [1])[0].metadata_list)
+
+
+def _delete_entries(paths):
+  """Deletes files and directory trees. On object stores Beam's delete takes a directory's path
+  for an object name and deletes nothing, so its objects are deleted by name."""
+  if all(FileSystems.get_filesystem(p).has_dirs() for p in paths):
+    FileSystems.delete(paths)
+    return
+  objects = [p for p in paths if FileSystems.exists(p)]
+  objects += [f for p in paths for f in _files_under(p)]
+  if objects:
+    FileSystems.delete(objects)
 
 
 def _mkdirs(path):
@@ -126,9 +150,12 @@ class OutputDir:
 
   def prepare(self):
     """Checks DIR before any work is done and creates the staging area."""
-    if FileSystems.exists(join(self.directory, MANIFEST)) and not self.overwrite:
-      raise UserError(f'--output {self.directory} already holds a complete result; pass '
-                      '--overwrite to replace it, or choose another directory')
+    if FileSystems.exists(join(self.directory, MANIFEST)):
+      if not self.overwrite:
+        raise UserError(f'--output {self.directory} already holds a complete result; pass '
+                        '--overwrite to replace it, or choose another directory')
+    elif not self.overwrite:
+      self._check_leftovers()
     # Only on directory-aware filesystems (local, HDFS) does a directory outlive its files.
     self._new_directory = (FileSystems.get_filesystem(self.directory).has_dirs() and
                            not FileSystems.exists(self.directory))
@@ -139,6 +166,34 @@ class OutputDir:
     except Exception as e:
       raise UserError(f'--output {self.directory} is not writable ({e}); choose a directory '
                       'you can write to') from e
+
+  def _owned_entries(self):
+    """The OWNED entries present in DIR (what publication replaces)."""
+    found = []
+    for name in OWNED:
+      path = join(self.directory, name)
+      if '*' in name:
+        found.extend(sorted(m.path for m in FileSystems.match([path])[0].metadata_list))
+      elif _entry_exists(path):
+        found.append(path)
+    return found
+
+  def _check_leftovers(self):
+    """A DIR without a manifest may still hold shards or a transform_fn/. Those an interrupted
+    publication of this pipeline left are replaced (rerunning the same command just works);
+    anything else may be someone's data, and is replaced only with --overwrite."""
+    leftovers = self._owned_entries()
+    if not leftovers:
+      return
+    interrupted = FileSystems.match([join(self.directory, STAGING, '*', PUBLISHING)])[0]
+    if interrupted.metadata_list:
+      _LOG.info('%s holds what an interrupted publication left (no %s); this run replaces it',
+                self.directory, MANIFEST)
+      return
+    more = f' and {len(leftovers) - 1} more' if len(leftovers) > 1 else ''
+    raise UserError(f'--output {self.directory} holds {leftovers[0]}{more} but no {MANIFEST}: '
+                    'not a complete result of this pipeline; pass --overwrite to replace those '
+                    'entries, or choose another directory')
 
   def split_prefix(self, split):
     return join(self.out, split)
@@ -159,8 +214,10 @@ class OutputDir:
     except Exception:  # the filesystem itself may be what failed
       where = 'the traceback is in the log above'
       _LOG.error('%s', text)
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    cause = lines[-1].strip() if lines else type(error).__name__
+    # The last line that says something (gRPC errors end in '>'), or gRPC's own details line.
+    lines = [line.strip() for line in str(error).splitlines() if any(c.isalnum() for c in line)]
+    details = [line for line in lines if line.startswith('details = ')]
+    cause = (details or lines or [type(error).__name__])[-1]
     if len(cause) > 400:
       cause = cause[:400] + '...'
     return f'the pipeline failed: {cause}; {where}; nothing was published'
@@ -171,26 +228,27 @@ class OutputDir:
     `.staging` goes too unless it holds earlier failed runs' files, and so does DIR if this run
     created it: a dry run is a check, and empty directories it left would be clutter.
     """
-    FileSystems.delete([self.staging])
+    _delete_entries([self.staging])
     leftovers = [join(self.directory, STAGING)] + ([self.directory] if self._new_directory else [])
     for path in leftovers:
       if FileSystems.get_filesystem(path).has_dirs() and not _files_under(path):
         FileSystems.delete([path])
 
   def publish(self, manifest):
-    """Makes the staged result the content of DIR; the manifest is written last."""
+    """Makes the staged result the content of DIR; the manifest is written last.
+
+    A kill at any step leaves DIR either complete (the old result until its manifest goes, the
+    new one once the new manifest is in) or without a manifest: never a manifest beside files of
+    another run. The PUBLISHING marker tells a rerun that OWNED entries left without a manifest
+    are this pipeline's, to replace without --overwrite.
+    """
+    write_text(join(self.staging, PUBLISHING), self.run_id)
     old_manifest = join(self.directory, MANIFEST)
     if FileSystems.exists(old_manifest):
       FileSystems.delete([old_manifest])  # from here on DIR no longer claims to be complete
-    stale = []
-    for name in OWNED:
-      path = join(self.directory, name)
-      if '*' in name:
-        stale.extend(m.path for m in FileSystems.match([path])[0].metadata_list)
-      elif FileSystems.exists(path):
-        stale.append(path)
+    stale = self._owned_entries()
     if stale:
-      FileSystems.delete(stale)
+      _delete_entries(stale)
     self._move(self.out, self.directory)
     manifest = dict(manifest, complete=True, published=_now())
     temp = join(self.staging, MANIFEST)
@@ -212,7 +270,22 @@ class OutputDir:
   def _remove_staging(self):
     # Staging areas left by earlier failed runs (kept for their errors and tracebacks) are
     # superseded by this published result.
-    FileSystems.delete([join(self.directory, STAGING)])
+    _delete_entries([join(self.directory, STAGING)])
+
+
+def check_tensorflow_can_write(directory):
+  """TF Transform writes transform_fn/ and its temp files with TensorFlow's file system, not
+  Beam's: on a scheme only Beam knows, building the job fails with TensorFlow's traceback."""
+  scheme = FileSystems.get_scheme(directory)
+  if scheme in (None, 'file'):
+    return
+  import tensorflow as tf  # only here: the rest of this module needs Beam alone
+  known = tf.io.gfile.get_registered_schemes()
+  if scheme not in known:
+    others = ''.join(f' or {s}://' for s in sorted(known) if s not in ('', 'file', 'ram'))
+    raise UserError(f'--output {directory}: TF Transform writes transform_fn/ through TensorFlow, '
+                    f'which has no file system for {scheme}://; use a local path{others}, or '
+                    f'install a TensorFlow file system plugin for {scheme}:// (e.g. tensorflow-io)')
 
 
 def _now():
