@@ -121,17 +121,20 @@ def valid_record(order, n, x, city, note, label, pad=''):
   return Record(join(cells, order), None, expected)
 
 
-def valid_cells(order):
-  return {'n': '7', 'x': '0.5', 'city': 'Oslo', 'note': 'a note', 'label': 'yes'}
+VALID_CELLS = {'n': '7', 'x': '0.5', 'city': 'Oslo', 'note': 'a note', 'label': 'yes'}
+
+
+def plain(text):
+  """`text` without the characters that need quoting (or are NUL), never empty."""
+  return ''.join(c for c in text if c not in ',"\r\n\0') or 'x'
 
 
 def bad_record(order, kind, variant, text=''):
   """A record with one defect of `kind`; `variant` picks which, `text` is free text put in."""
-  cells = valid_cells(order)
-  safe = ''.join(c for c in text if c not in ',"\r\n\0') or 'x'
+  cells = dict(VALID_CELLS)
+  safe = plain(text)
   if kind == 'field_count':
-    names = list(order)
-    row = [cells[name] for name in names]
+    row = [cells[name] for name in order]
     row = row[:-1] if variant % 2 else row + [quote(text)]
     return Record(','.join(row).encode('utf-8'), kind)
   if kind == 'field_count_blankish':  # spaces only: one field
@@ -167,8 +170,8 @@ def bad_record(order, kind, variant, text=''):
 
 def odd_record(order, kind, n, text):
   """Quoting oddities that are valid rows, read as Python's csv module reads them."""
-  cells = valid_cells(order)
-  safe = ''.join(c for c in text if c not in ',"\r\n\0') or 'x'
+  cells = dict(VALID_CELLS)
+  safe = plain(text)
   if kind == 'stray_quote':  # a quote inside an unquoted field is text: 5'10"
     city = f'{safe[:1]}"{safe[1:]}'
   elif kind == 'text_after_quotes':  # "ab"cd reads as abcd
@@ -187,7 +190,7 @@ def odd_record(order, kind, n, text):
 
 def unterminated_record(order, text):
   """A quoted field never closed: it swallows the rest of the file (so it comes last)."""
-  cells = valid_cells(order)
+  cells = dict(VALID_CELLS)
   cells['city'] = '"' + text.replace('"', '')
   return Record(join(cells, order), 'malformed_csv')
 
