@@ -295,4 +295,7 @@ def print_summary(manifest, directory, what='rows'):
             f'  transform_fn  {outputs.join(directory, "transform_fn")}',
             '  errors        ' + ', '.join(outputs.join(directory, 'errors', f'{split}.jsonl')
                                           for split in splits)]
+  if manifest.get('report'):
+    lines.append(f'  report        {outputs.join(directory, manifest["report"])} (statistics in '
+                 f'{outputs.join(directory, "statistics")})')
   print('\n'.join(lines))

@@ -71,7 +71,8 @@ def test_malformed_rows_are_dead_lettered(tmp_path, capsys):
   assert f'{csv_path}:5: 5 fields, expected 15\n        | 39, State-gov, 77516' in summary
   assert re.search(r'60 rows read in [\d.]+s: [\d,]+ rows/s', summary)
   for line in (f'outputs in {out}:', f'shards        {out}/train-*-of-00001.tfrecord.gz',
-               f'transform_fn  {out}/transform_fn', f'errors        {out}/errors/train.jsonl'):
+               f'transform_fn  {out}/transform_fn', f'errors        {out}/errors/train.jsonl',
+               f'report        {out}/report.html (statistics in {out}/statistics)'):
     assert line in summary
 
 
