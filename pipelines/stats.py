@@ -159,17 +159,28 @@ class AlignedHistogram:
     for i, count in enumerate(self.counts):
       histogram.buckets.add(low_value=edges[i], high_value=edges[i + 1], sample_count=int(count))
 
-  def median(self, integer):
+  def median(self, integer, zeros=0, minimum=-math.inf, maximum=math.inf):
     """The median, interpolated linearly within its bin (exact for one-integer-wide bins, the
-    nearest integer for wider bins of integers)."""
+    nearest integer for wider bins of integers), within [minimum, maximum]. `zeros`, the exact
+    count of values equal to 0, makes it exact where the median is one of them in a bin that
+    0 bounds (count-like features, mostly 0: a capital gain).
+    """
     total = int(self.counts.sum())
     cumulative = np.cumsum(self.counts)
     k = int(np.searchsorted(cumulative, total / 2))
     before = int(cumulative[k - 1]) if k else 0
-    low = math.ldexp(self.start + k, self.exponent)
+    low = max(math.ldexp(self.start + k, self.exponent), minimum)
+    high = min(low + self.width, maximum)
     if integer and self.exponent == 0:
       return low
-    median = low + self.width * (total / 2 - before) / int(self.counts[k])
+    rank, count = total / 2 - before, int(self.counts[k])
+    # Bin edges are multiples of the width, so the zeros all lie in the bin that starts at 0,
+    # before its values in (0, high).
+    if zeros and low == 0 < high:
+      if rank <= zeros:
+        return 0.0
+      rank, count = rank - zeros, count - zeros
+    median = low + (high - low) * rank / count
     return float(round(median)) if integer else median
 
 
@@ -378,7 +389,7 @@ class _Numeric(_Feature):
       numeric.min = self.min
       numeric.max = self.max
       numeric.num_zeros = self.zeros
-      numeric.median = self.histogram.median(self.kind == 'int')
+      numeric.median = self.histogram.median(self.kind == 'int', self.zeros, self.min, self.max)
     histogram = numeric.histograms.add()
     if self.histogram is not None:
       self.histogram.to_proto(histogram)
