@@ -174,6 +174,10 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows'):
   if not counts['train']['rows_read']:
     raise common.UserError(f'--train: no {what} were read from its inputs (files without '
                            f'{what} in them?); give inputs with data; nothing was published')
+  if 'eval' in counts and not counts['eval']['rows_read']:
+    raise common.UserError(f'the eval split is empty: its --eval inputs hold no {what} (or '
+                           f'--eval-fraction carved none out of too few {what}); give inputs '
+                           'with data or a larger fraction; nothing was published')
   try:
     for split, c in counts.items():
       _check_bad_rows(split, c, max_bad_rows, out, what)

@@ -364,6 +364,11 @@ def test_image_inputs_without_images(tmp_path):
                                       'was published'):
     images.run(['--train', str(tmp_path / 'none.tar'), '--output', str(out)])
   assert not os.path.exists(out / 'manifest.json')
+  with pytest.raises(UserError, match='the eval split is empty: its --eval inputs hold no images '
+                                      r'.*; nothing was published'):
+    images.run(['--train', str(REPO / 'data' / 'fashion_mnist' / 'sample' / 'test'),
+                '--eval', str(tmp_path / 'none.tar'), '--output', str(out)])
+  assert not os.path.exists(out / 'manifest.json')
 
 
 def test_image_num_shards_zero(tmp_path):
