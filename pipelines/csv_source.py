@@ -158,17 +158,20 @@ def inspect_file(path, fmt):
 
 
 def match_inputs(patterns, flag):
-  """Expands the user's paths/globs (any Beam filesystem); a pattern matching nothing is an error."""
-  files = []
+  """Expands the user's paths/globs (any Beam filesystem) into {file: size in bytes}, in the
+  patterns' order; a pattern matching nothing is an error."""
+  files = {}
   for pattern in patterns:
     try:
       result = FileSystems.match([pattern])[0]
     except Exception as e:
       raise UserError(f'{flag} {pattern}: cannot list it: {e}') from e
-    found = sorted(m.path for m in result.metadata_list if not m.path.endswith('/'))
+    found = sorted((m.path, m.size_in_bytes) for m in result.metadata_list
+                   if not m.path.endswith('/'))
     if not found:
       raise UserError(f'{flag} {pattern}: no file matches; check the path or glob')
-    files.extend(f for f in found if f not in files)
+    for path, size in found:
+      files.setdefault(path, size)
   return files
 
 
@@ -559,16 +562,20 @@ def _record_chunks(stream, first_line=1, delimiter=','):
   counting unreliable) it yields (a stream of the rest, line) instead and stops: the caller
   reads the rest record by record with the csv module."""
   buffer, line, size, eof = b'', first_line, _FIRST_CHUNK, False
+  odd = False  # an odd number of quote characters in `buffer` (a chunk cut off holds an even one)
   while True:
     if not eof:
       data = stream.read(size)
       eof = not data
+      # Only the new bytes are checked for stray quotes: what the buffer holds already was.
+      stray = _has_stray_quote(data, delimiter, odd, buffer[-1:] or b'\n')
+      odd ^= data.count(b'"') % 2 == 1
       buffer += data
     if not buffer:
       return
     # The exact reader takes over where quote counting fails, and for a last chunk that ends in
     # an open quoted field (Arrow would take it).
-    if _has_stray_quote(buffer, delimiter) or (eof and buffer.count(b'"') % 2):
+    if stray or (eof and odd):
       yield _Prepend(buffer, stream), line
       return
     cut = len(buffer) if eof else _record_boundary(buffer)

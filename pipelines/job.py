@@ -83,10 +83,6 @@ def read_splits(pipeline, read, units, eval_fraction, name):
   return raw, errors, progress.count_batches(analyze, 'analyze', 'train')
 
 
-def input_bytes(files):
-  return sum(m.size_in_bytes for f in files for m in FileSystems.match([f])[0].metadata_list)
-
-
 def check_remote_paths(beam_args, output, paths):
   """Dataflow workers cannot see this machine's disk: local paths would only fail once workers
   start (and bill); a dry run only builds the job, so it may use them. And --output must be on a

@@ -319,12 +319,13 @@ def write_report(out, manifest, args):
   splits = _ordered(manifest['splits'])
   files = {split: {stage: f'statistics/{split}_{stage}.pb' for stage in stats.STAGES}
            for split in splits}
-  features = {stage: {split: {f.path.step[0]: feature_summary(f) for f in stats.read_statistics(
-      stats.statistics_path(out.out, split, stage)).features} for split in splits}
-              for stage in stats.STAGES}
-  num_examples = {stage: {split: stats.read_statistics(
-      stats.statistics_path(out.out, split, stage)).num_examples for split in splits}
-                  for stage in stats.STAGES}
+  datasets = {stage: {split: stats.read_statistics(stats.statistics_path(out.out, split, stage))
+                      for split in splits} for stage in stats.STAGES}
+  features = {stage: {split: {f.path.step[0]: feature_summary(f) for f in dataset.features}
+                      for split, dataset in by_split.items()}
+              for stage, by_split in datasets.items()}
+  num_examples = {stage: {split: dataset.num_examples for split, dataset in by_split.items()}
+                  for stage, by_split in datasets.items()}
   tft_output = tft.TFTransformOutput(out.out)
   constants = analyzer_constants(out.out)
   thresholds = {'numeric_js': args.drift_numeric_threshold,

@@ -133,12 +133,8 @@ class AlignedHistogram:
       if stop - start <= max_bins:
         break
       exponent += 1
-    padded = []
-    for h in aligned:
-      counts = np.zeros(stop - start, np.int64)
-      counts[h.start - start:h.start - start + len(h.counts)] = h.counts
-      padded.append(AlignedHistogram(exponent, start, counts))
-    return padded
+    return [AlignedHistogram(exponent, start, h.counts_at(exponent, start, stop - start))
+            for h in aligned]
 
   def merge(self, other, max_bins=MAX_BINS):
     a, b = AlignedHistogram.common([self, other], max_bins)

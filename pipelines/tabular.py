@@ -41,19 +41,18 @@ def parse_args(argv):
 
 
 def _inspect(files, fmt, flag):
-  """Checks every file at launch; returns the work units (files, large ones cut in ranges) and
-  the files' total bytes."""
-  layouts = [csv_source.inspect_file(f, fmt) for f in files]
+  """Checks every file ({path: size}, as matched) at launch; returns the work units (files,
+  large ones cut in ranges) and the files' total bytes."""
+  paths = list(files)
+  layouts = [csv_source.inspect_file(f, fmt) for f in paths]
   if all(layout is None for layout in layouts):
     raise common.UserError(f'{flag}: every matched file is empty or holds only a header row '
-                           f'({", ".join(files[:3])}{", ..." if len(files) > 3 else ""}); give '
+                           f'({", ".join(paths[:3])}{", ..." if len(paths) > 3 else ""}); give '
                            'files with data rows')
-  units, total = [], 0
-  for path, layout in zip(files, layouts):
-    size = job.input_bytes([path])
-    total += size
-    units.extend(csv_source.plan_ranges(path, size, layout) if layout else [path])
-  return units, total
+  units = []
+  for path, layout in zip(paths, layouts):
+    units.extend(csv_source.plan_ranges(path, files[path], layout) if layout else [path])
+  return units, sum(files.values())
 
 
 def run(argv=None):
@@ -66,11 +65,12 @@ def run(argv=None):
       column_names=args.column_names or contract.csv_columns,
       na_values=contract.na_values,
       label_key=contract.label_key)
-  inputs = {'train': csv_source.match_inputs(args.train, '--train')}
+  matched = {'train': csv_source.match_inputs(args.train, '--train')}
   if args.eval:
-    inputs['eval'] = csv_source.match_inputs(args.eval, '--eval')
+    matched['eval'] = csv_source.match_inputs(args.eval, '--eval')
+  inputs = {split: list(files) for split, files in matched.items()}
   units, input_bytes = {}, {}
-  for split, files in inputs.items():
+  for split, files in matched.items():
     units[split], input_bytes[split] = _inspect(files, fmt, f'--{split}')
   splits, shards = job.plan_splits(args, input_bytes)
 
