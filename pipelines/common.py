@@ -1,8 +1,13 @@
 """Plumbing shared by every pipeline: user errors, flags, and the Beam runner choice."""
 
 import argparse
+import atexit
 import logging
+import os
+import queue
 import sys
+import threading
+import weakref
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -21,8 +26,69 @@ def read_units(pbegin, units, read_fn, carves_eval):
       | 'ListUnits' >> beam.Create(list(units))
       # A unit is a file, a range of one or a shard: spread them over workers before reading.
       | 'SpreadUnits' >> beam.Reshuffle()
-      | 'Read' >> beam.ParDo(read_fn).with_outputs(ERRORS_TAG, EVAL_TAG, main='rows'))
+      | 'Read' >> beam.ParDo(ReadAhead(read_fn)).with_outputs(ERRORS_TAG, EVAL_TAG, main='rows'))
   return outputs.rows, (outputs[EVAL_TAG] if carves_eval else None), outputs[ERRORS_TAG]
+
+
+class ReadAhead(beam.DoFn):
+  """Runs a source DoFn's `process` in a thread of its own, `depth` outputs ahead of the stage
+  that consumes them.
+
+  Beam's in-process runner runs a fused stage in one thread: the source parses a block, then TF
+  Transform works on it, then the source parses the next. Parsing is mostly Arrow C++ (and
+  file reads, image decodes) that runs without the GIL, so reading ahead lets it use a second
+  core while the consumer works (benchmarks/tabular_pipeline.py). Memory stays bounded: at most
+  `depth` outputs wait. An exception of the source is raised in the stage as its own; a stage
+  that stops early stops the thread.
+  """
+
+  _END = object()
+
+  def __init__(self, fn, depth=3):
+    self._fn = fn
+    self._depth = depth
+
+  def setup(self):
+    self._fn.setup()
+
+  def teardown(self):
+    self._fn.teardown()
+
+  def process(self, element):
+    ready = queue.Queue(maxsize=self._depth)
+    stop = threading.Event()
+
+    def put(item):
+      while not stop.is_set():
+        try:
+          ready.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          pass
+      return False
+
+    def produce():
+      try:
+        for output in self._fn.process(element) or ():
+          if not put((None, output)):
+            return
+        put((None, self._END))
+      except BaseException as e:  # pylint: disable=broad-except  # raised in the stage
+        put((e, None))
+
+    thread = threading.Thread(target=produce, name='read-ahead', daemon=True)
+    thread.start()
+    try:
+      while True:
+        error, output = ready.get()
+        if error is not None:
+          raise error
+        if output is self._END:
+          return
+        yield output
+    finally:
+      stop.set()
+      thread.join()
 
 
 class UserError(Exception):
@@ -39,10 +105,28 @@ def main(run):
     run(sys.argv[1:])
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
   except KeyboardInterrupt:
     print('error: interrupted; nothing was published', file=sys.stderr)
-    sys.exit(130)
+    _exit(130)
+  _exit(0)
+
+
+def _exit(status):
+  """Ends the command once its work is done (published, or failed and said why).
+
+  The interpreter's own teardown after a run (freeing TensorFlow's and Beam's modules and
+  objects one by one) took about 1.6 s of every command's wall time, measured on the 2-core
+  machine of benchmarks/RESULTS.md, and does nothing a finished command needs. The exit handlers
+  (logging's flush among them) still run, and the output streams are flushed; then the process
+  ends without the teardown."""
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+      pass
+  os._exit(status)  # pylint: disable=protected-access
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -78,7 +162,39 @@ def pipeline_options(beam_args):
 def make_pipeline(beam_args):
   options, runner = pipeline_options(beam_args)
   _fail_instructions_of_lost_workers()
+  _remember_dofn_specs()
   return beam.Pipeline(runner=runner, options=options)
+
+
+def _remember_dofn_specs():
+  """Beam asks whether a DoFn uses state or timers (userstate.get_dofn_specs) about four times
+  for each DoFn: when the ParDo is made, when it is translated for the runner, and twice when
+  the runner builds the stage that runs it. Each time it takes the signature of every method of
+  the DoFn, about 30 of them. On TF Transform's hundreds of small transforms that was about 1.5 s
+  of every run's fixed cost (cProfile, benchmarks/RESULTS.md). The answer depends only on the
+  DoFn's methods, so it is kept for each DoFn object; a DoFn that cannot be a weak dictionary
+  key (it defines __eq__ without __hash__) is inspected each time, as before."""
+  from apache_beam.transforms import userstate
+  if getattr(userstate, '_specs_remembered', False):
+    return
+  inspect_specs = userstate.get_dofn_specs
+  known = weakref.WeakKeyDictionary()
+
+  def get_dofn_specs(dofn):
+    try:
+      specs = known.get(dofn)
+    except TypeError:  # not hashable or not weakly referenceable
+      return inspect_specs(dofn)
+    if specs is None:
+      specs = inspect_specs(dofn)
+      try:
+        known[dofn] = specs
+      except TypeError:
+        pass
+    return set(specs[0]), set(specs[1])  # copies: callers own what they get
+
+  userstate.get_dofn_specs = get_dofn_specs
+  userstate._specs_remembered = True  # pylint: disable=protected-access
 
 
 def _fail_instructions_of_lost_workers():

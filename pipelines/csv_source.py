@@ -312,18 +312,20 @@ def block_to_record_batch(block, positions, fmt):
       typed = values.cast(pa.large_binary())
     else:
       arrow_type = _ARROW_TYPES[column.dtype]
-      bad = _bad_indices(values, arrow_type)
-      for i in bad:
-        if bad_reason[i] is None:
-          bad_kind[i] = 'bad_number'
-          bad_reason[i] = (f'column {column.name!r}: {original[i].as_py()!r} is '
-                           f'not a valid {column.dtype}')
-      if bad:
+      try:  # the common case: every cell parses (one cast, no search for the bad ones)
+        typed = values.cast(arrow_type)
+      except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        bad = _bad_indices(values, arrow_type)
+        for i in bad:
+          if bad_reason[i] is None:
+            bad_kind[i] = 'bad_number'
+            bad_reason[i] = (f'column {column.name!r}: {original[i].as_py()!r} is '
+                             f'not a valid {column.dtype}')
         mask = np.zeros(n, bool)
         mask[bad] = True
         values = pc.if_else(pa.array(mask), pa.scalar(None, pa.string()), values)
-      typed = values.cast(arrow_type)
-      if column.dtype == 'float32':
+        typed = values.cast(arrow_type)
+      if column.dtype == 'float32' and not pc.all(pc.is_finite(typed)).as_py():
         nan = pc.fill_null(pc.is_nan(typed), False)
         missing = pc.or_(missing, nan)
         typed = pc.if_else(nan, pa.scalar(None, arrow_type), typed)
@@ -333,12 +335,11 @@ def block_to_record_batch(block, positions, fmt):
             bad_kind[i] = 'bad_number'
             bad_reason[i] = (f'column {column.name!r}: {original[i].as_py()!r} is '
                              'not a finite float32')
-    missing_np = missing.to_numpy(zero_copy_only=False)
-    if not column.varlen:
+    if not column.varlen and missing.true_count:
       if column.default is not None:
         typed = pc.fill_null(typed, pa.scalar(column.default, typed.type))
       else:
-        for i in np.flatnonzero(missing_np):
+        for i in np.flatnonzero(missing.to_numpy(zero_copy_only=False)):
           if bad_reason[i] is None:
             bad_kind[i] = 'missing_value'
             bad_reason[i] = (f'column {column.name!r} is empty (or an NA value) and has no '
@@ -347,10 +348,15 @@ def block_to_record_batch(block, positions, fmt):
 
   keep = np.array([r is None for r in bad_reason], bool)
   rejected = [(i, bad_kind[i], bad_reason[i]) for i in np.flatnonzero(~keep)]
-  keep_arrow = pa.array(keep)
+  keep_arrow = pa.array(keep) if rejected else None
   arrays = []
   for column, typed in converted:
-    typed = typed.filter(keep_arrow)
+    if keep_arrow is not None:
+      typed = typed.filter(keep_arrow)
+    if not typed.null_count:  # one value a row
+      arrays.append(pa.LargeListArray.from_arrays(
+          pa.array(np.arange(len(typed) + 1, dtype=np.int64)), typed))
+      continue
     present = pc.is_valid(typed)
     values = typed.filter(present)
     if column.varlen:

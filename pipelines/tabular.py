@@ -29,7 +29,7 @@ def parse_args(argv):
   parser.add_argument('--column-names', default=None,
                       help='comma-separated column names for CSV files without a header row '
                            '(overrides CSV_COLUMNS)')
-  parser.add_argument('--rows-per-batch', type=int, default=8192,
+  parser.add_argument('--rows-per-batch', type=int, default=65536,
                       help='rows per Arrow RecordBatch read from CSV')
   args, beam_args = parser.parse_known_args(argv)
   job.check_split_flags(parser, args)
