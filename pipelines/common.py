@@ -10,6 +10,8 @@ import threading
 import weakref
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 
@@ -163,6 +165,7 @@ def make_pipeline(beam_args):
   options, runner = pipeline_options(beam_args)
   _fail_instructions_of_lost_workers()
   _remember_dofn_specs()
+  _size_samples_from_buffers()
   return beam.Pipeline(runner=runner, options=options)
 
 
@@ -195,6 +198,80 @@ def _remember_dofn_specs():
 
   userstate.get_dofn_specs = get_dofn_specs
   userstate._specs_remembered = True  # pylint: disable=protected-access
+
+
+def _buffer_bytes(value):
+  """About the bytes an Arrow or numpy value holds, or a dict, list or tuple of them and of
+  scalars; None for anything else."""
+  if isinstance(value, (pa.RecordBatch, pa.Table, pa.Array)):
+    return value.nbytes
+  if isinstance(value, np.ndarray):
+    if value.dtype != object:
+      return value.nbytes
+    flat = value.reshape(-1)  # strings: pointers, and the mean length of the first few
+    head = [x for x in flat[:16] if isinstance(x, (bytes, str))]
+    return flat.size * (8 + (sum(map(len, head)) // len(head) if head else 8))
+  if isinstance(value, np.generic):  # a numpy scalar
+    return value.nbytes
+  if value is None or isinstance(value, (bool, int, float)):
+    return 8
+  if isinstance(value, (bytes, str)):
+    return len(value)
+  if isinstance(value, (dict, list, tuple)):
+    total = 0
+    for item in (value.values() if isinstance(value, dict) else value):
+      size = _buffer_bytes(item)
+      if size is None:
+        return None
+      total += size
+    return total
+  if type(value).__name__ == 'EagerTensor':  # TF Transform passes some tensors on
+    return _buffer_bytes(value.numpy())
+  return None
+
+
+class _SizeFromBuffers:
+  """A stand-in for a stage output's coder where Beam samples element sizes (see
+  _size_samples_from_buffers): sizes of Arrow and numpy values (and of containers of them) are
+  read off their buffers, any other value is measured by the coder as before."""
+
+  def __init__(self, coder_impl):
+    self._coder_impl = coder_impl
+
+  def get_estimated_size_and_observables(self, windowed_value, nested=False):
+    size = _buffer_bytes(getattr(windowed_value, 'value', None))
+    if size is None:
+      return self._coder_impl.get_estimated_size_and_observables(windowed_value, nested)
+    return size, []
+
+
+def _size_samples_from_buffers():
+  """Beam's SDK harness samples the elements each operation outputs and measures them for its
+  MeanByteCount metrics by encoding them with the PCollection's coder. For this project's
+  elements (RecordBatches of 65,536 rows, TF Transform's dicts of numpy arrays and tensors) the
+  coder is pickle: the samples were pickled whole, over 1.4 GB of pickling in a 1M-row run and
+  about 2 s of its wall time (paired runs, benchmarks/RESULTS.md). Their size is known without
+  encoding: each operation built by the in-process harness measures them from their buffers.
+  Where Beam's internals differ from what this expects, nothing changes."""
+  from apache_beam.runners.worker import bundle_processor
+  processor = bundle_processor.BundleProcessor
+  if getattr(processor, '_sizes_from_buffers', False):
+    return
+  init = processor.__init__
+
+  def __init__(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    try:  # the operations' receivers exist once __init__ has set them up
+      for op in self.ops.values():
+        for receiver in op.receivers:
+          counter = receiver.opcounter
+          if counter.coder_impl is not None:
+            counter.coder_impl = _SizeFromBuffers(counter.coder_impl)
+    except AttributeError:  # another Beam version: its own size sampling stays
+      pass
+
+  processor.__init__ = __init__
+  processor._sizes_from_buffers = True  # pylint: disable=protected-access
 
 
 def _fail_instructions_of_lost_workers():

@@ -1,0 +1,130 @@
+"""What pipelines/common.py adds to Beam for speed, against Beam's own behaviour:
+
+* ReadAhead runs a source DoFn in a thread of its own and must give exactly its outputs, in
+  order, raise its errors, stay a bounded number of outputs ahead and stop with the stage;
+* the DoFn state/timer inspection kept per DoFn must answer as Beam's own does;
+* element sizes read off Arrow and numpy buffers must be close to what they hold, and leave
+  every other value to Beam's coder.
+"""
+
+import threading
+import time
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+import tensorflow as tf
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import userstate
+
+from pipelines import common
+
+
+class _Numbers(beam.DoFn):
+  """n -> 0..n-1 on the main output, and the odd ones tagged 'odd' too; fails on n < 0."""
+
+  def __init__(self, produced=None):
+    self.produced = produced
+
+  def process(self, n):
+    if n < 0:
+      raise ValueError(f'negative: {n}')
+    for i in range(n):
+      if self.produced is not None:
+        self.produced.append(i)
+      yield i
+      if i % 2:
+        yield beam.pvalue.TaggedOutput('odd', i)
+
+
+def test_read_ahead_gives_every_output_in_order():
+  fn = common.ReadAhead(_Numbers())
+  outputs = list(fn.process(1000))
+  expected = []
+  for i in range(1000):
+    expected.append(i)
+    if i % 2:
+      expected.append(('odd', i))
+  assert [(o.tag, o.value) if isinstance(o, beam.pvalue.TaggedOutput) else o
+          for o in outputs] == expected
+
+
+def test_read_ahead_in_a_beam_pipeline_with_tagged_outputs():
+  with beam.Pipeline(runner=FnApiRunner()) as p:
+    results = (p | beam.Create([3, 5, 0])
+               | beam.ParDo(common.ReadAhead(_Numbers())).with_outputs('odd', main='all'))
+    assert_that(results.all, equal_to([0, 1, 2, 0, 1, 2, 3, 4]), label='all')
+    assert_that(results.odd, equal_to([1, 1, 3]), label='odd')
+
+
+def test_read_ahead_raises_the_sources_error_and_leaves_no_thread():
+  before = threading.active_count()
+  with pytest.raises(ValueError, match='negative: -1'):
+    list(common.ReadAhead(_Numbers()).process(-1))
+  assert threading.active_count() == before
+
+
+def test_read_ahead_stays_bounded_and_stops_with_the_stage():
+  produced = []
+  before = threading.active_count()
+  outputs = common.ReadAhead(_Numbers(produced), depth=3).process(10**9)
+  taken = [next(outputs) for _ in range(10)]  # the outputs of numbers 0 to 6
+  assert taken[:2] == [0, 1]
+  time.sleep(0.3)  # the thread runs as far ahead as it may
+  assert len(produced) <= 7 + 3 + 2  # 3 waiting outputs, and one in hand
+  outputs.close()  # the stage stops early (an error downstream, say)
+  assert threading.active_count() == before
+  stopped_at = len(produced)
+  time.sleep(0.1)
+  assert len(produced) == stopped_at
+
+
+class _Stateful(beam.DoFn):
+  COUNT = userstate.ReadModifyWriteStateSpec('count', beam.coders.VarIntCoder())
+
+  def process(self, kv, count=beam.DoFn.StateParam(COUNT)):
+    yield kv
+
+
+def test_kept_dofn_specs_answer_as_beam_does():
+  common.make_pipeline([])  # installs the speed-ups
+  stateful, plain = _Stateful(), _Numbers()
+  for _ in range(2):  # the second answer comes from what was kept
+    assert userstate.is_stateful_dofn(stateful)
+    assert not userstate.is_stateful_dofn(plain)
+    states, timers = userstate.get_dofn_specs(stateful)
+    assert [s.name for s in states] == ['count'] and not timers
+    states.clear()  # callers get copies: what is kept does not change
+  assert len(userstate.get_dofn_specs(stateful)[0]) == 1
+
+
+def test_sizes_from_buffers():
+  batch = pa.RecordBatch.from_arrays([pa.array(np.arange(1000, dtype=np.int64))], ['x'])
+  assert common._buffer_bytes(batch) == 8000
+  floats = np.zeros((100, 4), np.float32)
+  assert common._buffer_bytes({'a': floats, 'b': (None, 3)}) == 1600 + 16
+  words = np.array([b'abcd'] * 50, dtype=object)
+  assert common._buffer_bytes(words) == 50 * (8 + 4)
+  assert common._buffer_bytes(tf.constant([1.0, 2.0])) == 8
+  assert common._buffer_bytes(tf.constant(3, tf.int64)) == 8
+  assert common._buffer_bytes(tf.constant([b'ab', b'cd'])) == 2 * (8 + 2)
+  assert common._buffer_bytes((batch, {})) == 8000
+  assert common._buffer_bytes(object()) is None  # left to Beam's coder
+  assert common._buffer_bytes([1, object()]) is None
+
+
+def test_pipelines_run_with_sizes_from_buffers(monkeypatch):
+  """The in-process harness measures sampled elements from their buffers, and the pipeline's
+  results are unchanged."""
+  measured = []
+  size_of = common._buffer_bytes
+  monkeypatch.setattr(common, '_buffer_bytes', lambda v: measured.append(v) or size_of(v))
+  p = common.make_pipeline([])
+  rows = (p | beam.Create([1, 2, 3])
+          | beam.Map(lambda n: pa.RecordBatch.from_arrays([pa.array(np.zeros(n * 1000))], ['x']))
+          | beam.Map(lambda batch: batch.num_rows))
+  assert_that(rows, equal_to([1000, 2000, 3000]))
+  p.run().wait_until_finish()
+  assert any(isinstance(v, pa.RecordBatch) for v in measured)
