@@ -200,6 +200,9 @@ def _remember_dofn_specs():
   userstate._specs_remembered = True  # pylint: disable=protected-access
 
 
+_SIZE_HEAD = 64
+
+
 def _buffer_bytes(value):
   """About the bytes an Arrow or numpy value holds, or a dict, list or tuple of them and of
   scalars; None for anything else."""
@@ -218,13 +221,15 @@ def _buffer_bytes(value):
   if isinstance(value, (bytes, str)):
     return len(value)
   if isinstance(value, (dict, list, tuple)):
+    items = list(value.values()) if isinstance(value, dict) else value
+    head = items[:_SIZE_HEAD]  # a long list (of vocabulary counts, say): its first items
     total = 0
-    for item in (value.values() if isinstance(value, dict) else value):
+    for item in head:
       size = _buffer_bytes(item)
       if size is None:
         return None
       total += size
-    return total
+    return total * len(items) // len(head) if head else 0
   if type(value).__name__ == 'EagerTensor':  # TF Transform passes some tensors on
     return _buffer_bytes(value.numpy())
   return None
