@@ -150,6 +150,7 @@ def pipeline_options(beam_args):
   check this project's own, tested transforms, and on TF Transform's many small transforms they
   cost over a second of every run's start-up (measured with cProfile).
   """
+  _keep_option_views()
   beam_args = list(beam_args)
   if not any(a.lstrip('-').split('=')[0] in ('pipeline_type_check', 'no_pipeline_type_check')
              for a in beam_args):
@@ -167,6 +168,32 @@ def make_pipeline(beam_args):
   _remember_dofn_specs()
   _size_samples_from_buffers()
   return beam.Pipeline(runner=runner, options=options)
+
+
+def _keep_option_views():
+  """Beam reads an option through a view (options.view_as(SomeOptions)), and builds each view
+  anew: a fresh argparse parser with all that class's flags, parsed again. While the pipeline is
+  built it does so for every transform applied, about 1,800 views for TF Transform's transforms,
+  about 0.7 s of every run's start-up (cProfile, benchmarks/RESULTS.md). A view holds nothing of
+  its own (its values live in the options' shared dictionary, which every view reads and
+  writes), so the first view of each class is kept for each options object and given again."""
+  if getattr(PipelineOptions, '_views_kept', False):
+    return
+  make_view = PipelineOptions.view_as
+  views = weakref.WeakKeyDictionary()
+
+  def view_as(self, cls):
+    try:
+      kept = views.setdefault(self, {})
+    except TypeError:  # cannot be weakly referenced: a view each time, as before
+      return make_view(self, cls)
+    view = kept.get(cls)
+    if view is None:
+      view = kept[cls] = make_view(self, cls)
+    return view
+
+  PipelineOptions.view_as = view_as
+  PipelineOptions._views_kept = True  # pylint: disable=protected-access
 
 
 def _remember_dofn_specs():

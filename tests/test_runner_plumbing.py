@@ -128,3 +128,20 @@ def test_pipelines_run_with_sizes_from_buffers(monkeypatch):
   assert_that(rows, equal_to([1000, 2000, 3000]))
   p.run().wait_until_finish()
   assert any(isinstance(v, pa.RecordBatch) for v in measured)
+
+
+def test_kept_option_views_read_and_write_the_same_options():
+  from apache_beam.options.pipeline_options import (DebugOptions, PipelineOptions,
+                                                    StandardOptions)
+  import pickle
+  options, _ = common.pipeline_options(['--runner=SomeRunner', '--experiments=a'])
+  assert options.view_as(StandardOptions) is options.view_as(StandardOptions)
+  options.view_as(StandardOptions).runner = 'Other'
+  assert options.view_as(StandardOptions).runner == 'Other'
+  assert options.get_all_options()['runner'] == 'Other'
+  options.view_as(DebugOptions).add_experiment('b')
+  assert options.view_as(DebugOptions).experiments == ['a', 'b']
+  assert options.view_as(PipelineOptions).get_all_options()['experiments'] == ['a', 'b']
+  copy = pickle.loads(pickle.dumps(options))  # what a runner ships: the options, no views
+  assert copy.view_as(StandardOptions).runner == 'Other'
+  assert copy.view_as(StandardOptions) is not options.view_as(StandardOptions)
