@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic  # noqa: E402
 
 MODULE = os.path.join(ROOT, 'benchmarks', 'synthetic.py')
-GZIP_LEVEL = 1  # what pipelines.tabular writes, so (d) writes the same bytes' worth of work
+GZIP_LEVEL = 1  # the level pipelines.tabular writes (with ISA-L's deflate; (d) uses TF's zlib)
 
 
 def _transform_context(temp_dir):
@@ -179,12 +179,14 @@ import resource, subprocess, sys, time
 start = time.perf_counter()
 code = subprocess.run(sys.argv[1:]).returncode
 seconds = time.perf_counter() - start
-print('RESULT', code, seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print('RESULT', code, seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
 '''
 
 
 def timed(contender, csv_path, out, workers=None):
-  """(seconds, peak RSS in MiB) of one run in a fresh process."""
+  """(seconds, peak RSS in MiB, CPU seconds of all its processes) of one run in a fresh
+  process."""
   shutil.rmtree(out, ignore_errors=True)
   os.makedirs(out)
   if contender == 'c':  # the user's command itself, not through this script's imports
@@ -197,7 +199,7 @@ def timed(contender, csv_path, out, workers=None):
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1].split()
   if line[1] != '0':
     sys.exit(f'error: contender {contender} failed:\n{proc.stderr[-3000:]}')
-  return float(line[2]), int(line[3]) / 1024
+  return float(line[2]), int(line[3]) / 1024, float(line[4])
 
 
 def _row(name, seconds, rss, rows):
@@ -233,7 +235,7 @@ def main():
     rss = {c: [] for c in contenders}
     for run in range(args.runs):
       for c in contenders:
-        s, m = timed(c, csv_path, os.path.join(work, 'out'))
+        s, m, _ = timed(c, csv_path, os.path.join(work, 'out'))
         seconds[c].append(s)
         rss[c].append(m)
         print(f'run {run + 1} {c}: {s:7.1f} s  {args.rows / s:9,.0f} rows/s  {m:6.0f} MiB',
@@ -255,19 +257,23 @@ def main():
     if args.scale_rows:
       big = os.path.join(work, f'rows_{args.scale_rows}.csv')
       synthetic.write_csv(big, args.scale_rows)
-      one, two, rss_big = [], [], []
+      one, two, rss_big, cpu_one, cpu_two = [], [], [], [], []
       for run in range(args.scale_runs):
-        s1, m1 = timed('c', big, os.path.join(work, 'out'))
-        s2, _ = timed('c', big, os.path.join(work, 'out'), workers=2)
+        s1, m1, c1 = timed('c', big, os.path.join(work, 'out'))
+        s2, _, c2 = timed('c', big, os.path.join(work, 'out'), workers=2)
         one.append(s1)
         two.append(s2)
         rss_big.append(m1)
-        print(f'scale run {run + 1}: 1 worker {s1:.1f} s ({m1:.0f} MiB), 2 workers {s2:.1f} s',
-              flush=True)
+        cpu_one.append(c1)
+        cpu_two.append(c2)
+        print(f'scale run {run + 1}: 1 worker {s1:.1f} s ({m1:.0f} MiB, {c1:.1f} s CPU), '
+              f'2 workers {s2:.1f} s ({c2:.1f} s CPU)', flush=True)
       print(f'\n(c) on {args.scale_rows:,} rows, median of {args.scale_runs} runs')
       print(f'  1 worker  {statistics.median(one):8.1f} s {args.scale_rows / statistics.median(one):10,.0f} rows/s '
-            f'{statistics.median(rss_big):8.0f} MiB')
+            f'{statistics.median(rss_big):8.0f} MiB, {statistics.median(cpu_one):.1f} s CPU '
+            f'({statistics.median(cpu_one) / statistics.median(one):.2f} cores busy on average)')
       print(f'  2 workers {statistics.median(two):8.1f} s {args.scale_rows / statistics.median(two):10,.0f} rows/s'
+            f' {statistics.median(cpu_two):.1f} s CPU'
             ' (--direct_num_workers=2 --direct_running_mode=multi_processing)')
       print(f'  speed-up with 2 workers: {statistics.median(one) / statistics.median(two):.2f}x '
             '(target >= 1.6x)')
