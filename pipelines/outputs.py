@@ -296,8 +296,9 @@ GZIP_LEVEL = 1
 # Shards are compressed with ISA-L's deflate (python-isal) where it is installed (it is one of
 # this package's requirements): standard gzip members that TensorFlow and gzip read, made about
 # 4x faster than zlib's level 1 for files about 3% larger (100 MB of encoded Examples: 0.16 s
-# against 0.61 s on the 2-core machine of benchmarks/RESULTS.md). Compression was the largest
-# part of the writer threads' work, and the transform pass is CPU-bound on two cores.
+# against 0.61 s on the 2-core machine of benchmarks/RESULTS.md). The writer threads' work
+# (encoding, framing, compression) is about half of the transform pass's CPU time, and that
+# pass is CPU-bound on two cores.
 try:
   from isal import isal_zlib as _deflate
 except ImportError:  # a platform without its wheels: zlib, the same format
