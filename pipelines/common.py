@@ -12,7 +12,7 @@ import weakref
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 
 # Side outputs of the sources' DoFns: dead-letter dicts, and rows carved out for the eval split.
@@ -149,25 +149,48 @@ def pipeline_options(beam_args):
   Beam's construction-time type checks are off unless asked for (--pipeline_type_check): they
   check this project's own, tested transforms, and on TF Transform's many small transforms they
   cost over a second of every run's start-up (measured with cProfile).
+
+  SDK worker processes (multi-process, portable runners, Dataflow) import WORKER_PLUGIN first
+  (Beam's --beam_plugins), so that they run with the same speed-ups as this process.
   """
   _keep_option_views()
-  beam_args = list(beam_args)
+  beam_args = list(beam_args) + [f'--beam_plugins={WORKER_PLUGIN}']
   if not any(a.lstrip('-').split('=')[0] in ('pipeline_type_check', 'no_pipeline_type_check')
              for a in beam_args):
     beam_args.append('--no_pipeline_type_check')
   options = PipelineOptions(beam_args)
   if options.view_as(StandardOptions).runner is None:
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    return options, FnApiRunner()
+    return options, _in_process_runner(options.view_as(SetupOptions).beam_plugins)
   return options, None
+
+
+def _in_process_runner(plugins):
+  """Beam's FnApiRunner, whose worker processes (--direct_running_mode=multi_processing) import
+  `plugins`: it passes them no pipeline options of their own unless given them here."""
+  from apache_beam.portability.api import beam_provision_api_pb2
+  from apache_beam.runners.job import utils as job_utils
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner, fn_runner
+  return FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(
+          retrieval_token='unused-retrieval-token',
+          pipeline_options=job_utils.dict_to_struct({'beam_plugins': list(plugins)}))))
+
+
+WORKER_PLUGIN = 'pipelines.worker_plugin'
 
 
 def make_pipeline(beam_args):
   options, runner = pipeline_options(beam_args)
   _fail_instructions_of_lost_workers()
+  install_worker_speedups()
+  return beam.Pipeline(runner=runner, options=options)
+
+
+def install_worker_speedups():
+  """What speeds up the running of bundles, wherever an SDK worker runs them: in this process
+  (Beam's in-process runner) or in a worker process, which imports WORKER_PLUGIN to call this."""
   _remember_dofn_specs()
   _size_samples_from_buffers()
-  return beam.Pipeline(runner=runner, options=options)
 
 
 def _keep_option_views():

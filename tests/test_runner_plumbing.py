@@ -145,3 +145,25 @@ def test_kept_option_views_read_and_write_the_same_options():
   copy = pickle.loads(pickle.dumps(options))  # what a runner ships: the options, no views
   assert copy.view_as(StandardOptions).runner == 'Other'
   assert copy.view_as(StandardOptions) is not options.view_as(StandardOptions)
+
+
+def _worker_facts(_):
+  import os
+  import sys
+  return os.getpid(), 'pipelines.worker_plugin' in sys.modules
+
+
+def test_worker_processes_run_with_the_speedups():
+  """Beam's in-process runner starts multi-process workers without pipeline options; they are
+  given --beam_plugins, so each imports pipelines.worker_plugin before running a bundle."""
+  import os
+  p = common.make_pipeline(['--direct_num_workers=2', '--direct_running_mode=multi_processing'])
+  facts = p | beam.Create(list(range(8))) | beam.Map(_worker_facts)
+  launcher = os.getpid()
+  assert_that(facts, lambda found: _check_worker_facts(found, launcher))
+  p.run().wait_until_finish()
+
+
+def _check_worker_facts(found, launcher_pid):
+  assert found and all(imported for _, imported in found), found
+  assert all(pid != launcher_pid for pid, _ in found), found
