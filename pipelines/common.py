@@ -56,6 +56,12 @@ class ReadAhead(beam.DoFn):
   def teardown(self):
     self._fn.teardown()
 
+  def start_bundle(self):
+    self._fn.start_bundle()
+
+  def finish_bundle(self):  # after every element's thread has ended (process joins it)
+    return self._fn.finish_bundle()
+
   def process(self, element):
     ready = queue.Queue(maxsize=self._depth)
     stop = threading.Event()
@@ -305,9 +311,10 @@ def _size_samples_from_buffers():
   MeanByteCount metrics by encoding them with the PCollection's coder. For this project's
   elements (RecordBatches of 65,536 rows, TF Transform's dicts of numpy arrays and tensors) the
   coder is pickle: the samples were pickled whole, over 1.4 GB of pickling in a 1M-row run and
-  about 2 s of its wall time (paired runs, benchmarks/RESULTS.md). Their size is known without
-  encoding: each operation built by the in-process harness measures them from their buffers.
-  Where Beam's internals differ from what this expects, nothing changes."""
+  about 2 s of the main thread's work under cProfile (benchmarks/RESULTS.md). Their size is
+  known without encoding: each operation built by this process's harness (the in-process runner,
+  or a worker process that imported WORKER_PLUGIN) measures them from their buffers. Where
+  Beam's internals differ from what this expects, nothing changes."""
   from apache_beam.runners.worker import bundle_processor
   processor = bundle_processor.BundleProcessor
   if getattr(processor, '_sizes_from_buffers', False):

@@ -59,6 +59,26 @@ def test_read_ahead_in_a_beam_pipeline_with_tagged_outputs():
     assert_that(results.odd, equal_to([1, 1, 3]), label='odd')
 
 
+class _Bundled(beam.DoFn):
+  """Counts its bundle's elements and outputs the count when the bundle finishes."""
+
+  def start_bundle(self):
+    self.count = 0
+
+  def process(self, n):
+    self.count += 1
+    yield n
+
+  def finish_bundle(self):
+    yield beam.transforms.window.GlobalWindows.windowed_value(('count', self.count))
+
+
+def test_read_ahead_keeps_the_sources_bundle_methods():
+  with beam.Pipeline(runner=FnApiRunner()) as p:
+    results = p | beam.Create([5, 6, 7]) | beam.ParDo(common.ReadAhead(_Bundled()))
+    assert_that(results, equal_to([5, 6, 7, ('count', 3)]))
+
+
 def test_read_ahead_raises_the_sources_error_and_leaves_no_thread():
   before = threading.active_count()
   with pytest.raises(ValueError, match='negative: -1'):
