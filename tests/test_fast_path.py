@@ -168,7 +168,7 @@ def test_shard_writer_output_reads_back_with_tensorflow(tmp_path, compression):
 
 
 def test_framing_matches_tensorflows_writer(tmp_path):
-  records = [b'', b'a', b'x' * 70000, bytes(range(256))]
+  records = [b'', b'a', b'x' * 70000, bytes(range(256)), b'b', b'', bytes(range(255, -1, -1))]
   path = tmp_path / 'ours.tfrecord'
   path.write_bytes(outputs.frame_records(records))
   with tf.io.TFRecordWriter(str(tmp_path / 'tf.tfrecord')) as writer:

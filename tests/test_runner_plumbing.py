@@ -167,6 +167,21 @@ def test_kept_option_views_read_and_write_the_same_options():
   assert copy.view_as(StandardOptions) is not options.view_as(StandardOptions)
 
 
+def _sampling_period(_):
+  from apache_beam.runners.worker import statesampler
+  return statesampler.get_current_tracker().sampling_period_ms
+
+
+def test_bundles_sample_their_states_briefly():
+  """Each bundle's state sampler wakes every SAMPLING_PERIOD_MS at most, so that the harness,
+  which joins it when the bundle ends, does not wait up to Beam's default 200 ms for it."""
+  p = common.make_pipeline([])
+  periods = p | beam.Create([1, 2]) | beam.Map(_sampling_period)
+  assert_that(periods, equal_to([common.SAMPLING_PERIOD_MS] * 2))
+  p.run().wait_until_finish()
+  assert common.SAMPLING_PERIOD_MS < 200
+
+
 def _worker_facts(_):
   import os
   import sys
