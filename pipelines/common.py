@@ -2,9 +2,13 @@
 
 import argparse
 import atexit
+import collections
+import hashlib
 import logging
 import os
+import pickle
 import queue
+import shutil
 import sys
 import threading
 import weakref
@@ -20,16 +24,160 @@ ERRORS_TAG = 'errors'
 EVAL_TAG = 'eval'
 
 
-def read_units(pbegin, units, read_fn, carves_eval):
+def read_units(pbegin, units, read_fn, carves_eval, spill=None):
   """Work units (files, ranges, shards) -> (RecordBatches, carved eval RecordBatches or None,
-  dead letters), read by `read_fn`, a DoFn with the ERRORS_TAG and EVAL_TAG side outputs."""
+  dead letters), read by `read_fn`, a DoFn with the ERRORS_TAG and EVAL_TAG side outputs.
+  `spill`: a Spill this read writes or replays (see Spill), or None."""
   outputs = (
       pbegin
       | 'ListUnits' >> beam.Create(list(units))
       # A unit is a file, a range of one or a shard: spread them over workers before reading.
       | 'SpreadUnits' >> beam.Reshuffle()
-      | 'Read' >> beam.ParDo(ReadAhead(read_fn)).with_outputs(ERRORS_TAG, EVAL_TAG, main='rows'))
+      | 'Read' >> beam.ParDo(ReadAhead(read_fn, spill=spill)).with_outputs(
+          ERRORS_TAG, EVAL_TAG, main='rows'))
   return outputs.rows, (outputs[EVAL_TAG] if carves_eval else None), outputs[ERRORS_TAG]
+
+
+class Spill:
+  """What one read of a split's work units gave, kept on local disk for a later read of the
+  same units to give again instead of parsing (and decoding) them a second time.
+
+  The train split is read twice: once for TF Transform's analysis, then again for the transform
+  (see job.transform_and_write). Parsing the second time was about a seventh of the transform
+  pass's CPU (1M CSV rows), and that pass is CPU-bound on two cores. With a Spill, the first
+  read (`writes`) also writes each unit's outputs to a directory of its own in DIRECTORY, on its
+  read-ahead thread: RecordBatches as Arrow IPC streams (Arrow writes and reads them in C++,
+  without the GIL that the analysis needs), dead letters pickled. The directory gets its final
+  name only once the unit was read to its end. The second read takes a unit's directory when
+  there is one (renaming it first, so that no other read takes it too) and gives its outputs,
+  then deletes it; else (another machine read it, the budget ran out, a retry) it reads the unit
+  as before, so the outputs are the same either way.
+
+  Only for runners whose workers share this machine's disk (the in-process runner, in one or
+  several processes: job.make_spill). A process writes at most BUDGET bytes in a DIRECTORY, and
+  leaves at least FREE_MARGIN free on the disk; past that, units are not spilled.
+  """
+
+  BUDGET = 4 << 30
+  FREE_MARGIN = 2 << 30
+  _written = collections.Counter()  # bytes this process has spilled, by directory
+  _lock = threading.Lock()
+  _STREAMS = {None: 'rows.arrow', EVAL_TAG: 'eval.arrow'}  # other outputs: OTHERS, pickled
+  _OTHERS = 'others.pickle'
+
+  def __init__(self, directory, writes):
+    self.directory = directory
+    self.writes = writes
+
+  def replaying(self):
+    return Spill(self.directory, writes=False)
+
+  def _path(self, unit):
+    return os.path.join(self.directory, hashlib.sha1(repr(unit).encode('utf-8')).hexdigest())
+
+  def replay(self, unit):
+    """The outputs a writing read kept for `unit` (taking them: a second replay gets None), or
+    None."""
+    path = self._path(unit)
+    taken = f'{path}.{os.getpid()}.{threading.get_ident()}.taken'
+    try:
+      os.rename(path, taken)
+    except FileNotFoundError:
+      return None
+    return self._replay(taken)
+
+  def _replay(self, path):
+    try:
+      for tag, name in self._STREAMS.items():
+        if os.path.exists(os.path.join(path, name)):
+          with pa.OSFile(os.path.join(path, name)) as f:
+            for batch in pa.ipc.open_stream(f):
+              yield batch if tag is None else beam.pvalue.TaggedOutput(tag, batch)
+      if os.path.exists(os.path.join(path, self._OTHERS)):
+        with open(os.path.join(path, self._OTHERS), 'rb') as f:
+          for tag, value in pickle.load(f):
+            yield beam.pvalue.TaggedOutput(tag, value)
+    finally:
+      shutil.rmtree(path, ignore_errors=True)
+
+  def writer(self, unit):
+    return _SpillWriter(self, self._path(unit))
+
+  @classmethod
+  def _reserve(cls, size, directory):
+    """Whether `size` more bytes may be spilled in `directory` (then counted)."""
+    with cls._lock:
+      if cls._written[directory] + size > cls.BUDGET:
+        return False
+      if shutil.disk_usage(directory).free - size < cls.FREE_MARGIN:
+        return False
+      cls._written[directory] += size
+      return True
+
+
+class _SpillWriter:
+  """Writes one unit's outputs under `path` + '.partial'; commit() gives it its final name.
+  Anything it cannot keep (over the budget, a batch of another schema) drops the whole unit."""
+
+  def __init__(self, spill, path):
+    self._spill = spill
+    self._path = path
+    self._partial = f'{path}.{os.getpid()}.{threading.get_ident()}.partial'
+    self._streams = {}  # tag -> (file, IPC writer)
+    self._others = []
+    self._dropped = False
+    os.makedirs(self._partial)
+
+  def add(self, output):
+    if self._dropped:
+      return
+    tag, value = ((output.tag, output.value) if isinstance(output, beam.pvalue.TaggedOutput)
+                  else (None, output))
+    streamed = tag in Spill._STREAMS and isinstance(value, pa.RecordBatch)  # pylint: disable=protected-access
+    size = value.nbytes if streamed else (_buffer_bytes(value) or 1024)
+    if not Spill._reserve(size, self._spill.directory):  # pylint: disable=protected-access
+      self.drop()
+      return
+    try:
+      if streamed:
+        self._stream(tag, value.schema).write_batch(value)
+      else:
+        self._others.append((tag, value))
+    except (pa.ArrowException, OSError, ValueError):  # not kept: the unit is read again
+      self.drop()
+
+  def _stream(self, tag, schema):
+    if tag not in self._streams:
+      f = pa.OSFile(os.path.join(self._partial, Spill._STREAMS[tag]), 'wb')  # pylint: disable=protected-access
+      self._streams[tag] = (f, pa.ipc.new_stream(f, schema))
+    return self._streams[tag][1]
+
+  def commit(self):
+    if self._dropped:
+      return
+    try:
+      self._close()
+      if self._others:
+        with open(os.path.join(self._partial, Spill._OTHERS), 'wb') as f:  # pylint: disable=protected-access
+          pickle.dump(self._others, f, protocol=pickle.HIGHEST_PROTOCOL)
+      os.rename(self._partial, self._path)
+    except (pa.ArrowException, OSError, pickle.PicklingError):
+      self.drop()
+
+  def _close(self):
+    for f, writer in self._streams.values():
+      writer.close()
+      f.close()
+    self._streams = {}
+
+  def drop(self):
+    self._dropped = True
+    self._others = []
+    try:
+      self._close()
+    except (pa.ArrowException, OSError):
+      pass
+    shutil.rmtree(self._partial, ignore_errors=True)
 
 
 class ReadAhead(beam.DoFn):
@@ -46,9 +194,10 @@ class ReadAhead(beam.DoFn):
 
   _END = object()
 
-  def __init__(self, fn, depth=3):
+  def __init__(self, fn, depth=3, spill=None):
     self._fn = fn
     self._depth = depth
+    self._spill = spill
 
   def setup(self):
     self._fn.setup()
@@ -77,7 +226,7 @@ class ReadAhead(beam.DoFn):
 
     def produce():
       try:
-        for output in self._fn.process(element) or ():
+        for output in self._outputs(element):
           if not put((None, output)):
             return
         put((None, self._END))
@@ -97,6 +246,32 @@ class ReadAhead(beam.DoFn):
     finally:
       stop.set()
       thread.join()
+
+
+  def _outputs(self, element):
+    """The source's outputs for `element`: read, or replayed from a Spill, or read and spilled."""
+    if self._spill is None:
+      yield from self._fn.process(element) or ()
+      return
+    if not self._spill.writes:
+      replayed = self._spill.replay(element)
+      if replayed is None:
+        replayed = self._fn.process(element) or ()
+      yield from replayed
+      return
+    try:
+      writer = self._spill.writer(element)
+    except OSError:  # nowhere to write it: the unit is read again later, as without a spill
+      yield from self._fn.process(element) or ()
+      return
+    try:
+      for output in self._fn.process(element) or ():
+        writer.add(output)
+        yield output
+    except BaseException:
+      writer.drop()
+      raise
+    writer.commit()
 
 
 class UserError(Exception):

@@ -798,14 +798,16 @@ class ReadCsv(beam.PTransform):
   or None, dead-letter dicts)."""
 
   def __init__(self, files: Sequence[str], fmt: CsvFormat, split: str, eval_fraction=0.0,
-               rows_per_batch=8192):
+               rows_per_batch=8192, spill=None):
     super().__init__()
     self._files = list(files)
     self._fmt = fmt
     self._split = split
     self._eval_fraction = eval_fraction
     self._rows_per_batch = rows_per_batch
+    self._spill = spill
 
   def expand(self, pbegin):
     return read_units(pbegin, self._files, ReadCsvFileFn(
-        self._fmt, self._split, self._eval_fraction, self._rows_per_batch), self._eval_fraction)
+        self._fmt, self._split, self._eval_fraction, self._rows_per_batch), self._eval_fraction,
+                      self._spill)

@@ -535,14 +535,16 @@ class ReadImages(beam.PTransform):
   letters)."""
 
   def __init__(self, units, fmt: ImageFormat, split: str, eval_fraction=0.0,
-               images_per_batch=256, label: Optional[str] = None):
+               images_per_batch=256, label: Optional[str] = None, spill=None):
     super().__init__(label)
     self._units = list(units)
     self._fmt = fmt
     self._split = split
     self._eval_fraction = eval_fraction
     self._images_per_batch = images_per_batch
+    self._spill = spill
 
   def expand(self, pbegin):
     return read_units(pbegin, self._units, ReadImagesFn(
-        self._fmt, self._split, self._eval_fraction, self._images_per_batch), self._eval_fraction)
+        self._fmt, self._split, self._eval_fraction, self._images_per_batch), self._eval_fraction,
+                      self._spill)

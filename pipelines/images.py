@@ -109,12 +109,15 @@ def run(argv=None):
 
   pipeline = common.make_pipeline(beam_args)
   with tft_beam.Context(temp_dir=out.tmp, desired_batch_size=args.images_per_batch):
+    spill = job.make_spill(pipeline, out)
     raw, errors, analyze = job.read_splits(
-        pipeline, lambda u, split, fraction: image_source.ReadImages(
-            u, fmt, split, fraction, args.images_per_batch), units, args.eval_fraction, 'Images')
+        pipeline, lambda u, split, fraction, spill: image_source.ReadImages(
+            u, fmt, split, fraction, args.images_per_batch, spill=spill), units,
+        args.eval_fraction, 'Images', spill)
     job.transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, out, shards,
                             args.compression)
-    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, what='images')
+    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, what='images',
+                               spill=spill)
   if counts is None:
     return None
 

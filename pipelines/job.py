@@ -5,6 +5,9 @@ letters and the counts; then run the job, check what it did and publish (or publ
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 
 import apache_beam as beam
@@ -59,13 +62,29 @@ def plan_splits(args, input_bytes):
   return splits, {s: args.num_shards or outputs.auto_num_shards(input_bytes[s]) for s in splits}
 
 
-def read_splits(pipeline, read, units, eval_fraction, name):
-  """Reads every split with `read(units, split, eval_fraction)`, a source PTransform returning
-  (RecordBatches, carved eval RecordBatches or None, dead letters). Returns ({split: batches},
-  {split: dead letters}, a second read of the train split for the analysis alone)."""
+def make_spill(pipeline, out):
+  """A common.Spill for the train split's two reads, in a local directory of this run, where
+  the pipeline's workers share this machine's disk (Beam's in-process runner, in one process or
+  several); None elsewhere. run_and_check removes the directory."""
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=import-outside-toplevel
+  if not isinstance(pipeline.runner, FnApiRunner) or common.is_dry_run(pipeline):
+    return None
+  if FileSystems.get_scheme(out.staging) is None:  # a plain local path
+    directory = os.path.join(out.staging, 'spill')
+  else:
+    directory = tempfile.mkdtemp(prefix='spill-')
+  return common.Spill(directory, writes=True)
+
+
+def read_splits(pipeline, read, units, eval_fraction, name, spill=None):
+  """Reads every split with `read(units, split, eval_fraction, spill)`, a source PTransform
+  returning (RecordBatches, carved eval RecordBatches or None, dead letters). Returns ({split:
+  batches}, {split: dead letters}, a second read of the train split for the analysis alone).
+  With `spill` (make_spill), the analysis's read keeps what it read for the other read of the
+  train split, which runs after it (common.Spill)."""
   raw, errors = {}, {}
   raw['train'], carved_eval, errors['train'] = pipeline | f'ReadTrain{name}' >> read(
-      units['train'], 'train', eval_fraction)
+      units['train'], 'train', eval_fraction, spill and spill.replaying())
   if eval_fraction:
     raw['eval'] = carved_eval
     errors['train'], errors['eval'] = (
@@ -73,11 +92,11 @@ def read_splits(pipeline, read, units, eval_fraction, name):
             lambda e, _: int(e['split'] == 'eval'), 2))
   elif 'eval' in units:
     raw['eval'], _, errors['eval'] = pipeline | f'ReadEval{name}' >> read(
-        units['eval'], 'eval', 0.0)
+        units['eval'], 'eval', 0.0, None)
   # The analysis reads the train split again (see transform_and_write); only the rows and dead
   # letters of the read above are counted.
   analyze, _, _ = pipeline | f'ReadTrain{name}ForAnalysis' >> read(
-      units['train'], 'train', eval_fraction)
+      units['train'], 'train', eval_fraction, spill)
   raw = {split: progress.count_batches(batches, 'transform', split)
          for split, batches in raw.items()}
   return raw, errors, progress.count_batches(analyze, 'analyze', 'train')
@@ -107,6 +126,8 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
   runners a PCollection that two stages consume (analysis, then transform once the analysis is
   done) is held in memory in full between them; reading the input twice keeps memory flat
   whatever the data size, and costs less time than holding it (benchmarks/tabular_pipeline.py).
+  Where the workers share this machine's disk, the second read does not parse again: it gives
+  what the analysis's read spilled to disk (read_splits, common.Spill).
   """
   vocabulary.install()
   transform_fn = ((analyze, adapter_config)
@@ -145,7 +166,7 @@ def _check_bad_rows(split, counts, limit, out, what):
         f'--max-bad-rows allows ({allowed}); see {out.errors_path(split)}; nothing was published')
 
 
-def run_and_check(pipeline, out, splits, max_bad_rows, what='rows'):
+def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
   """Runs the job; returns {split: counts} of a successful run, or None for a dry run.
 
   Any failure is one UserError line and leaves DIR as it was (nothing published).
@@ -155,6 +176,9 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows'):
       state = pipeline.run().wait_until_finish()
   except Exception as e:  # a worker's failure (often the user's preprocessing_fn)
     raise common.UserError(out.failure(e)) from e
+  finally:
+    if spill is not None:  # what a retried or unfinished read left
+      shutil.rmtree(spill.directory, ignore_errors=True)
   if common.is_dry_run(pipeline):
     out.discard()
     _LOG.info('dry run: the job was built and not run; nothing was written')

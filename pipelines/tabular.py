@@ -84,12 +84,14 @@ def run(argv=None):
 
   pipeline = common.make_pipeline(beam_args)
   with tft_beam.Context(temp_dir=out.tmp):
+    spill = job.make_spill(pipeline, out)
     raw, errors, analyze = job.read_splits(
-        pipeline, lambda u, split, fraction: csv_source.ReadCsv(
-            u, fmt, split, fraction, args.rows_per_batch), units, args.eval_fraction, 'Csv')
+        pipeline, lambda u, split, fraction, spill: csv_source.ReadCsv(
+            u, fmt, split, fraction, args.rows_per_batch, spill=spill), units, args.eval_fraction,
+        'Csv', spill)
     job.transform_and_write(raw, errors, analyze, adapter_config, contract.preprocessing_fn, out,
                             shards, args.compression)
-    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit)
+    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, spill=spill)
   if counts is None:
     return None
 

@@ -101,6 +101,75 @@ def test_read_ahead_stays_bounded_and_stops_with_the_stage():
   assert len(produced) == stopped_at
 
 
+def _as_list(outputs):
+  return [(o.tag, o.value) if isinstance(o, beam.pvalue.TaggedOutput) else (None, o)
+          for o in outputs]
+
+
+class _Batches(beam.DoFn):
+  """unit -> two RecordBatches, a carved eval batch and a dead letter; counts its reads."""
+
+  def __init__(self):
+    self.reads = []
+
+  def process(self, unit):
+    self.reads.append(unit)
+    yield pa.record_batch({'x': pa.array([1.0, 2.0]), 'unit': pa.array([unit] * 2)})
+    yield beam.pvalue.TaggedOutput(common.EVAL_TAG, pa.record_batch({'x': pa.array([3.0])}))
+    yield beam.pvalue.TaggedOutput(common.ERRORS_TAG, {'file': unit, 'line': 7, 'kind': 'x'})
+    yield pa.record_batch({'x': pa.array([4.0]), 'unit': pa.array([unit])})
+
+
+def test_spill_gives_the_second_read_what_the_first_read_gave(tmp_path):
+  spill = common.Spill(str(tmp_path / 'spill'), writes=True)
+  first, second = _Batches(), _Batches()
+  read = _as_list(common.ReadAhead(first, spill=spill).process('a.csv'))
+  assert first.reads == ['a.csv'] and len(read) == 4
+  assert len(list((tmp_path / 'spill').iterdir())) == 1  # committed: no .partial
+  assert not list((tmp_path / 'spill').glob('*.partial'))
+  replayed = _as_list(common.ReadAhead(second, spill=spill.replaying()).process('a.csv'))
+  assert second.reads == []  # not read again
+  def comparable(outputs):  # each output PCollection's elements, in order
+    return sorted((str(t), repr(v.to_pydict() if isinstance(v, pa.RecordBatch) else v))
+                  for t, v in outputs)
+
+  assert comparable(replayed) == comparable(read)
+  assert not list((tmp_path / 'spill').iterdir())  # each spill is replayed once
+  # A unit without a spill (read elsewhere, or replayed already) is read.
+  again = _as_list(common.ReadAhead(second, spill=spill.replaying()).process('a.csv'))
+  assert second.reads == ['a.csv'] and len(again) == 4
+
+
+def test_spill_keeps_nothing_of_a_failed_or_unfinished_read(tmp_path):
+  spill = common.Spill(str(tmp_path), writes=True)
+  with pytest.raises(ValueError, match='negative'):
+    list(common.ReadAhead(_Numbers(), spill=spill).process(-1))
+  outputs = common.ReadAhead(_Numbers(), spill=spill).process(10**9)
+  next(outputs)
+  outputs.close()  # the stage stopped early
+  assert not list(tmp_path.iterdir())
+  assert spill.replaying().replay(10**9) is None
+  assert spill.replaying().replay(-1) is None
+
+
+def test_spill_stays_within_its_budget(tmp_path, monkeypatch):
+  monkeypatch.setattr(common.Spill, 'BUDGET', 20)  # one small batch's worth
+  spill = common.Spill(str(tmp_path), writes=True)
+  first = _Batches()
+  read = _as_list(common.ReadAhead(first, spill=spill).process('big.csv'))
+  assert len(read) == 4  # everything is given, nothing is kept
+  assert not list(tmp_path.iterdir())
+  second = _Batches()
+  assert len(_as_list(common.ReadAhead(second, spill=spill.replaying()).process('big.csv'))) == 4
+  assert second.reads == ['big.csv']
+  # Nowhere to write (a read-only or vanished disk): read as without a spill.
+  blocked = tmp_path / 'file'
+  blocked.write_text('')
+  outputs = _as_list(common.ReadAhead(_Batches(), spill=common.Spill(
+      str(blocked / 'spill'), writes=True)).process('c.csv'))
+  assert len(outputs) == 4
+
+
 class _Stateful(beam.DoFn):
   COUNT = userstate.ReadModifyWriteStateSpec('count', beam.coders.VarIntCoder())
 
@@ -216,3 +285,31 @@ def test_worker_processes_run_with_the_speedups():
 def _check_worker_facts(found, launcher_pid):
   assert found and all(imported for _, imported in found), found
   assert all(pid != launcher_pid for pid, _ in found), found
+
+
+def test_the_train_split_is_parsed_once_and_replayed(tmp_path, monkeypatch):
+  """The analysis's read of the train split spills what it read; the transform's read gives it
+  again (dead letters included) instead of parsing the files a second time, and the counts are
+  those of the data (pandas); nothing of the spill is left."""
+  from pipelines import tabular
+  from tests import runs
+  inputs = runs.small_adult(str(tmp_path))
+  expected = runs.expected_counts(inputs)
+  with open(inputs[0], 'ab') as f:
+    f.write(b'not,a,census,row\n')
+  read, written, rejected = expected['train']
+  expected['train'] = (read + 1, written, rejected + 1)
+  replays = []
+  replay = common.Spill.replay
+
+  def recording(self, unit):
+    replayed = replay(self, unit)
+    replays.append(replayed is not None)
+    return replayed
+
+  monkeypatch.setattr(common.Spill, 'replay', recording)
+  out = tmp_path / 'out'
+  manifest = tabular.run(runs.tabular_args(inputs, out))
+  assert replays and all(replays)
+  assert runs.counts(manifest) == expected
+  assert not list(out.rglob('*.spill*')) and not list(out.rglob('spill'))
