@@ -7,6 +7,11 @@ Flags this module does not know are Beam's (--runner, --direct_num_workers, --pr
 The output layout, manifest, dead letters and publication are the tabular pipeline's (README.md).
 """
 
+import gc
+
+if __name__ == '__main__':  # the command: no collections while its modules load (common.main)
+  gc.disable()
+
 import time
 
 import tensorflow_transform.beam as tft_beam

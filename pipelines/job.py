@@ -171,6 +171,7 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
 
   Any failure is one UserError line and leaves DIR as it was (nothing published).
   """
+  common.settle_before_run()
   try:
     with progress.Reporter(pipeline, what):
       state = pipeline.run().wait_until_finish()

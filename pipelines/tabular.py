@@ -7,6 +7,11 @@ Flags this module does not know are Beam's (--runner, --direct_num_workers, --pr
 See README.md for the dataset contract, the output layout and launching on Dataflow or Flink/Spark.
 """
 
+import gc
+
+if __name__ == '__main__':  # the command: no collections while its modules load (common.main)
+  gc.disable()
+
 import logging
 import time
 

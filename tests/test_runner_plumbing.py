@@ -313,3 +313,26 @@ def test_the_train_split_is_parsed_once_and_replayed(tmp_path, monkeypatch):
   assert replays and all(replays)
   assert runs.counts(manifest) == expected
   assert not list(out.rglob('*.spill*')) and not list(out.rglob('spill'))
+
+
+def test_the_command_keeps_the_collector_off_its_long_lived_objects(tmp_path):
+  """As a command, a pipeline imports with the garbage collector off, then moves what it made
+  (modules, the built pipeline) to the collector's permanent generation and turns it on again;
+  imported as a module it leaves the collector alone."""
+  import gc
+  import subprocess
+  import sys
+  from pipelines import tabular  # noqa: F401  (imported, not run as a command)
+  from tests import runs
+  assert gc.isenabled() and not common._COMMAND
+  inputs = runs.small_adult(str(tmp_path))
+  code = ('import atexit, gc, runpy, sys\n'
+          'atexit.register(lambda: print("collector", gc.isenabled(), gc.get_freeze_count()))\n'
+          f'sys.argv = ["tabular"] + {runs.tabular_args(inputs, tmp_path / "out")!r}\n'
+          'runpy.run_module("pipelines.tabular", run_name="__main__")\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=runs.REPO, env=runs.command_env(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('collector')][-1]
+  _, enabled, frozen = line.split()
+  assert enabled == 'True' and int(frozen) > 100_000, line
