@@ -162,6 +162,15 @@ def test_spill_stays_within_its_budget(tmp_path, monkeypatch):
   second = _Batches()
   assert len(_as_list(common.ReadAhead(second, spill=spill.replaying()).process('big.csv'))) == 4
   assert second.reads == ['big.csv']
+  # A dead letter that does not pickle: the unit is not kept, and read again.
+  class _Unpicklable(_Batches):
+    def process(self, unit):
+      yield from super().process(unit)
+      yield beam.pvalue.TaggedOutput(common.ERRORS_TAG, {'file': unit, 'lock': threading.Lock()})
+
+  monkeypatch.setattr(common.Spill, 'BUDGET', 1 << 30)
+  assert len(_as_list(common.ReadAhead(_Unpicklable(), spill=spill).process('odd.csv'))) == 5
+  assert not list(tmp_path.iterdir())
   # Nowhere to write (a read-only or vanished disk): read as without a spill.
   blocked = tmp_path / 'file'
   blocked.write_text('')
