@@ -63,8 +63,6 @@ class Spill:
   FREE_MARGIN = 2 << 30
   _written = collections.Counter()  # bytes this process has spilled, by directory
   _lock = threading.Lock()
-  _STREAMS = {None: 'rows.arrow', EVAL_TAG: 'eval.arrow'}  # other outputs: OTHERS, pickled
-  _OTHERS = 'others.pickle'
 
   def __init__(self, directory, writes):
     self.directory = directory
@@ -89,13 +87,13 @@ class Spill:
 
   def _replay(self, path):
     try:
-      for tag, name in self._STREAMS.items():
+      for tag, name in _SPILL_STREAMS.items():
         if os.path.exists(os.path.join(path, name)):
           with pa.OSFile(os.path.join(path, name)) as f:
             for batch in pa.ipc.open_stream(f):
               yield batch if tag is None else beam.pvalue.TaggedOutput(tag, batch)
-      if os.path.exists(os.path.join(path, self._OTHERS)):
-        with open(os.path.join(path, self._OTHERS), 'rb') as f:
+      if os.path.exists(os.path.join(path, _SPILL_OTHERS)):
+        with open(os.path.join(path, _SPILL_OTHERS), 'rb') as f:
           for tag, value in pickle.load(f):
             yield beam.pvalue.TaggedOutput(tag, value)
     finally:
@@ -104,16 +102,21 @@ class Spill:
   def writer(self, unit):
     return _SpillWriter(self, self._path(unit))
 
-  @classmethod
-  def _reserve(cls, size, directory):
-    """Whether `size` more bytes may be spilled in `directory` (then counted)."""
-    with cls._lock:
-      if cls._written[directory] + size > cls.BUDGET:
+  def reserve(self, size):
+    """Whether `size` more bytes may be spilled in this directory (then counted)."""
+    with Spill._lock:
+      if Spill._written[self.directory] + size > self.BUDGET:
         return False
-      if shutil.disk_usage(directory).free - size < cls.FREE_MARGIN:
+      if shutil.disk_usage(self.directory).free - size < self.FREE_MARGIN:
         return False
-      cls._written[directory] += size
+      Spill._written[self.directory] += size
       return True
+
+
+# A spilled unit's RecordBatches, by output tag, as Arrow IPC streams; its other outputs (dead
+# letters) pickled together.
+_SPILL_STREAMS = {None: 'rows.arrow', EVAL_TAG: 'eval.arrow'}
+_SPILL_OTHERS = 'others.pickle'
 
 
 class _SpillWriter:
@@ -135,9 +138,9 @@ class _SpillWriter:
       return
     tag, value = ((output.tag, output.value) if isinstance(output, beam.pvalue.TaggedOutput)
                   else (None, output))
-    streamed = tag in Spill._STREAMS and isinstance(value, pa.RecordBatch)  # pylint: disable=protected-access
+    streamed = tag in _SPILL_STREAMS and isinstance(value, pa.RecordBatch)
     size = value.nbytes if streamed else (_buffer_bytes(value) or 1024)
-    if not Spill._reserve(size, self._spill.directory):  # pylint: disable=protected-access
+    if not self._spill.reserve(size):
       self.drop()
       return
     try:
@@ -150,7 +153,7 @@ class _SpillWriter:
 
   def _stream(self, tag, schema):
     if tag not in self._streams:
-      f = pa.OSFile(os.path.join(self._partial, Spill._STREAMS[tag]), 'wb')  # pylint: disable=protected-access
+      f = pa.OSFile(os.path.join(self._partial, _SPILL_STREAMS[tag]), 'wb')
       self._streams[tag] = (f, pa.ipc.new_stream(f, schema))
     return self._streams[tag][1]
 
@@ -160,7 +163,7 @@ class _SpillWriter:
     try:
       self._close()
       if self._others:
-        with open(os.path.join(self._partial, Spill._OTHERS), 'wb') as f:  # pylint: disable=protected-access
+        with open(os.path.join(self._partial, _SPILL_OTHERS), 'wb') as f:
           pickle.dump(self._others, f, protocol=pickle.HIGHEST_PROTOCOL)
       os.rename(self._partial, self._path)
     except Exception:  # pylint: disable=broad-except  # a spill never fails the read
@@ -249,31 +252,29 @@ class ReadAhead(beam.DoFn):
       stop.set()
       thread.join()
 
-
   def _outputs(self, element):
     """The source's outputs for `element`: read, or replayed from a Spill, or read and spilled."""
-    if self._spill is None:
-      yield from self._fn.process(element) or ()
-      return
-    if not self._spill.writes:
-      replayed = self._spill.replay(element)
-      if replayed is None:
-        replayed = self._fn.process(element) or ()
+    replayed = self._spill.replay(element) if self._spill and not self._spill.writes else None
+    if replayed is not None:
       yield from replayed
       return
-    try:
-      writer = self._spill.writer(element)
-    except OSError:  # nowhere to write it: the unit is read again later, as without a spill
-      yield from self._fn.process(element) or ()
-      return
+    writer = None
+    if self._spill and self._spill.writes:
+      try:
+        writer = self._spill.writer(element)
+      except OSError:  # nowhere to write it: the unit is read again later, as without a spill
+        pass
     try:
       for output in self._fn.process(element) or ():
-        writer.add(output)
+        if writer:
+          writer.add(output)
         yield output
     except BaseException:
-      writer.drop()
+      if writer:
+        writer.drop()
       raise
-    writer.commit()
+    if writer:
+      writer.commit()
 
 
 class UserError(Exception):
