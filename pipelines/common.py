@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from transforms.errors import UserError  # noqa: F401  (re-exported: pipelines raise common.UserError)
+
 
 # Side outputs of the sources' DoFns: dead-letter dicts, and rows carved out for the eval split.
 ERRORS_TAG = 'errors'
@@ -277,8 +279,6 @@ class ReadAhead(beam.DoFn):
       writer.commit()
 
 
-class UserError(Exception):
-  """A problem the user can fix (bad path, flag or data): shown as one line, exit status 2."""
 
 
 def main(run):

@@ -61,8 +61,9 @@ def parse_args(argv):
 
 def _load(args):
   """The dataset module's preprocessing_fn for the configured size, and the size it uses."""
-  module = contract_lib.import_module(args.transforms)
+  module = contract_lib.import_module(args.transforms, pickle_by_value=True)
   where = f'--transforms {args.transforms}'
+  hints = contract_lib.training_hints(module, where)
   spec = getattr(module, 'RAW_FEATURE_SPEC', None)
   if not isinstance(spec, dict) or set(spec) != {'image', 'label'}:
     raise common.UserError(f'{where}: an image module\'s RAW_FEATURE_SPEC must have exactly the '
@@ -74,7 +75,7 @@ def _load(args):
   if callable(make):
     if height is None:
       raise common.UserError(f'{where} has no DEFAULT_SIZE: pass --image-size HEIGHT WIDTH')
-    return make(height, width, channels), spec, (height, width), channels
+    return make(height, width, channels), spec, (height, width), channels, hints
   fn = getattr(module, 'preprocessing_fn', None)
   if not callable(fn):
     raise common.UserError(f'{where} defines neither make_preprocessing_fn(height, width, '
@@ -82,7 +83,7 @@ def _load(args):
   if args.image_size or args.channels:
     raise common.UserError(f'{where} has a fixed preprocessing_fn: --image-size and --channels '
                            'need make_preprocessing_fn(height, width, channels)')
-  return fn, spec, (height, width), channels
+  return fn, spec, (height, width), channels, hints
 
 
 def _bytes_written(directory, pattern):
@@ -94,7 +95,7 @@ def run(argv=None):
   """Runs the pipeline; returns the published manifest (None for a --dry_run build)."""
   started = time.time()
   args, beam_args = parse_args(argv)
-  preprocessing_fn, raw_spec, size, channels = _load(args)
+  preprocessing_fn, raw_spec, size, channels, hints = _load(args)
   fmt = image_source.ImageFormat(channels=channels, max_pixels=args.max_pixels,
                                  max_bytes=args.max_image_bytes, image_key=args.image_feature,
                                  label_key=args.label_feature)
@@ -148,7 +149,8 @@ def run(argv=None):
                 'input_features': {'image': args.image_feature, 'label': args.label_feature}},
       'inputs': {'train': list(args.train), **({'eval': list(args.eval)} if args.eval else {})},
       'splits': split_entries,
-  }, args, argv, beam_args, started, what='images')
+      **hints.manifest_entries(),
+  }, args, argv, beam_args, started, what='images', hints=hints)
 
 
 if __name__ == '__main__':

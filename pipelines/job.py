@@ -216,11 +216,37 @@ def split_entries(counts, shards, compression):
           for split, c in counts.items()}
 
 
-def publish(out, manifest, args, argv, beam_args, started, what='rows'):
+def save_label_inverse(out, inverse_label_fn):
+  """The dataset module's inverse_label_fn as a SavedModel beside the transform graph
+  (DIR/label_inverse), so that the trainer attaches it to the export with TensorFlow alone,
+  without importing the dataset module; returns its name in DIR, or None without one."""
+  if inverse_label_fn is None:
+    return None
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  module = tf.Module()
+  module.inverse = tf.function(lambda y: tf.cast(inverse_label_fn(y), tf.float32),
+                               input_signature=[tf.TensorSpec([None], tf.float32, name='y')])
+  try:
+    module.inverse.get_concrete_function()
+  except Exception as e:  # the user's function: one line naming it
+    raise common.UserError(f'inverse_label_fn(y) cannot be traced for a float32 [batch] y: '
+                           f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}; '
+                           'write it with TensorFlow ops (tf.exp(y), y * 1000.0, ...)') from e
+  tf.saved_model.save(module, outputs.join(out.out, LABEL_INVERSE))
+  return LABEL_INVERSE
+
+
+LABEL_INVERSE = 'label_inverse'
+
+
+def publish(out, manifest, args, argv, beam_args, started, what='rows', hints=None):
   """Adds what every pipeline records to the pipeline's own `manifest` (which has 'splits'),
-  publishes the result and prints the summary; returns the published manifest."""
+  publishes the result and prints the summary; returns the published manifest. `hints`: the
+  dataset module's contract.TrainingHints (its inverse_label_fn is saved with the result)."""
   manifest = dict(
       manifest,
+      label_inverse=save_label_inverse(out, hints and hints.inverse_label_fn),
       eval_fraction=args.eval_fraction,
       compression=args.compression,
       options={'argv': list(argv) if argv is not None else None, 'beam': beam_args},

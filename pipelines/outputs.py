@@ -40,7 +40,7 @@ MANIFEST = 'manifest.json'
 STAGING = '.staging'
 # Entries of DIR that a run owns and --overwrite replaces; anything else in DIR is left alone.
 OWNED = ('train-*-of-*.tfrecord*', 'eval-*-of-*.tfrecord*', 'transform_fn', 'transformed_metadata',
-         'errors', 'statistics', 'report.html', MANIFEST)
+         'errors', 'statistics', 'report.html', 'label_inverse', MANIFEST)
 # Written into a run's staging area before its publication touches DIR. Where one is found, the
 # OWNED entries of a DIR without a manifest are what that interrupted publication left.
 PUBLISHING = 'PUBLISHING'

@@ -229,12 +229,15 @@ def _analyzer_constants(path):
     if source in captured:
       inner_captured[arg.name] = captured[source]
   nodes = {n.name: n for n in inner.node_def}
-  features = sorted(outputs_spec)  # a dict's outputs are flattened in key order
-  if len(features) != len(inner.signature.output_arg):
+  # A dict's outputs are flattened in key order; a SparseTensor or RaggedTensor output is
+  # several flat outputs (indices, values, shape; values and row splits).
+  features = sorted(outputs_spec)
+  widths = [_flat_components(outputs_spec[f]) for f in features]
+  if sum(widths) != len(inner.signature.output_arg):
     raise ValueError('outputs do not match the signature')
-  result = {}
-  for feature, output in zip(features, inner.signature.output_arg):
-    found, stack, seen = {}, [inner.ret[output.name]], set()
+  result, flat = {}, iter(inner.signature.output_arg)
+  for feature, width in zip(features, widths):
+    found, stack, seen = {}, [inner.ret[next(flat).name] for _ in range(width)], set()
     while stack:
       name = stack.pop().split(':')[0]
       if name in seen:
@@ -251,6 +254,13 @@ def _analyzer_constants(path):
     if found:
       result[feature] = found
   return result
+
+
+def _flat_components(value):
+  """How many flat tensors one output of a signature is (StructuredValue proto)."""
+  if value.WhichOneof('kind') == 'type_spec_value':
+    return value.type_spec_value.num_flat_components or 1
+  return 1
 
 
 def _constant_label(arg_name):

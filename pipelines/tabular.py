@@ -112,7 +112,8 @@ def run(argv=None):
       'na_values': list(contract.na_values),
       'inputs': inputs,
       'splits': job.split_entries(counts, shards, args.compression),
-  }, args, argv, beam_args, started)
+      **contract.training.manifest_entries(),
+  }, args, argv, beam_args, started, hints=contract.training)
 
 
 if __name__ == '__main__':

@@ -129,7 +129,7 @@ def test_batch_prediction_cli(trained, tmp_path):
   assert 'predicted 1499 rows' in proc.stdout
   assert 'row 1: 1 fields, expected 15; skipped' in proc.stderr  # the junk line, named
   rows = out.read_text().splitlines()
-  assert rows[0] == 'row,class,p_0,p_1' and len(rows) == 1500
+  assert rows[0] == 'row,class,p_<=50K,p_>50K' and len(rows) == 1500  # named after the classes
   line, cls, p0, p1 = rows[1].split(',')
   assert line == '2' and cls in ('<=50K', '>50K')
   assert abs(float(p0) + float(p1) - 1) < 1e-5

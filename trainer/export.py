@@ -2,7 +2,9 @@
 
 Signatures:
   serving_default(examples)   serialized raw tf.train.Examples (no label) -> probabilities,
-                              class_ids, classes
+                              class_ids, classes (classification) or predictions (regression,
+                              in the raw label's units where the dataset module has an
+                              inverse_label_fn)
   predict_raw(<one tensor per raw feature>)  the same from raw feature values, for JSON clients;
                               a string '' (or an NA value) is a missing value of a VarLen feature
   transform_features(examples)  the transform alone: raw Examples -> transformed features
@@ -19,7 +21,8 @@ import re
 
 import tensorflow as tf
 
-from trainer import model as model_lib
+from trainer import features as features_lib
+from trainer import heads
 
 _DTYPES = {'int64': tf.int64, 'float32': tf.float32, 'string': tf.string}
 
@@ -38,13 +41,15 @@ def raw_serving_spec(manifest):
   return spec
 
 
-def class_names(manifest, tft_output, classes):
-  if manifest.get('label_classes'):
-    return list(manifest['label_classes'])
-  try:  # a vocabulary named after the label
-    return [v.decode() for v in tft_output.vocabulary_by_name(manifest['label_key'])][:classes]
-  except (ValueError, KeyError, tf.errors.NotFoundError):
-    return [str(i) for i in range(classes)]
+def class_names(manifest, tft_output, task):
+  """The names of class ids 0..n-1: LABEL_CLASSES, else a vocabulary named after the label."""
+  vocabulary = None
+  if not manifest.get('label_classes'):
+    try:
+      vocabulary = [v.decode() for v in tft_output.vocabulary_by_name(manifest['label_key'])]
+    except (ValueError, KeyError, tf.errors.NotFoundError):
+      pass
+  return heads.class_names_from(manifest.get('label_classes'), vocabulary, task.num_classes)
 
 
 def next_version_dir(model_dir, name):
@@ -58,17 +63,19 @@ def next_version_dir(model_dir, name):
 class ServingModule(tf.Module):
   """Holds the Keras model and TFT's transform layer, so both are tracked and saved together."""
 
-  def __init__(self, model, tft_layer, raw_spec, na_values, label_key, classes, names,
-               binary=()):
+  def __init__(self, model, tft_layer, raw_spec, na_values, label_key, task, kinds,
+               binary=(), label_inverse=None):
     super().__init__()
     self._binary = frozenset(binary)  # bytes features (images): passed on untouched
     self.model = model
     self.tft_layer = tft_layer
+    self.label_inverse = label_inverse  # a SavedModel with inverse(y), or None
     self._raw_spec = raw_spec
     self._na_values = list(na_values)
     self._label_xf = label_key
-    self._classes = classes
-    self._names = tf.constant(names)
+    self._task = task
+    self._kinds = dict(kinds)
+    self._names = tf.constant(list(task.class_names)) if task.is_classification else None
 
   def _read_like_pipeline(self, raw):
     """The pipeline's cell rules at serving: strings trimmed; '' and NA values are missing
@@ -94,12 +101,9 @@ class ServingModule(tf.Module):
     return transformed
 
   def _predict(self, raw):
-    transformed = self._transform(raw)
-    inputs = {name: transformed[name] for name in self.model.input_names}
-    probs = model_lib.probabilities(self.model(inputs, training=False), self._classes)
-    class_ids = tf.argmax(probs, axis=1)
-    return {'probabilities': probs, 'class_ids': class_ids,
-            'classes': tf.gather(self._names, class_ids)}
+    inputs = features_lib.to_model_inputs(self._transform(raw), self._kinds)
+    inverse = self.label_inverse.inverse if self.label_inverse is not None else None
+    return heads.outputs(self.model(inputs, training=False), self._task, self._names, inverse)
 
   def _from_columns(self, columns):
     """Raw feature tensors ([batch] each) -> what parse_example would have produced."""
@@ -121,14 +125,24 @@ def _not_in(values, excluded):
   return tf.reduce_all(tf.not_equal(tf.expand_dims(values, -1), excluded), axis=-1)
 
 
-def export(model, tft_output, manifest, label_key_xf, model_dir, name):
-  """Saves the serving SavedModel as a new version; returns its path."""
-  classes = model_lib.num_classes(tft_output.transformed_metadata.schema, label_key_xf)
+def load_label_inverse(transformed_dir, manifest):
+  """The inverse_label_fn the pipeline saved (DIR/label_inverse), or None."""
+  if not manifest.get('label_inverse'):
+    return None
+  return tf.saved_model.load(os.path.join(transformed_dir, manifest['label_inverse']))
+
+
+def export(model, tft_output, manifest, label_key_xf, task, kinds, model_dir, name,
+           transformed_dir):
+  """Saves the serving SavedModel as a new version; returns its path. `kinds`: the
+  features.Feature of each model input."""
   raw_spec = raw_serving_spec(manifest)
   binary = [c['name'] for c in manifest['raw_columns'] if c.get('binary')]
+  inverse = load_label_inverse(transformed_dir, manifest) if task.kind == heads.REGRESSION \
+      else None
   module = ServingModule(model, tft_output.transform_features_layer(), raw_spec,
-                         manifest.get('na_values', []), label_key_xf, classes,
-                         class_names(manifest, tft_output, classes), binary)
+                         manifest.get('na_values', []), label_key_xf, task, kinds, binary,
+                         inverse)
 
   examples = tf.TensorSpec([None], tf.string, name='examples')
 
@@ -166,7 +180,10 @@ def export(model, tft_output, manifest, label_key_xf, model_dir, name):
   tf.io.gfile.makedirs(os.path.join(path, 'assets.extra'))
   with tf.io.gfile.GFile(os.path.join(path, 'assets.extra', 'raw_format.json'), 'w') as f:
     json.dump({'csv_columns': manifest.get('csv_columns'), 'na_values': manifest.get('na_values'),
-               'label_key': manifest['label_key'], 'binary': binary,
+               'label_key': manifest['label_key'], 'binary': binary, 'task': task.kind,
+               'classes': list(task.class_names),
+               'label_units': ('raw' if inverse is not None else 'transformed')
+               if task.kind == heads.REGRESSION else None,
                'required': sorted(n for n, spec in raw_spec.items()
                                   if isinstance(spec, tf.io.FixedLenFeature)
                                   and spec.default_value is None)}, f)

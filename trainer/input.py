@@ -5,11 +5,13 @@ import os
 
 import tensorflow as tf
 
+from transforms.errors import UserError
+
 MANIFEST = 'manifest.json'
 LABEL_SUFFIX = '_xf'
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
   """The --transformed directory is not a usable pipeline output (one line, for the user)."""
 
 
@@ -26,8 +28,24 @@ def read_manifest(transformed_dir):
   return manifest
 
 
-def transformed_label_key(manifest):
-  return manifest['label_key'] + LABEL_SUFFIX
+def transformed_label_key(manifest, feature_spec, where, flag=None):
+  """The preprocessing_fn output that is the label: --label, else the dataset module's
+  TRANSFORMED_LABEL_KEY, else `<LABEL_KEY>_xf`, else `<LABEL_KEY>` itself (a label passed
+  through unchanged)."""
+  for declared, what in ((flag, '--label'), (manifest.get('transformed_label_key'),
+                                             'TRANSFORMED_LABEL_KEY')):
+    if declared:
+      if declared not in feature_spec:
+        raise InputError(f'{where}: {what} {declared!r} is not an output of the preprocessing_fn '
+                         f'(it outputs {", ".join(sorted(feature_spec))})')
+      return declared
+  raw = manifest['label_key']
+  for candidate in (raw + LABEL_SUFFIX, raw):
+    if candidate in feature_spec:
+      return candidate
+  raise InputError(f'{where}: the preprocessing_fn outputs no label: neither {raw + LABEL_SUFFIX!r} '
+                   f'nor {raw!r} (it outputs {", ".join(sorted(feature_spec))}); output one of '
+                   'them, or name the label output in TRANSFORMED_LABEL_KEY')
 
 
 def split_files(transformed_dir, manifest, split):
@@ -42,18 +60,22 @@ def split_files(transformed_dir, manifest, split):
 
 
 def make_dataset(files, feature_spec, label_key, batch_size, compression, shuffle=True,
-                 seed=None, shuffle_window=8192, augment=(), image_keys=()):
-  """Batches of (features, label).
+                 seed=None, shuffle_window=8192, augment=(), image_keys=(),
+                 prepare=lambda features, label: (features, label)):
+  """Batches of (features, label); `prepare(features, label)` makes them what the model takes.
 
   Every per-record tf.data step costs about a microsecond of Python-free but per-element work,
   which on a small machine is a fifth of the whole read (measured by benchmarks/input_pipeline.py).
-  So records are parsed a window at a time and shuffled in the graph:
+  So records are handled a window at a time and shuffled in the graph:
     * the file order is reshuffled every epoch;
     * records are read with a 1 MiB buffer (faster than the default here), in parallel across
       files only where there are cores to spare (parallel reads were slower on 2 cores);
-    * training reads parse `shuffle_window` records with one vectorized parse_example, permute
-      them, and cut the window into batches: each batch is a uniform sample of its window, as a
-      record shuffle buffer of that size would give;
+    * training reads take `shuffle_window` serialized records at once, permute them, and cut the
+      window into batches: each batch is a uniform sample of its window, as a record shuffle
+      buffer of that size would give. Records are permuted before parsing so that every kind
+      of feature (dense, sparse, ragged) is shuffled alike;
+    * each batch is parsed with one vectorized parse_example (only the features in
+      `feature_spec`, which holds the label);
     * evaluation reads batch then parse, in file order;
     * `augment` ('flip', 'crop') randomly alters the `image_keys` features of training batches
       only (never evaluation or serving).
@@ -69,13 +91,15 @@ def make_dataset(files, feature_spec, label_key, batch_size, compression, shuffl
   parse = lambda r: tf.io.parse_example(r, feature_spec)  # noqa: E731
   if shuffle:
     window = max(batch_size, shuffle_window)
-    ds = records.batch(window).map(lambda r: _permute(parse(r), seed)).rebatch(batch_size)
+    ds = records.batch(window).map(lambda r: tf.random.shuffle(r, seed=seed)).rebatch(
+        batch_size).map(parse)
   else:
     ds = records.batch(batch_size).map(parse)
   if augment and shuffle:
     ds = ds.map(lambda features: _augment(features, image_keys, augment, seed),
                 num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.map(lambda features: _split_label(features, label_key)).prefetch(tf.data.AUTOTUNE)
+  return ds.map(lambda features: prepare(*_split_label(features, label_key))).prefetch(
+      tf.data.AUTOTUNE)
 
 
 AUGMENTATIONS = ('flip', 'crop')
@@ -97,12 +121,6 @@ def _augment(features, image_keys, augment, seed):
                          padded)
     features[key] = images
   return features
-
-
-def _permute(features, seed):
-  rows = tf.shape(next(iter(features.values())))[0]
-  order = tf.random.shuffle(tf.range(rows), seed=seed)
-  return {name: tf.gather(value, order) for name, value in features.items()}
 
 
 def _split_label(features, label_key):

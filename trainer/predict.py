@@ -14,6 +14,7 @@ import csv
 import os
 import sys
 
+import numpy as np
 import tensorflow as tf
 
 from trainer import serving
@@ -51,18 +52,34 @@ def run(argv=None):
   result = model.predict(good)
   with open(args.output, 'w', newline='') as f:
     writer = csv.writer(f)
-    probs = result.get('probabilities')
-    n_classes = probs.shape[1] if probs is not None and len(probs) else 0
-    writer.writerow(['row', 'class'] + [f'p_{i}' for i in range(n_classes)])
-    for i, line in enumerate(lines):
-      writer.writerow([line, result['classes'][i]] + [f'{p:.6f}' for p in probs[i]])
+    if 'predictions' in result:  # regression
+      writer.writerow(['row', 'prediction'])
+      for i, line in enumerate(lines):
+        writer.writerow([line, f'{result["predictions"][i]:.6g}'])
+    else:
+      writer.writerow(['row', 'class'] + probability_columns(model, result['probabilities']))
+      for i, line in enumerate(lines):
+        writer.writerow([line, result['classes'][i]] +
+                        [f'{p:.6f}' for p in result['probabilities'][i]])
   for i in range(min(args.show, len(lines))):
     raw = ', '.join(f'{k}={v.strip()}' for k, v in good[i].items() if k in model.raw_types)
-    print(f'row {lines[i]}: {result["classes"][i]} (p={probs[i].max():.3f})  <- {raw}')
+    if 'predictions' in result:
+      print(f'row {lines[i]}: {result["predictions"][i]:.6g}  <- {raw}')
+    else:
+      p = result['probabilities'][i]
+      print(f'row {lines[i]}: {result["classes"][i]} (p={p.max():.3f})  <- {raw}')
   return result, lines
 
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+
+
+def probability_columns(model, probabilities):
+  """`p_<class name>` for each class (the model's class names; ids where it records none)."""
+  n = probabilities.shape[1] if probabilities is not None and len(probabilities) else len(
+      model.class_names)
+  names = list(model.class_names)[:n] + [str(i) for i in range(len(model.class_names), n)]
+  return [f'p_{name}' for name in names]
 
 
 def image_files(pattern):
@@ -98,7 +115,8 @@ def _predict_images(model, args):
   n_classes = max((len(r[2]) for r in rows if r[2] is not None), default=0)
   with tf.io.gfile.GFile(args.output, 'w') as f:
     writer = csv.writer(f)
-    writer.writerow(['file', 'class'] + [f'p_{i}' for i in range(n_classes)] + ['error'])
+    columns = probability_columns(model, np.zeros((1, n_classes))) if n_classes else []
+    writer.writerow(['file', 'class'] + columns + ['error'])
     for name, label, probs, problem in rows:
       cells = [f'{p:.6f}' for p in probs] if probs is not None else [''] * n_classes
       writer.writerow([name, label] + cells + [problem])

@@ -119,13 +119,18 @@ class Model:
     self.na_values = tuple(fmt.get('na_values') or ())
     self.required = tuple(fmt.get('required') or ())
     self.label_key = fmt.get('label_key')
+    # What the model predicts: 'binary', 'multiclass' or 'regression', and the class names.
+    self.task = fmt.get('task') or 'binary'
+    self.class_names = tuple(fmt.get('classes') or ())
 
   def _examples(self, rows):
     return to_examples(rows, self.raw_types, self.csv_columns, self.na_values, self.required,
                        self.label_key)
 
   def predict(self, rows, batch_size=1024):
-    """-> {'probabilities': [n, classes], 'class_ids': [n], 'classes': [n] (str)}"""
+    """Classification: {'probabilities': [n, classes], 'class_ids': [n], 'classes': [n] (str)};
+    regression: {'predictions': [n]} (in the raw label's units where the dataset module has an
+    inverse_label_fn)."""
     return self._batched(self._serve, 'examples', self._examples(rows), batch_size, 'rows')
 
   @property

@@ -9,9 +9,10 @@ import argparse
 import logging
 import sys
 
-from pipelines.common import UserError
+from trainer import heads
 from trainer import input as input_lib
 from trainer import train
+from transforms.errors import UserError
 
 
 def parse_args(argv):
@@ -33,23 +34,53 @@ def parse_args(argv):
   p.add_argument('--augment', nargs='+', choices=input_lib.AUGMENTATIONS, default=(),
                  help='random flips and/or crops of training images (off by default: flips '
                       'break digits and text)')
+  p.add_argument('--task', choices=heads.TASKS, default=None,
+                 help='default: from the transformed label (float: regression; int ids with a '
+                      'domain or LABEL_CLASSES: binary or multiclass)')
+  p.add_argument('--label', default=None, metavar='NAME',
+                 help='the transformed feature to learn (default: the dataset module\'s '
+                      'TRANSFORMED_LABEL_KEY, else <LABEL_KEY>_xf, else <LABEL_KEY>); other '
+                      'candidate labels stay features unless --exclude-features names them')
+  p.add_argument('--model-module', default=None, metavar='MODULE_OR_FILE',
+                 help='a module or .py file whose build_model(context) returns the Keras model '
+                      '(default: the model built from the transformed schema)')
+  p.add_argument('--exclude-features', nargs='+', default=(), metavar='NAME',
+                 help='transformed features the model does not see')
+  model = p.add_argument_group('the default model')
+  model.add_argument('--hidden-units', type=int, nargs='+', default=defaults.hidden_units,
+                     metavar='N', help=f'units of each hidden layer (default '
+                                       f'{" ".join(map(str, defaults.hidden_units))})')
+  model.add_argument('--dropout', type=float, default=defaults.dropout,
+                     help=f'after each hidden layer (default {defaults.dropout})')
+  model.add_argument('--max-embedding-dim', type=int, default=defaults.max_embedding_dim,
+                     help=f'embedding size cap (default {defaults.max_embedding_dim})')
+  model.add_argument('--combiner', choices=train.COMBINERS, default=defaults.combiner,
+                     help='how a bag of ids (a multivalent feature) combines its embeddings '
+                          f'(default {defaults.combiner}); weighted ids are summed by weight')
   args = p.parse_args(argv)
-  for flag in ('epochs', 'batch_size'):
+  for flag in ('epochs', 'batch_size', 'max_embedding_dim'):
     if getattr(args, flag) < 1:
       p.error(f'--{flag.replace("_", "-")} must be at least 1')
+  if min(args.hidden_units) < 1:
+    p.error('--hidden-units: every layer needs at least 1 unit')
+  if not 0 <= args.dropout < 1:
+    p.error(f'--dropout {args.dropout}: must be in [0, 1)')
+  if args.max_steps is not None and args.max_steps < 1:
+    p.error('--max-steps must be at least 1')
   return train.TrainConfig(
       transformed_dir=args.transformed, model_dir=args.model_dir, model_name=args.model_name,
       epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
       max_steps=args.max_steps, mixed_precision=args.mixed_precision, xla=args.xla,
       distribute=args.distribute, augment=tuple(args.augment),
-      profile_steps=tuple(args.profile_steps) if args.profile_steps else None)
+      profile_steps=tuple(args.profile_steps) if args.profile_steps else None,
+      task=args.task, label=args.label, model_module=args.model_module,
+      exclude_features=tuple(args.exclude_features), hidden_units=tuple(args.hidden_units),
+      dropout=args.dropout, max_embedding_dim=args.max_embedding_dim, combiner=args.combiner)
 
 
 def run(argv=None):
-  try:
-    return train.train_and_export(parse_args(argv))
-  except input_lib.InputError as e:
-    raise UserError(str(e)) from e
+  """Trains and exports; returns (export path, eval metrics, model). UserError for the user."""
+  return train.train_and_export(parse_args(argv))
 
 
 def main():

@@ -7,13 +7,21 @@ import re
 from typing import Optional, Tuple
 
 import tensorflow as tf
+import tf_keras as keras  # Keras 2, as TF Transform's transform layer (tf.keras would be Keras 3)
 import tensorflow_transform as tft
 
 from trainer import export as export_lib
+from trainer import features as features_lib
+from trainer import heads
 from trainer import input as input_lib
 from trainer import model as model_lib
+from trainer import statistics as statistics_lib
+from transforms import contract as contract_lib
 
 _LOG = logging.getLogger('trainer')
+
+COMBINERS = ('mean', 'sqrtn', 'sum')
+BUILD_MODEL = 'build_model'  # the function a --model-module defines
 
 
 @dataclasses.dataclass
@@ -24,14 +32,21 @@ class TrainConfig:
   epochs: int = 5
   batch_size: int = 256
   learning_rate: float = 2e-3
-  hidden_units: Tuple[int, ...] = (128, 64)
-  dropout: float = 0.1
   max_steps: Optional[int] = None  # stop early (smoke runs, tests)
   mixed_precision: bool = False  # float16 compute on GPU; the output layer stays float32
   xla: bool = False
   distribute: str = 'auto'  # auto | mirrored | none
   profile_steps: Optional[Tuple[int, int]] = None  # TensorBoard profile of these batches
   augment: Tuple[str, ...] = ()  # image features of training batches: 'flip', 'crop'
+  task: Optional[str] = None  # binary | multiclass | regression; default: from the label
+  label: Optional[str] = None  # the transformed feature to learn; default: the contract's
+  model_module: Optional[str] = None  # a module or .py file defining build_model(context)
+  exclude_features: Tuple[str, ...] = ()  # transformed features the model does not see
+  # The default model's hyperparameters (a --model-module reads them from context.hparams).
+  hidden_units: Tuple[int, ...] = (128, 64)
+  dropout: float = 0.1
+  max_embedding_dim: int = 32  # embeddings get 1.6 * ids^0.56 dimensions, at most this
+  combiner: str = 'mean'  # of an unweighted bag of ids: mean | sqrtn | sum
 
   seed: int = 42
 
@@ -48,56 +63,133 @@ def model_name(manifest):
   return re.sub(r'[^A-Za-z0-9_-]', '_', base) or 'model'
 
 
-def train_and_export(config: TrainConfig):
-  """Trains on the train split, evaluates on eval, exports; returns (export path, eval metrics)."""
-  tf.keras.utils.set_random_seed(config.seed)
+@dataclasses.dataclass
+class Plan:
+  """Everything decided before training starts: what the label and each feature are."""
+  manifest: dict
+  tft_output: object
+  feature_spec: dict
+  label_key: str
+  task: heads.Task
+  kinds: dict  # name -> features.Feature
+  statistics: dict
+
+
+def plan(config: TrainConfig):
+  """Reads the pipeline output and decides task and feature kinds; raises a one-line UserError
+  for anything the model could not make sense of, before any training."""
+  where = f'--transformed {config.transformed_dir}'
   manifest = input_lib.read_manifest(config.transformed_dir)
   tft_output = tft.TFTransformOutput(config.transformed_dir)
-  label_key = input_lib.transformed_label_key(manifest)
   feature_spec = tft_output.transformed_feature_spec()
-  if label_key not in feature_spec:
-    raise input_lib.InputError(f'--transformed {config.transformed_dir}: preprocessing_fn '
-                               f'outputs no label feature {label_key!r}')
+  label_key = input_lib.transformed_label_key(manifest, feature_spec, where, config.label)
+  if label_key in config.exclude_features:
+    raise input_lib.InputError(f'--exclude-features {label_key}: that is the label')
   schema = tft_output.transformed_metadata.schema
-  if config.augment and not model_lib.image_features(feature_spec):
+  statistics = statistics_lib.numeric(config.transformed_dir, manifest)
+  task = heads.resolve(schema, feature_spec, label_key, where, config.task,
+                       manifest.get('label_classes'), statistics.get(label_key))
+  id_counts = {name: int(s.max) + 1 for name, s in statistics.items()}
+  kinds = features_lib.classify(schema, feature_spec, label_key, where,
+                                manifest.get('weighted_features'), config.exclude_features,
+                                id_counts)
+  if config.augment and not any(k.kind == features_lib.IMAGE for k in kinds.values()):
     raise input_lib.InputError(f'--augment {" ".join(config.augment)}: the transformed data of '
                                f'{config.transformed_dir} has no image feature to augment')
-  classes = model_lib.num_classes(schema, label_key)
+  if task.is_classification:
+    task = heads.with_class_names(task, export_lib.class_names(manifest, tft_output, task))
+  return Plan(manifest, tft_output, feature_spec, label_key, task, kinds, statistics)
+
+
+def build_model(config, p: Plan):
+  """The default model, or the --model-module's build_model(context), checked against the task."""
+  ctx = model_lib.ModelContext(inputs=model_lib.make_inputs(p.kinds), features=p.kinds,
+                               task=p.task, schema=p.tft_output.transformed_metadata.schema,
+                               hparams=config, statistics=p.statistics)
+  if not config.model_module:
+    return model_lib.build_default(ctx)
+  where = f'--model-module {config.model_module}'
+  module = contract_lib.import_module(config.model_module, flag='--model-module')
+  build = getattr(module, BUILD_MODEL, None)
+  if not callable(build):
+    raise input_lib.InputError(f'{where} defines no {BUILD_MODEL}(context); add one that returns '
+                               'a Keras model (see README, "Your own model")')
+  try:
+    model = build(ctx)
+  except Exception as e:  # the user's code: where and what, not our stack
+    raise input_lib.InputError(f'{where}: {BUILD_MODEL}(context) failed: {type(e).__name__}: '
+                               f'{str(e).splitlines()[0] if str(e) else ""}') from e
+  if not isinstance(model, keras.Model):
+    raise input_lib.InputError(f'{where}: {BUILD_MODEL}(context) returned '
+                               f'{type(model).__name__}, not a Keras 2 model: build it with '
+                               'tf_keras (import tf_keras as keras), as TF Transform\'s layer is')
+  unknown = sorted(set(model.input_names) - set(ctx.inputs))
+  if unknown:
+    raise input_lib.InputError(f'{where}: the model takes {unknown[0]!r}, which is not a '
+                               f'transformed feature it may use ({", ".join(sorted(ctx.inputs))})')
+  width = heads.expected_output_width(p.task)
+  shape = model.output_shape
+  if isinstance(shape, list) or len(shape) != 2 or shape[-1] != width:
+    raise input_lib.InputError(
+        f'{where}: the model outputs shape {shape}; a {p.task.kind} model outputs [batch, '
+        f'{width}] ({_OUTPUT_MEANING[p.task.kind]}); heads.head(context.task) builds one')
+  return model
+
+
+_OUTPUT_MEANING = {heads.BINARY: 'the probability of class 1',
+                   heads.MULTICLASS: 'class probabilities',
+                   heads.REGRESSION: "the transformed label's value"}
+
+
+def train_and_export(config: TrainConfig):
+  """Trains on the train split, evaluates on eval, exports; returns (export path, eval metrics,
+  the trained Keras model)."""
+  keras.utils.set_random_seed(config.seed)
+  p = plan(config)
+  manifest = p.manifest
+
+  if config.mixed_precision:
+    keras.mixed_precision.set_global_policy('mixed_float16')
+  try:
+    with _strategy(config.distribute).scope():
+      model = build_model(config, p)
+      heads.compile_model(model, p.task, config.learning_rate, jit_compile=config.xla)
+  finally:
+    keras.mixed_precision.set_global_policy('float32')
+
+  used = {name: p.kinds[name] for name in model.input_names}
+  parse_spec = {name: p.feature_spec[name] for name in list(used) + [p.label_key]}
+  image_keys = tuple(n for n, k in used.items() if k.kind == features_lib.IMAGE)
+
+  def prepare(features, label):
+    return features_lib.to_model_inputs(features, used), heads.prepare_label(label, p.task)
 
   def dataset(split, shuffle):
     files = input_lib.split_files(config.transformed_dir, manifest, split)
-    return input_lib.make_dataset(files, feature_spec, label_key, config.batch_size,
+    return input_lib.make_dataset(files, parse_spec, p.label_key, config.batch_size,
                                   manifest['compression'], shuffle=shuffle, seed=config.seed,
-                                  augment=config.augment,
-                                  image_keys=tuple(model_lib.image_features(feature_spec)))
+                                  augment=config.augment, image_keys=image_keys, prepare=prepare)
 
   train_ds = dataset('train', shuffle=True)
   eval_ds = dataset('eval', shuffle=False) if 'eval' in manifest['splits'] else None
   if config.max_steps:
     train_ds = train_ds.repeat().take(config.max_steps)
 
-  if config.mixed_precision:
-    tf.keras.mixed_precision.set_global_policy('mixed_float16')
-  try:
-    with _strategy(config.distribute).scope():
-      model = model_lib.build(schema, feature_spec, label_key, config.hidden_units, config.dropout)
-      model_lib.compile_model(model, classes, config.learning_rate, jit_compile=config.xla)
-  finally:
-    tf.keras.mixed_precision.set_global_policy('float32')
-
   logs = os.path.join(config.model_dir, 'logs')
   callbacks = [
-      tf.keras.callbacks.TensorBoard(logs, profile_batch=config.profile_steps or 0),
-      tf.keras.callbacks.ModelCheckpoint(
+      keras.callbacks.TensorBoard(logs, profile_batch=config.profile_steps or 0),
+      keras.callbacks.ModelCheckpoint(
           os.path.join(config.model_dir, 'checkpoints', 'epoch-{epoch:03d}.weights.h5'),
           save_weights_only=True),
   ]
-  _LOG.info('training on %s (%d examples), %d classes', config.transformed_dir,
-            manifest['splits']['train']['rows_written'], classes)
+  _LOG.info('training on %s (%d examples): %s; features: %s', config.transformed_dir,
+            manifest['splits']['train']['rows_written'], heads.describe(p.task),
+            ', '.join(f'{n} ({k.kind})' for n, k in sorted(used.items())))
   epochs = 1 if config.max_steps else config.epochs
   model.fit(train_ds, epochs=epochs, validation_data=eval_ds, callbacks=callbacks, verbose=2)
   metrics = model.evaluate(eval_ds, return_dict=True, verbose=0) if eval_ds is not None else {}
-  path = export_lib.export(model, tft_output, manifest, label_key, config.model_dir,
-                           config.model_name or model_name(manifest))
+  path = export_lib.export(model, p.tft_output, manifest, p.label_key, p.task, used,
+                           config.model_dir, config.model_name or model_name(manifest),
+                           config.transformed_dir)
   _LOG.info('exported %s; eval %s', path, metrics)
   return path, metrics, model

@@ -7,6 +7,12 @@ A dataset module defines, at module level:
   CSV_COLUMNS       optional: every column of the CSV files in order, for files without a header row
   NA_VALUES         optional: cell values that mean "missing" besides the empty cell (e.g. ('?',))
   LABEL_CLASSES     optional: the class names of label ids 0, 1, ... (for predictions)
+  TRANSFORMED_LABEL_KEY  optional: the preprocessing_fn output the trainer learns (default
+                    `<LABEL_KEY>_xf` if the preprocessing_fn outputs it, else `<LABEL_KEY>`)
+  WEIGHTED_FEATURES optional: {ids output: weights output} pairs (tft.tfidf's two SparseTensors)
+                    that the model combines as one weighted bag of ids
+  inverse_label_fn  optional: y -> the raw label's units (TF ops), for a label transformed for
+                    training (a log price): the exported model serves inverse_label_fn(prediction)
 
 It is named either as an importable module (`transforms.census`) or as a path to a `.py` file
 anywhere, the way TFX's Transform component takes a module file.
@@ -22,7 +28,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
-from pipelines.common import UserError
+from transforms.errors import UserError
 
 _DTYPES = (tf.int64, tf.float32, tf.string)
 
@@ -45,6 +51,7 @@ class Contract:
   csv_columns: Optional[Sequence[str]]
   na_values: Sequence[str]
   label_classes: Optional[Sequence[str]] = None
+  training: 'TrainingHints' = None
 
   @property
   def columns(self):
@@ -74,12 +81,49 @@ def _plain_default(value):
   return value
 
 
-def import_module(module_or_file):
+@dataclasses.dataclass(frozen=True)
+class TrainingHints:
+  """What a dataset module tells the trainer beyond its preprocessing_fn (all optional)."""
+  transformed_label_key: Optional[str] = None
+  weighted_features: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  inverse_label_fn: Optional[Callable] = None
+
+  def manifest_entries(self):
+    """The manifest's part of these hints (the inverse function is saved beside it)."""
+    return {'transformed_label_key': self.transformed_label_key,
+            'weighted_features': dict(self.weighted_features)}
+
+
+def training_hints(module, where):
+  """Reads and checks TRANSFORMED_LABEL_KEY, WEIGHTED_FEATURES and inverse_label_fn."""
+  key = getattr(module, 'TRANSFORMED_LABEL_KEY', None)
+  if key is not None and (not isinstance(key, str) or not key):
+    raise UserError(f'{where}: TRANSFORMED_LABEL_KEY must be the name of a preprocessing_fn '
+                    f'output (a string), not {key!r}')
+  pairs = getattr(module, 'WEIGHTED_FEATURES', None) or {}
+  if not isinstance(pairs, Mapping) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
+    raise UserError(f'{where}: WEIGHTED_FEATURES must be a dict of ids output -> weights output '
+                    "names, e.g. {'title_ids_xf': 'title_weights_xf'}")
+  clash = sorted(set(pairs) & set(pairs.values()))
+  if clash or len(set(pairs.values())) != len(pairs):
+    raise UserError(f'{where}: WEIGHTED_FEATURES pairs each ids output with weights of its own '
+                    f'({clash[0] if clash else "a weights output"!r} is used twice)')
+  inverse = getattr(module, 'inverse_label_fn', None)
+  if inverse is not None and not callable(inverse):
+    raise UserError(f'{where}: inverse_label_fn must be a function y -> raw label units')
+  return TrainingHints(key, dict(pairs), inverse)
+
+
+def import_module(module_or_file, flag='--transforms', pickle_by_value=False):
+  """Imports a module by name or from a .py file anywhere. `pickle_by_value`: the pipelines'
+  remote workers cannot import a file on this machine, so its functions travel by value
+  (this imports Beam; the trainer leaves it off)."""
   looks_like_file = module_or_file.endswith('.py') or os.sep in module_or_file
   if looks_like_file:
     path = os.path.abspath(module_or_file)
     if not os.path.isfile(path):
-      raise UserError(f'--transforms {module_or_file}: no such file; give a module name '
+      raise UserError(f'{flag} {module_or_file}: no such file; give a module name '
                       '(e.g. transforms.census) or a path to a .py file')
     # A stable, unique module name per file, so two module files named alike do not collide.
     digest = hashlib.sha1(path.encode()).hexdigest()[:10]
@@ -91,23 +135,27 @@ def import_module(module_or_file):
       spec.loader.exec_module(module)
     except Exception as e:  # the user's code: report where, not our stack
       del sys.modules[name]
-      raise UserError(f'--transforms {module_or_file}: importing it failed: '
+      raise UserError(f'{flag} {module_or_file}: importing it failed: '
                       f'{type(e).__name__}: {e}') from e
-    # Workers in other processes (multi-process runner, portable runner, Dataflow) cannot
-    # import a module that lives at a path on this machine: pickle its functions by value.
-    from apache_beam.internal.cloudpickle import cloudpickle  # pylint: disable=import-outside-toplevel
-    cloudpickle.register_pickle_by_value(module)
+    if pickle_by_value:
+      # Workers in other processes (multi-process runner, portable runner, Dataflow) cannot
+      # import a module that lives at a path on this machine: pickle its functions by value.
+      from apache_beam.internal.cloudpickle import cloudpickle  # pylint: disable=import-outside-toplevel
+      cloudpickle.register_pickle_by_value(module)
     return module
   try:
     return importlib.import_module(module_or_file)
   except ModuleNotFoundError as e:
-    raise UserError(f'--transforms {module_or_file}: no module named {e.name!r}; give an importable '
+    raise UserError(f'{flag} {module_or_file}: no module named {e.name!r}; give an importable '
                     'module or a path to a .py file') from e
+  except Exception as e:  # the user's code: report where, not our stack
+    raise UserError(f'{flag} {module_or_file}: importing it failed: '
+                    f'{type(e).__name__}: {e}') from e
 
 
 def load(module_or_file):
   """Imports and checks a dataset module; every problem is a UserError naming what to fix."""
-  module = import_module(module_or_file)
+  module = import_module(module_or_file, pickle_by_value=True)
   where = f'--transforms {module_or_file}'
 
   fn = getattr(module, 'preprocessing_fn', None)
@@ -142,4 +190,5 @@ def load(module_or_file):
   na_values = tuple(getattr(module, 'NA_VALUES', ()))
   classes = getattr(module, 'LABEL_CLASSES', None)
   classes = [str(c) for c in classes] if classes is not None else None
-  return Contract(module_or_file, dict(spec), label, fn, columns, na_values, classes)
+  return Contract(module_or_file, dict(spec), label, fn, columns, na_values, classes,
+                  training_hints(module, where))

@@ -1,0 +1,1 @@
+"""Dataset modules the tests pass to the pipelines as files (--transforms tests/contracts/X.py)."""
