@@ -147,28 +147,141 @@ def _exact_top(summary):
   return sum(count for _, count in summary['top']) == summary['num_values']
 
 
-def vocabularies(tft_output, vocab_names, raw):
-  """{vocabulary: size, top values (with train counts where a raw feature has its name), the
-  share of eval values out of it}."""
+# Train values of a raw feature count as the vocabulary's own tokens (its OOV share can then be
+# read off the raw eval values) when at least this share of them are in the vocabulary.
+RAW_TOKENS_MIN_SHARE = 0.9
+
+
+def vocabularies(tft_output, vocab_names, raw, transformed=None):
+  """{vocabulary: size, top values (with train counts), the share of eval values out of it}.
+
+  The OOV share is the share of the eval split's values that the vocabulary maps to OOV ids.
+  Where a transformed feature applies the vocabulary (`<name>_xf`, ints whose schema domain
+  extends past the vocabulary's ids 0 .. size - 1: OOV buckets from `size` on, or a negative
+  default), it is counted exactly from that feature's eval histogram, values not rows (so a
+  multivalent feature counts tokens). Otherwise it is read off the eval values of the raw
+  feature of the same name, but only when that feature's train values are the vocabulary's own
+  tokens; a vocabulary of tokens derived from the cells (split on '|', words of a text) never
+  holds a whole cell, and comparing cells would give a wrong number, so there is none
+  (`oov_note` says why)."""
+  transformed = transformed or {}
+  domains = _int_domains(tft_output.transformed_metadata.schema)
   result = {}
   for name in vocab_names:
     values = [v.decode('utf-8', 'replace') if isinstance(v, bytes) else str(v)
               for v in tft_output.vocabulary_by_name(name)]
     entry = {'size': len(values), 'top': values[:TOP_SHOWN], 'raw_feature': None,
-             'oov_share_eval': None, 'oov_exact': None}
+             'oov_share_eval': None, 'oov_exact': None, 'oov_feature': None, 'oov_note': None}
+    known = set(values)
     train = raw.get('train', {}).get(name)
     evaluate = raw.get('eval', {}).get(name)
+    raw_tokens = None  # whether the raw train values are the vocabulary's tokens
     if train and train['type'] == 'STRING':
       entry['raw_feature'] = name
-      counts = dict(train['top'])
-      entry['top_train_counts'] = [counts.get(v) for v in entry['top']]
-      if evaluate and evaluate['type'] == 'STRING' and evaluate['num_values']:
-        known = set(values)
+      raw_tokens = _in_vocabulary_share(train, known) >= RAW_TOKENS_MIN_SHARE
+    feature = f'{name}_xf'
+    applied = _applies(domains.get(feature), len(values))
+    if applied:
+      ids = {split: by_name.get(feature) for split, by_name in transformed.items()}
+      counts = _id_counts(ids.get('train'), len(values), len(entry['top']))
+      if counts is not None:
+        entry['top_train_counts'] = counts
+      if 'eval' in transformed:
+        share = _oov_share_of_ids(ids['eval'], len(values))
+        if share is not None:
+          entry.update(oov_share_eval=share, oov_exact=True, oov_feature=feature)
+    if raw_tokens and 'top_train_counts' not in entry:
+      by_value = dict(train['top'])
+      entry['top_train_counts'] = [by_value.get(v) for v in entry['top']]
+    if entry['oov_feature'] is None:
+      if raw_tokens and evaluate and evaluate['type'] == 'STRING' and evaluate['num_values']:
         oov = sum(count for value, count in evaluate['top'] if value not in known)
-        entry['oov_share_eval'] = oov / evaluate['num_values']
-        entry['oov_exact'] = _exact_top(evaluate)
+        entry.update(oov_share_eval=oov / evaluate['num_values'], oov_exact=_exact_top(evaluate),
+                     oov_feature=name)
+      elif 'eval' not in raw:
+        entry['oov_note'] = 'no eval split'
+      elif raw_tokens is False:
+        entry['oov_note'] = 'vocabulary of derived tokens'
+      elif applied and ids.get('eval') and not ids['eval']['num_values']:
+        entry['oov_note'] = 'no eval values'
+      elif applied and ids.get('eval'):
+        entry['oov_note'] = f'bins of {feature} too coarse'
+      else:
+        entry['oov_note'] = 'no feature to compare'
     result[name] = entry
   return result
+
+
+def _in_vocabulary_share(summary, known):
+  """The share of a string feature's values (those its top-values sketch kept) in `known`."""
+  total = sum(count for _, count in summary['top'])
+  return sum(count for value, count in summary['top'] if value in known) / total if total else 0.0
+
+
+def _int_domains(schema):
+  """{transformed feature (tensor) name: its schema int_domain}; a ragged or sparse tensor's
+  domain is that of its values' column (`tags_xf$ragged_values`)."""
+  domains = {f.name: f.int_domain for f in schema.feature if f.HasField('int_domain')}
+  result = dict(domains)
+  for sparse in schema.sparse_feature:
+    if sparse.value_feature.name in domains:
+      result.setdefault(sparse.name, domains[sparse.value_feature.name])
+  for group in schema.tensor_representation_group.values():
+    for name, representation in group.tensor_representation.items():
+      kind = representation.WhichOneof('kind')
+      column = {'dense_tensor': lambda r: r.dense_tensor.column_name,
+                'varlen_sparse_tensor': lambda r: r.varlen_sparse_tensor.column_name,
+                'sparse_tensor': lambda r: r.sparse_tensor.value_column_name,
+                'ragged_tensor': lambda r: (r.ragged_tensor.feature_path.step[0]
+                                            if r.ragged_tensor.feature_path.step else None),
+                }.get(kind, lambda r: None)(representation)
+      if column in domains:
+        result.setdefault(name, domains[column])
+  return result
+
+
+def _applies(domain, size):
+  """Whether ints of this schema domain are ids of a vocabulary of `size` entries with
+  distinguishable OOV ids: the domain holds 0 .. size - 1 and extends past it (TF Transform
+  records [0, size + num_oov_buckets - 1], or [min(0, default), max(size - 1, default)] without
+  OOV buckets; a default among the vocabulary's ids would hide OOV values)."""
+  if domain is None or not size or not (domain.HasField('min') and domain.HasField('max')):
+    return False
+  return domain.min <= 0 and domain.max >= size - 1 and (domain.min < 0 or domain.max >= size)
+
+
+def _id_counts(summary, size, first):
+  """The counts of ids 0 .. first - 1 from an id feature's histogram (one id per bin), or None."""
+  histogram = _histogram(summary) if summary and summary['type'] == 'INT' else None
+  if histogram is None or histogram.exponent != 0:
+    return None
+  return [int(histogram.counts[i - histogram.start])
+          if 0 <= i - histogram.start < len(histogram.counts) else 0 for i in range(first)]
+
+
+def _oov_share_of_ids(summary, size):
+  """The share of an id feature's values outside 0 .. size - 1 (OOV bucket ids, a negative
+  default), exact from its aligned histogram; None where it has no values or a bin holds values
+  on both sides of `size`. (0 is always a bin edge: edges are multiples of the bin width.)"""
+  if not summary or summary['type'] != 'INT' or not summary['num_values']:
+    return None
+  histogram = _histogram(summary)
+  if histogram is None or int(histogram.counts.sum()) != summary['num_values']:
+    return None
+  edges = histogram.edges()
+  below = sum(int(c) for c, high in zip(histogram.counts, edges[1:]) if high <= 0)
+  if summary['max'] < size:
+    above = 0
+  elif summary['min'] >= size:
+    above = summary['num_values']
+  else:
+    above = 0
+    for count, low, high in zip(histogram.counts, edges, edges[1:]):
+      if low >= size:
+        above += int(count)
+      elif high > size and count:
+        return None  # ids below and at/above `size` share this bin
+  return (below + above) / summary['num_values']
 
 
 def _vocabulary_names(directory):
@@ -346,7 +459,8 @@ def write_report(out, manifest, args):
       'num_examples': num_examples,
       'features': features,
       'drift': {'thresholds': thresholds, 'features': drifts},
-      'vocabularies': vocabularies(tft_output, _vocabulary_names(out.out), features['raw']),
+      'vocabularies': vocabularies(tft_output, _vocabulary_names(out.out), features['raw'],
+                                   features['transformed']),
       'analyzer_constants': constants,
       'bucket_boundaries': bucket_boundaries(constants),
   }
@@ -757,18 +871,27 @@ class _Page:
     for name, v in vocabs.items():
       oov = v['oov_share_eval']
       note = '' if v['oov_exact'] in (None, True) else ' (lower bound)'
+      if oov is None:
+        share = '<td class="n muted">–</td>'
+        shown = f'<td class="muted">{_esc(v.get("oov_note") or "")}</td>'
+      else:
+        share = _num('vocab', f'{name}/oov_share_eval', oov)
+        shown = (f'<td class="n">{_esc(f"{100 * oov:.2f}%{note}")}</td>')
       rows.append(
-          f'<tr><td>{_esc(name)}</td>' + _num('vocab', f'{name}/size', v['size'])
-          + (_num('vocab', f'{name}/oov_share_eval', oov) if oov is not None
-             else '<td class="n muted">–</td>')
-          + f'<td class="n">{"" if oov is None else _esc(f"{100 * oov:.2f}%{note}")}</td>'
+          f'<tr><td>{_esc(name)}</td>' + _num('vocab', f'{name}/size', v['size']) + share + shown
+          + f'<td class="mono">{_esc(v.get("oov_feature") or "")}</td>'
           f'<td class="wrap">{_esc(", ".join(v["top"]))}</td></tr>')
     return ('<h2 id="vocabularies">Vocabularies</h2><div class="card"><table id="vocab-table">'
             '<thead><tr><th>vocabulary</th><th class="n">size</th><th class="n">OOV share of '
-            'eval</th><th class="n"></th><th>top values (most frequent first)</th></tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table><p class="muted">OOV share: the share of the '
-            'eval split\'s values of the raw feature of the same name that are not in the '
-            'vocabulary (they map to OOV buckets).</p></div>')
+            'eval</th><th></th><th>counted on</th><th>top values (most frequent first)</th>'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table><p class="muted">OOV share: '
+            'the share of the eval split\'s values that the vocabulary maps to OOV ids. Counted '
+            'on the transformed feature that applies it (<span class="mono">&lt;vocabulary&gt;'
+            '_xf</span>), values not rows, so a multivalent feature counts its tokens and a '
+            'missing value the transform maps to an OOV bucket counts too; else on the raw '
+            'feature of the same name, where its values are the vocabulary\'s own tokens. None '
+            '(–) where neither gives a right number: the raw cells of a vocabulary of derived '
+            'tokens (split or tokenized) are never in it.</p></div>')
 
   def _constants(self):
     boundaries = self.s['bucket_boundaries']

@@ -359,9 +359,12 @@ def test_vocabularies_and_analyzer_constants(adult_report):
   for key in census.CATEGORICAL_FEATURE_KEYS:
     vocabulary = {v.decode() for v in output.vocabulary_by_name(key)}
     assert int(page.found[('vocab', f'{key}/size')][0]) == len(vocabulary)
-    values = frames['eval'][key].dropna()
-    expected = (~values.isin(vocabulary)).sum() / len(values)
-    assert float(page.found[('vocab', f'{key}/oov_share_eval')][0]) == expected
+    # Counted on the ids of {key}_xf: a missing value (`?`) maps to the OOV bucket too.
+    values = frames['eval'][key]
+    expected = (values.isna() | ~values.isin(vocabulary)).sum() / len(values)
+    assert float(page.found[('vocab', f'{key}/oov_share_eval')][0]) == expected, key
+    ids = adult_report['transformed']['eval'][f'{key}_xf']
+    assert expected == (ids >= len(vocabulary)).sum() / len(ids)
   train = frames['train']
   for key in census.NUMERIC_FEATURE_KEYS:  # scale_to_z_score's mean and variance
     constants = {k.split('/', 1)[1].rsplit('/', 1)[-1]: json.loads(v) for (kind, k), (v, _)

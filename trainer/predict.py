@@ -40,9 +40,11 @@ def run(argv=None):
   if not columns:
     raise serving.ServingError(f'{args.input} has no header row and the model records no columns')
   good, lines = [], []
+  # Columns the model does not take (ids, the label, extras) are ignored, as the pipeline does.
+  kept = [i for i, c in enumerate(columns) if c in model.raw_types]
   for number, row in enumerate(rows, start=1):
     if len(row) == len(columns):
-      good.append(dict(zip(columns, row)))
+      good.append({columns[i]: row[i] for i in kept})
       lines.append(number)
     else:
       print(f'warning: {args.input} row {number}: {len(row)} fields, expected {len(columns)}; '

@@ -100,7 +100,7 @@ class ServedModel:
       raise ApiError(400, serving.tf_error_detail(e)) from None
     except tf.errors.OpError as e:
       raise ApiError(500, serving.tf_error_detail(e)) from None
-    return {k: v.numpy() for k, v in outputs.items()}
+    return {k: serving.to_numpy(v) for k, v in outputs.items()}
 
 
 # ---- JSON request -> tensors -------------------------------------------------------------------
@@ -296,6 +296,8 @@ def parse_request(served, request):
 
 
 def _jsonable(value, binary):
+  if isinstance(value, np.ndarray):  # a row of a variable-length output
+    value = value.tolist()
   if isinstance(value, list):
     return [_jsonable(v, binary) for v in value]
   if isinstance(value, bytes):

@@ -46,6 +46,19 @@ def tf_error_detail(error):
   return re.sub(r'\{\{function_node [^}]*\}\}\s*', '', text)
 
 
+def to_numpy(value):
+  """A signature's output as numpy: a dense tensor as its array; a sparse or ragged one (a
+  variable-length transformed feature) as an object array of one numpy array per row."""
+  if isinstance(value, tf.SparseTensor):
+    value = tf.RaggedTensor.from_sparse(value)
+  if isinstance(value, tf.RaggedTensor):
+    rows = np.empty(int(value.nrows()), dtype=object)
+    for i, row in enumerate(value):
+      rows[i] = row.numpy()
+    return rows
+  return value.numpy()
+
+
 def _raw_types(signature):
   return {name: spec.dtype for name, spec in signature.structured_input_signature[1].items()}
 
@@ -162,10 +175,11 @@ class Model:
     return result
 
   def transform(self, rows):
-    """Raw rows -> {transformed feature: numpy array}, through the transform_features signature."""
+    """Raw rows -> {transformed feature: numpy array}, through the transform_features signature
+    (a variable-length feature: an object array of one array per row)."""
     examples = self._examples(rows)
     outputs = self._loaded.signatures['transform_features'](examples=tf.constant(examples))
-    return {k: v.numpy() for k, v in outputs.items()}
+    return {k: to_numpy(v) for k, v in outputs.items()}
 
 
 def load_model(path):
@@ -204,7 +218,7 @@ class PipelineTransform:
       spec.pop(self.label_key)
     raw = tf.io.parse_example(tf.constant(examples), spec)
     outputs = self._output.transform_raw_features(raw, drop_unused_features=True)
-    return {k: v.numpy() for k, v in outputs.items()}
+    return {k: to_numpy(v) for k, v in outputs.items()}
 
 
 def load_transform(path):
