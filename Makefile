@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images fashion-mnist test bench bench-input bench-images bench-serve clean
+.PHONY: install demo demo-images demo-text demo-regression fashion-mnist test bench bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,26 @@ demo-images: install
 	    --model-name fmnist_sample --epochs 10 --batch-size 64
 	$(PY) -m trainer.predict --model $(OUT)/models/fmnist_sample \
 	    --input data/fashion_mnist/sample/test --output $(OUT)/image_predictions.csv --show 5
+
+# The text recipe on the bundled SMS Spam Collection (4,862 messages): TF-IDF of the words,
+# train, export, predict raw messages.
+demo-text: install
+	$(PY) -m pipelines.tabular --transforms transforms.sms_spam \
+	    --train data/sms_spam/sms_spam.csv --eval-fraction 0.2 --output $(OUT)/sms_spam --overwrite
+	$(PY) -m trainer.task --transformed $(OUT)/sms_spam --model-dir $(OUT)/models --epochs 5 \
+	    --batch-size 64
+	$(PY) -m trainer.predict --model $(OUT)/models/sms_spam --input data/sms_spam/sms_spam.csv \
+	    --output $(OUT)/text_predictions.csv --show 5
+
+# Regression on the bundled USGS earthquakes (1,707 events): every kind of transformed feature.
+demo-regression: install
+	$(PY) -m pipelines.tabular --transforms transforms.earthquakes \
+	    --train data/usgs_earthquakes/usgs_earthquakes.csv --eval-fraction 0.2 \
+	    --output $(OUT)/earthquakes --overwrite
+	$(PY) -m trainer.task --transformed $(OUT)/earthquakes --model-dir $(OUT)/models --epochs 30 \
+	    --batch-size 64
+	$(PY) -m trainer.predict --model $(OUT)/models/earthquakes \
+	    --input data/usgs_earthquakes/usgs_earthquakes.csv --output $(OUT)/magnitudes.csv --show 5
 
 # The full Fashion-MNIST set (needs the Debian package dataset-fashion-mnist): tar shards,
 # preprocess, train the default CNN, evaluate on the 10,000 test images.

@@ -24,6 +24,21 @@ def read_split(output_dir, split):
   return {k: np.concatenate([p[k] for p in parts]) for k in spec}
 
 
+def read_rows(out, split):
+  """{feature: [one numpy array of values per row]}, parsed with TensorFlow and TFT's spec."""
+  spec = tft.TFTransformOutput(out).transformed_feature_spec()
+  files = sorted(tf.io.gfile.glob(os.path.join(out, f'{split}-*')))
+  rows = {name: [] for name in spec}
+  for batch in tf.data.TFRecordDataset(files, 'GZIP').batch(512):
+    parsed = tf.io.parse_example(batch, spec)
+    for name, value in parsed.items():
+      if isinstance(value, tf.SparseTensor):
+        value = tf.RaggedTensor.from_sparse(value)
+      rows[name].extend(list(value.numpy()) if not isinstance(value, tf.RaggedTensor)
+                        else [np.asarray(v) for v in value.to_list()])
+  return rows
+
+
 def read_adult_csv(path, skiprows=0):
   """The raw rows as pandas reads them: the independent view the tests compare against."""
   return pd.read_csv(path, header=None, names=list(census.CSV_COLUMNS), skipinitialspace=True,

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from pipelines import tabular
 from tests.conftest import REPO
-from tests.helpers import TENSORFLOW_ONLY
+from tests.helpers import TENSORFLOW_ONLY, read_rows
 from transforms.errors import UserError
 from trainer import serving, task, train
 
@@ -59,22 +59,6 @@ def quakes(tmp_path_factory):
 def raw_requests(rows):
   """Rows as a serving client has them: every raw feature, without the id and the label."""
   return [{k: v for k, v in row.items() if k not in ('id', 'mag')} for row in rows]
-
-
-def read_rows(out, split):
-  """{feature: [one numpy array of values per row]}, parsed with TensorFlow and TFT's spec."""
-  import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
-  spec = tft.TFTransformOutput(out).transformed_feature_spec()
-  files = sorted(tf.io.gfile.glob(os.path.join(out, f'{split}-*')))
-  rows = {name: [] for name in spec}
-  for batch in tf.data.TFRecordDataset(files, 'GZIP').batch(512):
-    parsed = tf.io.parse_example(batch, spec)
-    for name, value in parsed.items():
-      if isinstance(value, tf.SparseTensor):
-        value = tf.RaggedTensor.from_sparse(value)
-      rows[name].extend(list(value.numpy()) if not isinstance(value, tf.RaggedTensor)
-                        else [np.asarray(v) for v in value.to_list()])
-  return rows
 
 
 def design_matrix(rows, sizes):
