@@ -60,7 +60,7 @@ def main():
   manifest = input_lib.read_manifest(transformed)
   files = input_lib.split_files(transformed, manifest, 'train')
   spec = tft.TFTransformOutput(transformed).transformed_feature_spec()
-  label = input_lib.transformed_label_key(manifest)
+  label = input_lib.transformed_label_key(manifest, spec, transformed)
   contenders = {'trainer input (trainer/input.py)': trainer_input,
                 'plain TFRecordDataset + parse_example': plain_baseline}
   rates = {name: [] for name in contenders}

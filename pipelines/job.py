@@ -130,8 +130,11 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
   what the analysis's read spilled to disk (read_splits, common.Spill).
   """
   vocabulary.install()
-  transform_fn = ((analyze, adapter_config)
-                  | 'AnalyzeTrain' >> tft_beam.AnalyzeDataset(preprocessing_fn))
+  try:  # TF Transform traces the preprocessing_fn here, while the graph is built
+    transform_fn = ((analyze, adapter_config)
+                    | 'AnalyzeTrain' >> tft_beam.AnalyzeDataset(preprocessing_fn))
+  except Exception as e:  # the user's function (a wrong key, an op on the wrong type, ...)
+    raise common.UserError(traced_failure(e, out)) from e
   transformed = {}
   for split in raw:
     transformed[split] = (
@@ -153,6 +156,23 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
                | f'Sum{label}' >> beam.CombineGlobally(sum))
     _ = (rows_ok, written, rejected) | f'Count{label}' >> outputs.WriteCounts(
         outputs.join(out.counts, f'{split}.json'))
+
+
+def traced_failure(error, out):
+  """One line on a preprocessing_fn that TF Transform could not trace; the traceback is kept
+  in the staging area, as for a failed job."""
+  text = out.failure(error)  # writes the traceback; '...; full traceback in PATH; nothing ...'
+  marker = text.find('; full traceback in ')
+  where = text[marker + 2:] if marker >= 0 else 'nothing was published'
+  lines = [line.strip() for line in str(error).splitlines() if any(c.isalnum() for c in line)]
+  cause = f'{type(error).__name__}: {lines[-1] if lines else ""}'
+  if len(cause) > 400:
+    cause = cause[:400] + '...'
+  hint = ''
+  if 'invalid dtype' in str(error):
+    hint = ('; outputs must be int64, float32 or string tensors (tf.strings.length and '
+            'tf.argmax give int32, for one): cast them, e.g. tf.cast(x, tf.int64)')
+  return f'the preprocessing_fn could not be traced: {cause}{hint}; {where}'
 
 
 def _check_bad_rows(split, counts, limit, out, what):

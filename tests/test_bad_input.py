@@ -269,6 +269,33 @@ def preprocessing_fn(inputs):  # a 2-D dense output of unknown width: TFT cannot
   assert not os.path.exists(out / 'manifest.json')
 
 
+@pytest.mark.parametrize('body,expected', [
+    ("{'len_xf': tf.strings.length(inputs['city'].values)}",
+     'invalid dtype <dtype: \'int32\'> for feature spec; outputs must be int64, float32 or '
+     'string tensors'),
+    ("{'x_xf': inputs['nope']}", "KeyError: 'nope'"),
+])
+def test_a_preprocessing_fn_that_cannot_be_traced_is_one_line(tmp_path, body, expected):
+  module = tmp_path / 'untraceable.py'
+  module.write_text(f'''
+import tensorflow as tf
+RAW_FEATURE_SPEC = {{'city': tf.io.VarLenFeature(tf.string), 'n': tf.io.FixedLenFeature([], tf.int64)}}
+LABEL_KEY = 'n'
+def preprocessing_fn(inputs):
+  return {body}
+''')
+  data = tmp_path / 'd.csv'
+  data.write_text('city,n\nOslo,1\n')
+  out = tmp_path / 'out'
+  with pytest.raises(UserError) as e:
+    tabular.run(['--transforms', str(module), '--train', str(data), '--output', str(out)])
+  message = str(e.value)
+  assert message.startswith('the preprocessing_fn could not be traced:') and expected in message
+  assert '\n' not in message and message.endswith('nothing was published')
+  assert os.path.isfile(message.split('full traceback in ')[1].split(';')[0])
+  assert not os.path.exists(out / 'manifest.json')
+
+
 # ---- regressions found by tests/test_properties.py -------------------------------------------
 
 CONTRACT = '''

@@ -163,22 +163,29 @@ def test_served_raw_rows_equal_in_training_predictions(quakes):
   np.testing.assert_allclose(by_columns, in_training[full], atol=1e-5)
 
 
-def test_tensorflow_only_serving_and_batch_prediction(quakes, tmp_path):
-  """A process without TF Transform, tfx-bsl or Beam serves the regression model; the batch
-  prediction CSV has one prediction column, in magnitudes."""
+def tensorflow_only_predictions(model_base, csv_path, n):
+  """(predictions of the first n rows of csv_path, the model's task) from a process that cannot
+  import TF Transform, tfx-bsl or Beam, as a serving machine would be."""
   script = TENSORFLOW_ONLY + f'''
 import csv, json
 from trainer import serving
-m = serving.load_model({os.path.dirname(quakes["path"])!r})
+m = serving.load_model({model_base!r})
 rows = [{{k: v for k, v in r.items() if k not in ('id', 'mag')}}
-        for r in csv.DictReader(open({quakes["eval_csv"]!r}))][:5]
+        for r in csv.DictReader(open({csv_path!r}))][:{n}]
 print('RESULT', json.dumps([float(v) for v in m.predict(rows)['predictions']]), m.task)
 '''
   proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT'))
-  values, kind = json.loads(line.split(' ', 1)[1].rsplit(' ', 1)[0]), line.rsplit(' ', 1)[1]
+  return json.loads(line.split(' ', 1)[1].rsplit(' ', 1)[0]), line.rsplit(' ', 1)[1]
+
+
+def test_tensorflow_only_serving_and_batch_prediction(quakes, tmp_path):
+  """A process without TF Transform, tfx-bsl or Beam serves the regression model; the batch
+  prediction CSV has one prediction column, in magnitudes."""
+  values, kind = tensorflow_only_predictions(os.path.dirname(quakes['path']),
+                                             quakes['eval_csv'], 5)
   expected = serving.load_model(quakes['path']).predict(raw_requests(quakes['eval_rows'][:5]))
   np.testing.assert_allclose(values, expected['predictions'], atol=1e-6)
   assert kind == 'regression'
@@ -248,6 +255,8 @@ def test_a_model_module_of_your_own(quakes, tmp_path):
   direct = model({n: _model_input(transformed[n], p.kinds[n]) for n in model.input_names},
                  training=False).numpy()[:, 0] * SCALE + SHIFT
   np.testing.assert_allclose(served.predict(requests)['predictions'], direct, atol=1e-5)
+  values, _ = tensorflow_only_predictions(os.path.dirname(path), quakes['eval_csv'], 30)
+  np.testing.assert_allclose(values, direct, atol=1e-5)
 
 
 def _model_input(value, kind):
@@ -307,8 +316,13 @@ def odd(tmp_path_factory):
   return {'root': root, 'out': out, 'rows': [dict(zip(header, r)) for r in rows]}
 
 
-USABLE = ('--exclude-features', 'net_xf', 'hashed_sources_xf', 'types_nested_xf')
+KNOWN_BAD = ('--exclude-features', 'net_xf', 'hashed_sources_xf', 'types_nested_xf')
+USABLE = KNOWN_BAD + ('log_depth_xf',)
 REFUSED = [
+    (KNOWN_BAD, "feature 'log_depth_xf' (dense float32) is NaN or infinite {shallow} times in the "
+     'train split'),
+    (KNOWN_BAD + ('--label', 'log_depth_xf'),
+     "the label 'log_depth_xf' is NaN or infinite in {shallow} rows of the train split"),
     ((), "feature 'hashed_sources_xf' (variable-length int64) has no categorical domain"),
     (('--exclude-features', 'hashed_sources_xf'), "feature 'net_xf' (dense string) holds strings"),
     (('--exclude-features', 'hashed_sources_xf', 'net_xf'),
@@ -346,8 +360,9 @@ def test_refused_at_start_in_one_line(odd, flags, message):
   text = str(caught.value)
   # The numbers in the messages, from the rows themselves.
   nets, tsunami = {r['net'] for r in odd['rows']}, [int(r['tsunami']) - 1 for r in odd['rows']]
+  shallow = sum(float(r['depth']) <= 0 for r in odd['rows'])  # log(depth): NaN or -inf
   message = message.format(nets=len(nets), last_net=len(nets) - 1, low=min(tsunami),
-                           high=max(tsunami))
+                           high=max(tsunami), shallow=shallow)
   assert message in text and '\n' not in text
   assert not os.path.exists(odd['root'] / 'never')  # nothing trained, nothing written
 

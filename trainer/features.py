@@ -97,14 +97,24 @@ def _refuse(where, name, spec, why, what_to_do):
                      f'leave it out with --exclude-features {name}')
 
 
+def non_finite(stats):
+  """How many NaN or infinite values the run's statistics counted for a feature (the pipeline's
+  statistics keep them out of every bin and of the mean); 0 without statistics."""
+  if stats is None:
+    return 0
+  return sum(h.num_nan + h.num_undefined for h in stats.histograms[:1])
+
+
 def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
-             id_counts=None):
+             statistics=None):
   """{name: Feature} for every transformed feature but the label and `exclude`d ones.
 
   `weighted`: {ids feature: weights feature} (the dataset module's WEIGHTED_FEATURES).
-  `id_counts`: {feature: largest id + 1 in the train split}, the size of WEIGHTED ids whose
-  schema has no domain (tft.tfidf records none). Raises FeatureError for what cannot be used.
+  `statistics`: {feature: NumericStatistics of the train split}: features with NaN or infinite
+  values are refused, and WEIGHTED ids whose schema has no domain (tft.tfidf records none) get
+  the largest id + 1 as their size. Raises FeatureError for what cannot be used.
   """
+  statistics = statistics or {}
   weighted = dict(weighted or {})
   unknown = sorted(set(exclude) - set(feature_spec))
   if unknown:
@@ -126,9 +136,6 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
     schema_feature = by_name.get(name)
     size = categorical_size(schema_feature) if schema_feature is not None else None
     if dtype == tf.string:
-      if name in images or isinstance(spec, tf.io.FixedLenFeature) and len(spec.shape) == 3:
-        _refuse(where, name, spec, 'is an image of bytes', 'decode it (tf.io.decode_image) in '
-                'the preprocessing_fn')
       _refuse(where, name, spec, 'holds strings, which a model cannot learn from',
               _WHAT_TO_DO['string'])
     if isinstance(spec, tf.io.FixedLenFeature):
@@ -164,11 +171,10 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
       if dtype != tf.int64:
         raise FeatureError(f'{where}: WEIGHTED_FEATURES pairs {name!r} ({describe(spec)}) with '
                            'weights; the ids must be int64')
-      if size is None:  # tft.tfidf records no domain: the train split's largest id, plus one
-        size = (id_counts or {}).get(name)  # row for any larger id seen later
-        if size is None:
+      if size is None:  # tft.tfidf records no domain: the train split's largest id + 1, plus
+        if name not in statistics:  # one row for any larger id seen later
           _refuse(where, name, spec, 'has no domain and no statistics', _WHAT_TO_DO['int_ids'])
-        size += 1
+        size = int(statistics[name].max) + 2
       result[name] = Feature(name, WEIGHTED, dtype, size=size, weights=weighted[name])
     elif dtype == tf.int64 and size is not None:
       result[name] = Feature(name, IDS, dtype, size=size)
@@ -177,6 +183,11 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
               'numbers or know how many ids there are', _WHAT_TO_DO['int_ids'])
     else:
       result[name] = Feature(name, NUMBERS, dtype)
+  for name in sorted(result):
+    bad = non_finite(statistics.get(name))
+    if bad:
+      _refuse(where, name, specs[name], f'is NaN or infinite {bad} times in the train split',
+              'fix the preprocessing_fn (tf.math.log of values <= 0? a division by zero?)')
   if not any(f.kind not in (IMAGE_STATS, WEIGHTS) for f in result.values()):
     raise FeatureError(f'{where}: no feature is left to learn from besides the label '
                        f'{label_key!r}; the preprocessing_fn must output at least one feature')

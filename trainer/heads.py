@@ -62,6 +62,12 @@ def resolve(schema, feature_spec, label_key, where, flag=None, label_classes=Non
         f'{where}: {told}the label {label_key!r} holds strings; map it to class ids with '
         'tft.compute_and_apply_vocabulary (classification) or to numbers (regression) in the '
         'preprocessing_fn')
+  bad = features_lib.non_finite(label_stats)
+  if bad:
+    raise features_lib.FeatureError(
+        f'{where}: the label {label_key!r} is NaN or infinite in {bad} rows of the train split '
+        '(tf.math.log of values <= 0? a division by zero?); fix the preprocessing_fn so that '
+        'every label is a finite number')
   if spec.dtype.is_floating:
     if flag in (BINARY, MULTICLASS):
       raise features_lib.FeatureError(

@@ -89,10 +89,9 @@ def plan(config: TrainConfig):
   statistics = statistics_lib.numeric(config.transformed_dir, manifest)
   task = heads.resolve(schema, feature_spec, label_key, where, config.task,
                        manifest.get('label_classes'), statistics.get(label_key))
-  id_counts = {name: int(s.max) + 1 for name, s in statistics.items()}
   kinds = features_lib.classify(schema, feature_spec, label_key, where,
                                 manifest.get('weighted_features'), config.exclude_features,
-                                id_counts)
+                                statistics)
   if config.augment and not any(k.kind == features_lib.IMAGE for k in kinds.values()):
     raise input_lib.InputError(f'--augment {" ".join(config.augment)}: the transformed data of '
                                f'{config.transformed_dir} has no image feature to augment')

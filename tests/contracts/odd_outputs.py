@@ -1,5 +1,5 @@
 """Earthquake rows through a preprocessing_fn that outputs every kind the trainer must refuse or
-treat with care: strings, ids without a domain, two-level ragged values, and several candidate
+treat with care: strings, ids without a domain, two-level ragged values, NaNs, and several candidate
 labels (a float, ids with a domain of 12, 0/1 ints without one, negative ints, a bag of ids,
 strings)."""
 
@@ -16,6 +16,7 @@ def preprocessing_fn(inputs):
   return {
       'mag_xf': inputs['mag'],
       'depth_xf': tft.scale_to_z_score(inputs['depth']),
+      'log_depth_xf': tf.math.log(inputs['depth']),  # NaN or -inf where depth <= 0
       'net_ids_xf': tft.compute_and_apply_vocabulary(inputs['net'], vocab_filename='net'),
       'tsunami_xf': inputs['tsunami'],
       'tsunami_minus_one_xf': inputs['tsunami'] - 1,
