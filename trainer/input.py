@@ -70,12 +70,11 @@ def make_dataset(files, feature_spec, label_key, batch_size, compression, shuffl
     * the file order is reshuffled every epoch;
     * records are read with a 1 MiB buffer (faster than the default here), in parallel across
       files only where there are cores to spare (parallel reads were slower on 2 cores);
-    * training reads take `shuffle_window` serialized records at once, permute them, and cut the
-      window into batches: each batch is a uniform sample of its window, as a record shuffle
-      buffer of that size would give. Records are permuted before parsing so that every kind
-      of feature (dense, sparse, ragged) is shuffled alike;
-    * each batch is parsed with one vectorized parse_example (only the features in
-      `feature_spec`, which holds the label);
+    * training reads take `shuffle_window` serialized records at once, permute them, parse
+      them with one vectorized parse_example (only the features in `feature_spec`, which holds
+      the label) and cut the window into batches: each batch is a uniform sample of its
+      window, as a record shuffle buffer of that size would give. Records are permuted before
+      parsing, so every kind of feature (dense, sparse, ragged) is shuffled alike;
     * evaluation reads batch then parse, in file order;
     * `augment` ('flip', 'crop') randomly alters the `image_keys` features of training batches
       only (never evaluation or serving).
@@ -91,8 +90,8 @@ def make_dataset(files, feature_spec, label_key, batch_size, compression, shuffl
   parse = lambda r: tf.io.parse_example(r, feature_spec)  # noqa: E731
   if shuffle:
     window = max(batch_size, shuffle_window)
-    ds = records.batch(window).map(lambda r: tf.random.shuffle(r, seed=seed)).rebatch(
-        batch_size).map(parse)
+    ds = records.batch(window).map(lambda r: parse(tf.random.shuffle(r, seed=seed))).rebatch(
+        batch_size)
   else:
     ds = records.batch(batch_size).map(parse)
   if augment and shuffle:
