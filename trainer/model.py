@@ -182,12 +182,17 @@ def encode_features(ctx: ModelContext, names=None):
 
 
 def build_default(ctx: ModelContext):
-  """Encoded features, --hidden-units ReLU layers with --dropout, the task's head."""
-  x = encode_features(ctx)
+  """Encoded features, --hidden-units ReLU layers with --dropout, and the task's head over both
+  the last hidden layer and the encoded features themselves (wide and deep: the head's direct
+  view of the features is a linear model of them, which small tables learn first)."""
+  encoded = encode_features(ctx)
+  x = encoded
   for i, units in enumerate(ctx.hparams.hidden_units):
     x = keras.layers.Dense(units, activation='relu', name=f'hidden{i + 1}')(x)
     if ctx.hparams.dropout:
       x = keras.layers.Dropout(ctx.hparams.dropout, name=f'dropout{i + 1}')(x)
+  if ctx.hparams.hidden_units:
+    x = keras.layers.Concatenate(name='wide_and_deep')([x, encoded])
   return keras.Model(ctx.inputs, heads.head(ctx.task)(x))
 
 
