@@ -1,1 +1,1 @@
-"""The Keras trainer over the pipeline's TFRecords (being built; see the README)."""
+"""The Keras trainer over a pipeline's TFRecords, its export, and TensorFlow-only serving."""
