@@ -9,10 +9,12 @@ kind and what to do (never a model trained on something it cannot make sense of)
   IMAGE       a dense rank-3 [height, width, channels] feature of pixel values 0..255; its
               `<base>_mean_xf` / `<base>_std_xf` companions (IMAGE_STATS) normalize it
   IDS         variable-length ids with a categorical domain (a multivalent category, a bag of
-              words): VarLen, Ragged of one level, or a SparseFeature
+              words): VarLen or one-level Ragged (a SparseFeature's ids have no domain in the
+              schema and are refused)
   WEIGHTED    ids paired with a weights output (tft.tfidf), declared in the dataset module's
               WEIGHTED_FEATURES = {ids: weights}; the weights feature is WEIGHTS
-  NUMBERS     variable-length floats, summarized per row (mean, min, max, count)
+  NUMBERS     variable-length floats (VarLen, one-level Ragged or SparseFeature values),
+              summarized per row (mean, min, max, count)
 
 Ragged outputs are read as sparse ones (the model sees SparseTensors only).
 """
