@@ -161,18 +161,13 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
 def traced_failure(error, out):
   """One line on a preprocessing_fn that TF Transform could not trace; the traceback is kept
   in the staging area, as for a failed job."""
-  text = out.failure(error)  # writes the traceback; '...; full traceback in PATH; nothing ...'
-  marker = text.find('; full traceback in ')
-  where = text[marker + 2:] if marker >= 0 else 'nothing was published'
-  lines = [line.strip() for line in str(error).splitlines() if any(c.isalnum() for c in line)]
-  cause = f'{type(error).__name__}: {lines[-1] if lines else ""}'
-  if len(cause) > 400:
-    cause = cause[:400] + '...'
   hint = ''
   if 'invalid dtype' in str(error):
     hint = ('; outputs must be int64, float32 or string tensors (tf.strings.length and '
             'tf.argmax give int32, for one): cast them, e.g. tf.cast(x, tf.int64)')
-  return f'the preprocessing_fn could not be traced: {cause}{hint}; {where}'
+  return (f'the preprocessing_fn could not be traced: {type(error).__name__}: '
+          f'{outputs.error_cause(error)}{hint}; {out.keep_traceback(error)}; '
+          'nothing was published')
 
 
 def _check_bad_rows(split, counts, limit, out, what):
@@ -253,11 +248,8 @@ def save_label_inverse(out, inverse_label_fn):
     raise common.UserError(f'inverse_label_fn(y) cannot be traced for a float32 [batch] y: '
                            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}; '
                            'write it with TensorFlow ops (tf.exp(y), y * 1000.0, ...)') from e
-  tf.saved_model.save(module, outputs.join(out.out, LABEL_INVERSE))
-  return LABEL_INVERSE
-
-
-LABEL_INVERSE = 'label_inverse'
+  tf.saved_model.save(module, outputs.join(out.out, outputs.LABEL_INVERSE))
+  return outputs.LABEL_INVERSE
 
 
 def publish(out, manifest, args, argv, beam_args, started, what='rows', hints=None):

@@ -37,10 +37,11 @@ from tfx_bsl.coders import example_coder
 from pipelines.common import UserError
 
 MANIFEST = 'manifest.json'
+LABEL_INVERSE = 'label_inverse'  # the dataset module's inverse_label_fn, a SavedModel
 STAGING = '.staging'
 # Entries of DIR that a run owns and --overwrite replaces; anything else in DIR is left alone.
 OWNED = ('train-*-of-*.tfrecord*', 'eval-*-of-*.tfrecord*', 'transform_fn', 'transformed_metadata',
-         'errors', 'statistics', 'report.html', 'label_inverse', MANIFEST)
+         'errors', 'statistics', 'report.html', LABEL_INVERSE, MANIFEST)
 # Written into a run's staging area before its publication touches DIR. Where one is found, the
 # OWNED entries of a DIR without a manifest are what that interrupted publication left.
 PUBLISHING = 'PUBLISHING'
@@ -206,21 +207,19 @@ class OutputDir:
 
   def failure(self, error):
     """One line on a failed job; its full traceback is kept in the staging area."""
+    return f'the pipeline failed: {error_cause(error)}; {self.keep_traceback(error)}; ' \
+           'nothing was published'
+
+  def keep_traceback(self, error):
+    """Writes the error's traceback into the staging area; says where it is."""
     path = join(self.staging, 'traceback.txt')
     text = ''.join(traceback.format_exception(error))
     try:
       write_text(path, text)
-      where = f'full traceback in {path}'
+      return f'full traceback in {path}'
     except Exception:  # the filesystem itself may be what failed
-      where = 'the traceback is in the log above'
       _LOG.error('%s', text)
-    # The last line that says something (gRPC errors end in '>'), or gRPC's own details line.
-    lines = [line.strip() for line in str(error).splitlines() if any(c.isalnum() for c in line)]
-    details = [line for line in lines if line.startswith('details = ')]
-    cause = (details or lines or [type(error).__name__])[-1]
-    if len(cause) > 400:
-      cause = cause[:400] + '...'
-    return f'the pipeline failed: {cause}; {where}; nothing was published'
+      return 'the traceback is in the log above'
 
   def discard(self):
     """Removes what this run created (after a dry run), so that DIR is left as it was found.
@@ -271,6 +270,15 @@ class OutputDir:
     # Staging areas left by earlier failed runs (kept for their errors and tracebacks) are
     # superseded by this published result.
     _delete_entries([join(self.directory, STAGING)])
+
+
+def error_cause(error, limit=400):
+  """The line of an error that says what went wrong: the last line that says something (gRPC
+  errors end in '>'), or gRPC's own details line; cut at `limit` characters."""
+  lines = [line.strip() for line in str(error).splitlines() if any(c.isalnum() for c in line)]
+  details = [line for line in lines if line.startswith('details = ')]
+  cause = (details or lines or [type(error).__name__])[-1]
+  return cause[:limit] + '...' if len(cause) > limit else cause
 
 
 def check_tensorflow_can_write(directory):

@@ -248,14 +248,16 @@ def test_module_errors(tmp_path):
                  str(tmp_path / 'o')])
 
 
-def test_a_failing_preprocessing_fn_is_one_line_and_publishes_nothing(tmp_path):
+def _failing_run(tmp_path, returned):
+  """The one-line error of a run whose preprocessing_fn returns `returned` (source text) on a
+  one-row CSV; checks that the run published nothing and kept its traceback."""
   module = tmp_path / 'broken.py'
-  module.write_text('''
+  module.write_text(f'''
 import tensorflow as tf
-RAW_FEATURE_SPEC = {'city': tf.io.VarLenFeature(tf.string), 'n': tf.io.FixedLenFeature([], tf.int64)}
+RAW_FEATURE_SPEC = {{'city': tf.io.VarLenFeature(tf.string), 'n': tf.io.FixedLenFeature([], tf.int64)}}
 LABEL_KEY = 'n'
-def preprocessing_fn(inputs):  # a 2-D dense output of unknown width: TFT cannot describe it
-  return {'city_xf': tf.sparse.to_dense(inputs['city'], default_value='')}
+def preprocessing_fn(inputs):
+  return {returned}
 ''')
   data = tmp_path / 'd.csv'
   data.write_text('city,n\nOslo,1\n')
@@ -263,10 +265,17 @@ def preprocessing_fn(inputs):  # a 2-D dense output of unknown width: TFT cannot
   with pytest.raises(UserError) as e:
     tabular.run(['--transforms', str(module), '--train', str(data), '--output', str(out)])
   message = str(e.value)
-  assert message.startswith('the pipeline failed:') and 'city_xf' in message
-  assert '\n' not in message and 'nothing was published' in message
+  assert '\n' not in message and message.endswith('nothing was published')
   assert os.path.isfile(message.split('full traceback in ')[1].split(';')[0])
   assert not os.path.exists(out / 'manifest.json')
+  return message
+
+
+def test_a_failing_preprocessing_fn_is_one_line_and_publishes_nothing(tmp_path):
+  # A 2-D dense output of unknown width: TFT cannot describe it.
+  message = _failing_run(tmp_path, "{'city_xf': tf.sparse.to_dense(inputs['city'], "
+                                   "default_value='')}")
+  assert message.startswith('the pipeline failed:') and 'city_xf' in message
 
 
 @pytest.mark.parametrize('body,expected', [
@@ -276,24 +285,8 @@ def preprocessing_fn(inputs):  # a 2-D dense output of unknown width: TFT cannot
     ("{'x_xf': inputs['nope']}", "KeyError: 'nope'"),
 ])
 def test_a_preprocessing_fn_that_cannot_be_traced_is_one_line(tmp_path, body, expected):
-  module = tmp_path / 'untraceable.py'
-  module.write_text(f'''
-import tensorflow as tf
-RAW_FEATURE_SPEC = {{'city': tf.io.VarLenFeature(tf.string), 'n': tf.io.FixedLenFeature([], tf.int64)}}
-LABEL_KEY = 'n'
-def preprocessing_fn(inputs):
-  return {body}
-''')
-  data = tmp_path / 'd.csv'
-  data.write_text('city,n\nOslo,1\n')
-  out = tmp_path / 'out'
-  with pytest.raises(UserError) as e:
-    tabular.run(['--transforms', str(module), '--train', str(data), '--output', str(out)])
-  message = str(e.value)
+  message = _failing_run(tmp_path, body)
   assert message.startswith('the preprocessing_fn could not be traced:') and expected in message
-  assert '\n' not in message and message.endswith('nothing was published')
-  assert os.path.isfile(message.split('full traceback in ')[1].split(';')[0])
-  assert not os.path.exists(out / 'manifest.json')
 
 
 # ---- regressions found by tests/test_properties.py -------------------------------------------

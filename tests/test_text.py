@@ -134,3 +134,11 @@ def test_text_over_http_tensorflow_only_and_batch_prediction(sms, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = list(csv.reader(open(out, encoding='utf-8')))
   assert rows[0] == ['row', 'class', 'p_ham', 'p_spam'] and len(rows) == EVAL_ROWS + 1
+  # A file with a header and no row: the header alone, named after the classes.
+  empty = tmp_path / 'empty.csv'
+  empty.write_text('text,label,source_line\n')
+  proc = subprocess.run([sys.executable, '-m', 'trainer.predict', '--model', base, '--input',
+                         str(empty), '--output', str(out)],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert list(csv.reader(open(out))) == [['row', 'class', 'p_ham', 'p_spam']]

@@ -182,8 +182,6 @@ def export(model, tft_output, manifest, label_key_xf, task, kinds, model_dir, na
     json.dump({'csv_columns': manifest.get('csv_columns'), 'na_values': manifest.get('na_values'),
                'label_key': manifest['label_key'], 'binary': binary, 'task': task.kind,
                'classes': list(task.class_names),
-               'label_units': ('raw' if inverse is not None else 'transformed')
-               if task.kind == heads.REGRESSION else None,
                'required': sorted(n for n, spec in raw_spec.items()
                                   if isinstance(spec, tf.io.FixedLenFeature)
                                   and spec.default_value is None)}, f)

@@ -216,11 +216,6 @@ def describe(task: Task) -> str:
 
 def class_names_from(label_classes: Optional[Tuple[str, ...]], vocabulary, num_classes):
   """Class names: the dataset module's LABEL_CLASSES, else a vocabulary named after the label,
-  else the ids as text."""
-  if label_classes:
-    return [str(c) for c in label_classes][:num_classes] + [
-        str(i) for i in range(len(label_classes), num_classes)]
-  if vocabulary:
-    names = list(vocabulary)[:num_classes]
-    return names + [str(i) for i in range(len(names), num_classes)]
-  return [str(i) for i in range(num_classes)]
+  else the ids as text (also for ids past the names given)."""
+  names = [str(c) for c in (label_classes or vocabulary or ())][:num_classes]
+  return names + [str(i) for i in range(len(names), num_classes)]

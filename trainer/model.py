@@ -194,13 +194,3 @@ def build_default(ctx: ModelContext):
   if ctx.hparams.hidden_units:
     x = keras.layers.Concatenate(name='wide_and_deep')([x, encoded])
   return keras.Model(ctx.inputs, heads.head(ctx.task)(x))
-
-
-def image_features(feature_spec):
-  """The dense rank-3 features (images) of a transformed feature spec."""
-  return [name for name, spec in feature_spec.items()
-          if isinstance(spec, tf.io.FixedLenFeature) and len(spec.shape) == 3]
-
-
-def steps_for(rows, batch_size):
-  return max(1, math.ceil(rows / batch_size))

@@ -14,7 +14,6 @@ import csv
 import os
 import sys
 
-import numpy as np
 import tensorflow as tf
 
 from trainer import serving
@@ -51,35 +50,35 @@ def run(argv=None):
             'skipped', file=sys.stderr)
   if args.limit:
     good, lines = good[:args.limit], lines[:args.limit]
-  result = model.predict(good)
+  result = model.predict(good)  # {} when no row is left
+  regression = model.task == 'regression'
+  probs = result.get('probabilities')
   with open(args.output, 'w', newline='') as f:
     writer = csv.writer(f)
-    if 'predictions' in result:  # regression
+    if regression:
       writer.writerow(['row', 'prediction'])
       for i, line in enumerate(lines):
         writer.writerow([line, f'{result["predictions"][i]:.6g}'])
     else:
-      writer.writerow(['row', 'class'] + probability_columns(model, result['probabilities']))
+      n = probs.shape[1] if probs is not None else len(model.class_names)
+      writer.writerow(['row', 'class'] + probability_columns(model, n))
       for i, line in enumerate(lines):
-        writer.writerow([line, result['classes'][i]] +
-                        [f'{p:.6f}' for p in result['probabilities'][i]])
+        writer.writerow([line, result['classes'][i]] + [f'{p:.6f}' for p in probs[i]])
   for i in range(min(args.show, len(lines))):
     raw = ', '.join(f'{k}={v.strip()}' for k, v in good[i].items() if k in model.raw_types)
-    if 'predictions' in result:
+    if regression:
       print(f'row {lines[i]}: {result["predictions"][i]:.6g}  <- {raw}')
     else:
-      p = result['probabilities'][i]
-      print(f'row {lines[i]}: {result["classes"][i]} (p={p.max():.3f})  <- {raw}')
+      print(f'row {lines[i]}: {result["classes"][i]} (p={probs[i].max():.3f})  <- {raw}')
   return result, lines
 
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 
 
-def probability_columns(model, probabilities):
-  """`p_<class name>` for each class (the model's class names; ids where it records none)."""
-  n = probabilities.shape[1] if probabilities is not None and len(probabilities) else len(
-      model.class_names)
+def probability_columns(model, n):
+  """`p_<class name>` for each of n classes (the model's class names; ids where it records
+  none)."""
   names = list(model.class_names)[:n] + [str(i) for i in range(len(model.class_names), n)]
   return [f'p_{name}' for name in names]
 
@@ -117,8 +116,7 @@ def _predict_images(model, args):
   n_classes = max((len(r[2]) for r in rows if r[2] is not None), default=0)
   with tf.io.gfile.GFile(args.output, 'w') as f:
     writer = csv.writer(f)
-    columns = probability_columns(model, np.zeros((1, n_classes))) if n_classes else []
-    writer.writerow(['file', 'class'] + columns + ['error'])
+    writer.writerow(['file', 'class'] + probability_columns(model, n_classes) + ['error'])
     for name, label, probs, problem in rows:
       cells = [f'{p:.6f}' for p in probs] if probs is not None else [''] * n_classes
       writer.writerow([name, label] + cells + [problem])
