@@ -108,6 +108,7 @@ def run(argv=None):
   job.check_remote_paths(beam_args, args.output, list(args.train) + list(args.eval or []))
   out = outputs.OutputDir(args.output, args.overwrite)
   out.prepare()
+  label_inverse = job.save_label_inverse(out, hints.inverse_label_fn)
   schema = schema_utils.schema_from_feature_spec(raw_spec)
   adapter_config = tfxio.TensorAdapterConfig(
       image_source.arrow_schema(),
@@ -150,7 +151,8 @@ def run(argv=None):
       'inputs': {'train': list(args.train), **({'eval': list(args.eval)} if args.eval else {})},
       'splits': split_entries,
       **hints.manifest_entries(),
-  }, args, argv, beam_args, started, what='images', hints=hints)
+      'label_inverse': label_inverse,
+  }, args, argv, beam_args, started, what='images')
 
 
 if __name__ == '__main__':

@@ -234,7 +234,9 @@ def split_entries(counts, shards, compression):
 def save_label_inverse(out, inverse_label_fn):
   """The dataset module's inverse_label_fn as a SavedModel beside the transform graph
   (DIR/label_inverse), so that the trainer attaches it to the export with TensorFlow alone,
-  without importing the dataset module; returns its name in DIR, or None without one."""
+  without importing the dataset module; returns its name in DIR, or None without one. Called
+  once the staging area exists and before the job is built, so that a function that cannot be
+  traced fails the run at its start."""
   if inverse_label_fn is None:
     return None
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -252,13 +254,11 @@ def save_label_inverse(out, inverse_label_fn):
   return outputs.LABEL_INVERSE
 
 
-def publish(out, manifest, args, argv, beam_args, started, what='rows', hints=None):
+def publish(out, manifest, args, argv, beam_args, started, what='rows'):
   """Adds what every pipeline records to the pipeline's own `manifest` (which has 'splits'),
-  publishes the result and prints the summary; returns the published manifest. `hints`: the
-  dataset module's contract.TrainingHints (its inverse_label_fn is saved with the result)."""
+  publishes the result and prints the summary; returns the published manifest."""
   manifest = dict(
       manifest,
-      label_inverse=save_label_inverse(out, hints and hints.inverse_label_fn),
       eval_fraction=args.eval_fraction,
       compression=args.compression,
       options={'argv': list(argv) if argv is not None else None, 'beam': beam_args},

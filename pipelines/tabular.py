@@ -82,6 +82,7 @@ def run(argv=None):
   job.check_remote_paths(beam_args, args.output, [f for fs in inputs.values() for f in fs])
   out = outputs.OutputDir(args.output, args.overwrite)
   out.prepare()
+  label_inverse = job.save_label_inverse(out, contract.training.inverse_label_fn)
   schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)
   adapter_config = tfxio.TensorAdapterConfig(
       csv_source.arrow_schema(fmt),
@@ -113,7 +114,8 @@ def run(argv=None):
       'inputs': inputs,
       'splits': job.split_entries(counts, shards, args.compression),
       **contract.training.manifest_entries(),
-  }, args, argv, beam_args, started, hints=contract.training)
+      'label_inverse': label_inverse,
+  }, args, argv, beam_args, started)
 
 
 if __name__ == '__main__':

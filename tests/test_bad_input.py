@@ -396,3 +396,23 @@ def test_image_num_shards_zero(tmp_path):
     images.run(['--train', str(REPO / 'data' / 'fashion_mnist' / 'sample' / 'test'),
                 '--num-shards', '0', '--output', str(tmp_path / 'out')])
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_an_inverse_label_fn_that_cannot_be_traced_fails_at_the_start(tmp_path):
+  module = tmp_path / 'inverse.py'
+  module.write_text('''
+import tensorflow as tf
+RAW_FEATURE_SPEC = {'x': tf.io.FixedLenFeature([], tf.float32), 'y': tf.io.FixedLenFeature([], tf.float32)}
+LABEL_KEY = 'y'
+def preprocessing_fn(inputs):
+  return {'x_xf': inputs['x'], 'y_xf': tf.math.log(inputs['y'])}
+def inverse_label_fn(y):
+  return y.numpy() * 2  # not a TensorFlow op: there is no value while tracing
+''')
+  data = tmp_path / 'd.csv'
+  data.write_text('x,y\n1,2\n')
+  out = tmp_path / 'out'
+  with pytest.raises(UserError, match=r'^inverse_label_fn\(y\) cannot be traced for a float32 '
+                                      r'\[batch\] y: .*write it with TensorFlow ops'):
+    tabular.run(['--transforms', str(module), '--train', str(data), '--output', str(out)])
+  assert not os.path.exists(out / 'manifest.json')

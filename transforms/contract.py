@@ -89,7 +89,8 @@ class TrainingHints:
   inverse_label_fn: Optional[Callable] = None
 
   def manifest_entries(self):
-    """The manifest's part of these hints (the inverse function is saved beside it)."""
+    """The manifest's part of these hints (the inverse function is saved beside it:
+    pipelines.job.save_label_inverse)."""
     return {'transformed_label_key': self.transformed_label_key,
             'weighted_features': dict(self.weighted_features)}
 
