@@ -17,7 +17,7 @@ REQUIRED = [
     'tensorboard>=2.21,<2.22',  # the trainer's logs and profiles
     'numpy',
     'google-crc32c>=1.5',  # TFRecord checksums of the batched shard writer
-    'isal>=1.6',  # its fast gzip compression (pipelines/outputs.py)
+    'isal>=1.6',  # its fast gzip compression (pipelines/sinks/tfrecords.py)
 ]
 
 setuptools.setup(

@@ -9,7 +9,7 @@ The output layout, manifest, dead letters and publication are the tabular pipeli
 
 import gc
 
-if __name__ == '__main__':  # the command: no collections while its modules load (common.main)
+if __name__ == '__main__':  # the command: no collections while its modules load (command.main)
   gc.disable()
 
 import time
@@ -20,14 +20,18 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import common, image_source, job, outputs
+from pipelines import job, output_dir
+from pipelines.runner import launch
+from pipelines.sources import image_files
+from transforms.errors import UserError
+from transforms import command
 from transforms import contract as contract_lib
 
 DEFAULT_TRANSFORMS = 'transforms.images'
 
 
 def parse_args(argv):
-  parser = common.ArgumentParser(prog='python -m pipelines.images',
+  parser = command.ArgumentParser(prog='python -m pipelines.images',
                                  description=__doc__.split('\n')[0])
   job.add_split_flags(parser, 'images', 'class-folder root(s), tar shards or TFRecord shards '
                       '(paths or globs)')
@@ -66,7 +70,7 @@ def _load(args):
   hints = contract_lib.training_hints(module, where)
   spec = getattr(module, 'RAW_FEATURE_SPEC', None)
   if not isinstance(spec, dict) or set(spec) != {'image', 'label'}:
-    raise common.UserError(f'{where}: an image module\'s RAW_FEATURE_SPEC must have exactly the '
+    raise UserError(f'{where}: an image module\'s RAW_FEATURE_SPEC must have exactly the '
                            "features 'image' and 'label' (tf.string), which the image reader "
                            'produces')
   height, width = args.image_size or getattr(module, 'DEFAULT_SIZE', (None, None))
@@ -74,21 +78,21 @@ def _load(args):
   make = getattr(module, 'make_preprocessing_fn', None)
   if callable(make):
     if height is None:
-      raise common.UserError(f'{where} has no DEFAULT_SIZE: pass --image-size HEIGHT WIDTH')
+      raise UserError(f'{where} has no DEFAULT_SIZE: pass --image-size HEIGHT WIDTH')
     return make(height, width, channels), spec, (height, width), channels, hints
   fn = getattr(module, 'preprocessing_fn', None)
   if not callable(fn):
-    raise common.UserError(f'{where} defines neither make_preprocessing_fn(height, width, '
+    raise UserError(f'{where} defines neither make_preprocessing_fn(height, width, '
                            'channels) nor preprocessing_fn(inputs)')
   if args.image_size or args.channels:
-    raise common.UserError(f'{where} has a fixed preprocessing_fn: --image-size and --channels '
+    raise UserError(f'{where} has a fixed preprocessing_fn: --image-size and --channels '
                            'need make_preprocessing_fn(height, width, channels)')
   return fn, spec, (height, width), channels, hints
 
 
 def _bytes_written(directory, pattern):
   return sum(m.size_in_bytes for m in
-             FileSystems.match([outputs.join(directory, pattern)])[0].metadata_list)
+             FileSystems.match([output_dir.join(directory, pattern)])[0].metadata_list)
 
 
 def run(argv=None):
@@ -96,29 +100,29 @@ def run(argv=None):
   started = time.time()
   args, beam_args = parse_args(argv)
   preprocessing_fn, raw_spec, size, channels, hints = _load(args)
-  fmt = image_source.ImageFormat(channels=channels, max_pixels=args.max_pixels,
+  fmt = image_files.ImageFormat(channels=channels, max_pixels=args.max_pixels,
                                  max_bytes=args.max_image_bytes, image_key=args.image_feature,
                                  label_key=args.label_feature)
   units, input_bytes = {}, {}
-  units['train'], input_bytes['train'] = image_source.match_image_inputs(args.train, '--train')
+  units['train'], input_bytes['train'] = image_files.match_image_inputs(args.train, '--train')
   if args.eval:
-    units['eval'], input_bytes['eval'] = image_source.match_image_inputs(args.eval, '--eval')
+    units['eval'], input_bytes['eval'] = image_files.match_image_inputs(args.eval, '--eval')
   splits, shards = job.plan_splits(args, input_bytes)
 
   job.check_remote_paths(beam_args, args.output, list(args.train) + list(args.eval or []))
-  out = outputs.OutputDir(args.output, args.overwrite)
+  out = output_dir.OutputDir(args.output, args.overwrite)
   out.prepare()
   label_inverse = job.save_label_inverse(out, hints.inverse_label_fn)
   schema = schema_utils.schema_from_feature_spec(raw_spec)
   adapter_config = tfxio.TensorAdapterConfig(
-      image_source.arrow_schema(),
+      image_files.arrow_schema(),
       tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
 
-  pipeline = common.make_pipeline(beam_args)
+  pipeline = launch.make_pipeline(beam_args)
   with tft_beam.Context(temp_dir=out.tmp, desired_batch_size=args.images_per_batch):
     spill = job.make_spill(pipeline, out)
     raw, errors, analyze = job.read_splits(
-        pipeline, lambda u, split, fraction, spill: image_source.ReadImages(
+        pipeline, lambda u, split, fraction, spill: image_files.ReadImages(
             u, fmt, split, fraction, args.images_per_batch, spill=spill), units,
         args.eval_fraction, 'Images', spill)
     job.transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, out, shards,
@@ -156,4 +160,4 @@ def run(argv=None):
 
 
 if __name__ == '__main__':
-  common.main(run)
+  command.main(run)

@@ -3,7 +3,6 @@ analyze the train split with TF Transform, transform every split, write the shar
 letters and the counts; then run the job, check what it did and publish (or publish nothing).
 """
 
-import json
 import logging
 import os
 import shutil
@@ -12,12 +11,16 @@ import time
 
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines import common, outputs, progress, report, stats, vocabulary
+from pipelines import output_dir, report, statistics, vocabulary
+from pipelines.runner import launch, progress
+from pipelines.sinks import dead_letters, row_counts, tfrecords
+from pipelines.sources import reading
+from transforms.errors import UserError
+from transforms import command
 
 _LOG = logging.getLogger('pipelines')
 
@@ -51,7 +54,7 @@ def check_split_flags(parser, args):
     parser.error(f'--eval-fraction {args.eval_fraction}: must be in [0, 1)')
   if args.num_shards is not None and args.num_shards < 1:
     parser.error(f'--num-shards {args.num_shards}: must be at least 1 (or leave it out)')
-  args.max_bad_rows_limit = outputs.parse_max_bad_rows(args.max_bad_rows)
+  args.max_bad_rows_limit = output_dir.parse_max_bad_rows(args.max_bad_rows)
 
 
 def plan_splits(args, input_bytes):
@@ -59,21 +62,21 @@ def plan_splits(args, input_bytes):
   splits = ['train'] + (['eval'] if args.eval or args.eval_fraction else [])
   if args.eval_fraction:
     input_bytes = dict(input_bytes, eval=input_bytes['train'] * args.eval_fraction)
-  return splits, {s: args.num_shards or outputs.auto_num_shards(input_bytes[s]) for s in splits}
+  return splits, {s: args.num_shards or output_dir.auto_num_shards(input_bytes[s]) for s in splits}
 
 
 def make_spill(pipeline, out):
-  """A common.Spill for the train split's two reads, in a local directory of this run, where
+  """A reading.Spill for the train split's two reads, in a local directory of this run, where
   the pipeline's workers share this machine's disk (Beam's in-process runner, in one process or
   several); None elsewhere. run_and_check removes the directory."""
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=import-outside-toplevel
-  if not isinstance(pipeline.runner, FnApiRunner) or common.is_dry_run(pipeline):
+  if not isinstance(pipeline.runner, FnApiRunner) or launch.is_dry_run(pipeline):
     return None
   if FileSystems.get_scheme(out.staging) is None:  # a plain local path
     directory = os.path.join(out.staging, 'spill')
   else:
     directory = tempfile.mkdtemp(prefix='spill-')
-  return common.Spill(directory, writes=True)
+  return reading.Spill(directory, writes=True)
 
 
 def read_splits(pipeline, read, units, eval_fraction, name, spill=None):
@@ -81,7 +84,7 @@ def read_splits(pipeline, read, units, eval_fraction, name, spill=None):
   returning (RecordBatches, carved eval RecordBatches or None, dead letters). Returns ({split:
   batches}, {split: dead letters}, a second read of the train split for the analysis alone).
   With `spill` (make_spill), the analysis's read keeps what it read for the other read of the
-  train split, which runs after it (common.Spill)."""
+  train split, which runs after it (reading.Spill)."""
   raw, errors = {}, {}
   raw['train'], carved_eval, errors['train'] = pipeline | f'ReadTrain{name}' >> read(
       units['train'], 'train', eval_fraction, spill and spill.replaying())
@@ -106,14 +109,14 @@ def check_remote_paths(beam_args, output, paths):
   """Dataflow workers cannot see this machine's disk: local paths would only fail once workers
   start (and bill); a dry run only builds the job, so it may use them. And --output must be on a
   file system TensorFlow knows too (TF Transform writes with it)."""
-  outputs.check_tensorflow_can_write(output)
-  options, _ = common.pipeline_options(beam_args)
+  output_dir.check_tensorflow_can_write(output)
+  options, _ = launch.pipeline_options(beam_args)
   runner = str(options.view_as(StandardOptions).runner or '').lower()
   if 'dataflow' not in runner or options.get_all_options().get('dry_run'):
     return
   local = [p for p in [output] + list(paths) if '://' not in p]
   if local:
-    raise common.UserError(f'{local[0]}: DataflowRunner workers cannot read local paths; put '
+    raise UserError(f'{local[0]}: DataflowRunner workers cannot read local paths; put '
                            'inputs and --output on gs:// (or add --dry_run=True to only build)')
 
 
@@ -127,14 +130,14 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
   done) is held in memory in full between them; reading the input twice keeps memory flat
   whatever the data size, and costs less time than holding it (benchmarks/tabular_pipeline.py).
   Where the workers share this machine's disk, the second read does not parse again: it gives
-  what the analysis's read spilled to disk (read_splits, common.Spill).
+  what the analysis's read spilled to disk (read_splits, reading.Spill).
   """
   vocabulary.install()
   try:  # TF Transform traces the preprocessing_fn here, while the graph is built
     transform_fn = ((analyze, adapter_config)
                     | 'AnalyzeTrain' >> tft_beam.AnalyzeDataset(preprocessing_fn))
   except Exception as e:  # the user's function (a wrong key, an op on the wrong type, ...)
-    raise common.UserError(traced_failure(e, out)) from e
+    raise UserError(traced_failure(e, out)) from e
   transformed = {}
   for split in raw:
     transformed[split] = (
@@ -142,20 +145,20 @@ def transform_and_write(raw, errors, analyze, adapter_config, preprocessing_fn, 
         | f'Transform{split.capitalize()}' >> tft_beam.TransformDataset(
             output_record_batches=True))
   _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out.out)
-  stats.add_statistics(raw, transformed, out)
+  statistics.add_statistics(raw, transformed, out)
 
   for split in raw:
     label = split.capitalize()
     data, metadata = transformed[split]
-    written = data | f'Write{label}' >> outputs.WriteExamples(
-        out.split_prefix(split), shards[split], compression, outputs.join(out.tmp, 'parts', split),
+    written = data | f'Write{label}' >> tfrecords.WriteExamples(
+        out.split_prefix(split), shards[split], compression, output_dir.join(out.tmp, 'parts', split),
         metadata)
-    rejected = errors[split] | f'Write{label}Errors' >> outputs.WriteErrors(out.errors_path(split))
+    rejected = errors[split] | f'Write{label}Errors' >> dead_letters.WriteErrors(out.errors_path(split))
     rows_ok = (raw[split]
                | f'Rows{label}' >> beam.Map(lambda batch: batch.num_rows)
                | f'Sum{label}' >> beam.CombineGlobally(sum))
-    _ = (rows_ok, written, rejected) | f'Count{label}' >> outputs.WriteCounts(
-        outputs.join(out.counts, f'{split}.json'))
+    _ = (rows_ok, written, rejected) | f'Count{label}' >> row_counts.WriteCounts(
+        output_dir.join(out.counts, f'{split}.json'))
 
 
 def traced_failure(error, out):
@@ -166,7 +169,7 @@ def traced_failure(error, out):
     hint = ('; outputs must be int64, float32 or string tensors (tf.strings.length and '
             'tf.argmax give int32, for one): cast them, e.g. tf.cast(x, tf.int64)')
   return (f'the preprocessing_fn could not be traced: {type(error).__name__}: '
-          f'{outputs.error_cause(error)}{hint}; {out.keep_traceback(error)}; '
+          f'{output_dir.error_cause(error)}{hint}; {out.keep_traceback(error)}; '
           'nothing was published')
 
 
@@ -176,7 +179,7 @@ def _check_bad_rows(split, counts, limit, out, what):
   rejected = counts['rows_rejected']
   if rejected > allowed:
     reasons = ', '.join(f'{k}: {v}' for k, v in counts['rejected_by_kind'].items())
-    raise common.UserError(
+    raise UserError(
         f'{split}: {rejected} of {counts["rows_read"]} {what} rejected ({reasons}), more than '
         f'--max-bad-rows allows ({allowed}); see {out.errors_path(split)}; nothing was published')
 
@@ -186,21 +189,21 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
 
   Any failure is one UserError line and leaves DIR as it was (nothing published).
   """
-  common.settle_before_run()
+  command.settle_before_run()
   try:
     with progress.Reporter(pipeline, what):
       state = pipeline.run().wait_until_finish()
   except Exception as e:  # a worker's failure (often the user's preprocessing_fn)
-    raise common.UserError(out.failure(e)) from e
+    raise UserError(out.failure(e)) from e
   finally:
     if spill is not None:  # what a retried or unfinished read left
       shutil.rmtree(spill.directory, ignore_errors=True)
-  if common.is_dry_run(pipeline):
+  if launch.is_dry_run(pipeline):
     out.discard()
     _LOG.info('dry run: the job was built and not run; nothing was written')
     return None
   if state != PipelineState.DONE:
-    raise common.UserError(f'the pipeline ended in state {state}; nothing was published '
+    raise UserError(f'the pipeline ended in state {state}; nothing was published '
                            f'(staged files are in {out.staging})')
   counts = {split: out.read_counts(split) for split in splits}
   for split, c in counts.items():
@@ -208,17 +211,17 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
       raise RuntimeError(f'{split}: {what} read {c["rows_read"]} != written {c["rows_written"]} '
                          f'+ rejected {c["rows_rejected"]}; nothing was published')
   if not counts['train']['rows_read']:
-    raise common.UserError(f'--train: no {what} were read from its inputs (files without '
+    raise UserError(f'--train: no {what} were read from its inputs (files without '
                            f'{what} in them?); give inputs with data; nothing was published')
   if 'eval' in counts and not counts['eval']['rows_read']:
-    raise common.UserError(f'the eval split is empty: its --eval inputs hold no {what} (or '
+    raise UserError(f'the eval split is empty: its --eval inputs hold no {what} (or '
                            f'--eval-fraction carved none out of too few {what}); give inputs '
                            'with data or a larger fraction; nothing was published')
   try:
     for split, c in counts.items():
       _check_bad_rows(split, c, max_bad_rows, out, what)
-  except common.UserError:  # what was rejected, before the one line that says the run failed
-    print('\n'.join(['dead letters:'] + dead_letter_lines(counts, out.errors_path, what)))
+  except UserError:  # what was rejected, before the one line that says the run failed
+    print('\n'.join(['dead letters:'] + dead_letters.dead_letter_lines(counts, out.errors_path, what)))
     raise
   return counts
 
@@ -247,11 +250,11 @@ def save_label_inverse(out, inverse_label_fn):
   try:
     module.inverse.get_concrete_function()
   except Exception as e:  # the user's function: one line naming it
-    raise common.UserError(f'inverse_label_fn(y) cannot be traced for a float32 [batch] y: '
+    raise UserError(f'inverse_label_fn(y) cannot be traced for a float32 [batch] y: '
                            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}; '
                            'write it with TensorFlow ops (tf.exp(y), y * 1000.0, ...)') from e
-  tf.saved_model.save(module, outputs.join(out.out, outputs.LABEL_INVERSE))
-  return outputs.LABEL_INVERSE
+  tf.saved_model.save(module, output_dir.join(out.out, output_dir.LABEL_INVERSE))
+  return output_dir.LABEL_INVERSE
 
 
 def publish(out, manifest, args, argv, beam_args, started, what='rows'):
@@ -262,78 +265,12 @@ def publish(out, manifest, args, argv, beam_args, started, what='rows'):
       eval_fraction=args.eval_fraction,
       compression=args.compression,
       options={'argv': list(argv) if argv is not None else None, 'beam': beam_args},
-      versions=outputs.package_versions(),
+      versions=output_dir.package_versions(),
       run_id=out.run_id,
       elapsed_seconds=round(time.time() - started, 1))
   manifest = out.publish(report.write_report(out, manifest, args))
   print_summary(manifest, args.output, what)
   return manifest
-
-
-DEAD_LETTER_EXAMPLES = 3  # of each reason, in the summary
-_EXCERPT = 80  # characters of a rejected record or reason shown
-_SCAN_LINES = 100_000  # dead letters read at most to find the examples
-
-
-def _shorten(text, limit=_EXCERPT):
-  return text if len(text) <= limit else text[:limit - 3] + '...'
-
-
-def dead_letter_examples(path, kinds, limit=DEAD_LETTER_EXAMPLES):
-  """{kind: the first `limit` dead letters of that kind} from a dead-letter file, read only until
-  every kind in `kinds` has its examples (or _SCAN_LINES lines: a reason first seen after that
-  shows none)."""
-  examples = {kind: [] for kind in kinds}
-  try:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      for n, line in enumerate(f):
-        if n >= _SCAN_LINES or all(len(e) >= limit for e in examples.values()):
-          break
-        if line.strip():
-          letter = json.loads(line)
-          found = examples.setdefault(letter.get('kind'), [])
-          if len(found) < limit:
-            found.append(letter)
-  except Exception as e:  # the summary must not turn a finished run into a failed one
-    _LOG.warning('cannot read dead-letter examples from %s: %s', path, e)
-  return examples
-
-
-def _where(letter):
-  """file:line of a CSV row; the file, and the key inside it, of an image."""
-  if letter.get('line') is not None:
-    return f'{letter["file"]}:{letter["line"]}'
-  key = letter.get('key')
-  return letter['file'] if key in (None, letter['file']) else f'{letter["file"]} [{key}]'
-
-
-def _excerpt(letter):
-  if letter.get('raw') is not None:  # escapes show line breaks, tabs and NUL bytes
-    return '| ' + _shorten(repr(letter['raw'].rstrip('\r\n'))[1:-1])
-  if letter.get('bytes') is not None:
-    return f'({letter["bytes"]:,} bytes)'
-  return None
-
-
-def dead_letter_lines(counts, errors_path, what='rows'):
-  """The dead-letter summary: per split with rejects, their count by reason, the first few of
-  each reason (where, why, an excerpt) and the file holding them all."""
-  lines = []
-  for split, c in counts.items():
-    if not c['rows_rejected']:
-      continue
-    path = errors_path(split)
-    lines.append(f'  {split}: {c["rows_rejected"]:,} {what} rejected, all of them in {path}')
-    examples = dead_letter_examples(path, c['rejected_by_kind'])
-    for kind, n in sorted(c['rejected_by_kind'].items(), key=lambda kv: (-kv[1], kv[0])):
-      shown = len(examples.get(kind, []))
-      lines.append(f'    {kind}: {n:,}' + (f' (first {shown})' if n > shown else ''))
-      for letter in examples.get(kind, []):
-        lines.append(f'      {_where(letter)}: {_shorten(letter["reason"])}')
-        excerpt = _excerpt(letter)
-        if excerpt:
-          lines.append(f'        {excerpt}')
-  return lines
 
 
 def print_summary(manifest, directory, what='rows'):
@@ -348,17 +285,17 @@ def print_summary(manifest, directory, what='rows'):
     lines.append(f'  {split:8s} {c["rows_read"]:>12,} {c["rows_written"]:>12,} '
                  f'{c["rows_rejected"]:>10,}')
   lines.append(f'  {read:,} {what} read in {seconds}s: {read / max(seconds, 0.1):,.0f} {what}/s')
-  letters = dead_letter_lines(splits, lambda split: outputs.join(directory, 'errors',
+  letters = dead_letters.dead_letter_lines(splits, lambda split: output_dir.join(directory, 'errors',
                                                                  f'{split}.jsonl'), what)
   if letters:
     lines += ['dead letters:'] + letters
   lines += [f'outputs in {directory}:',
-            '  shards        ' + ', '.join(outputs.join(directory, c['files'])
+            '  shards        ' + ', '.join(output_dir.join(directory, c['files'])
                                           for c in splits.values()),
-            f'  transform_fn  {outputs.join(directory, "transform_fn")}',
-            '  errors        ' + ', '.join(outputs.join(directory, 'errors', f'{split}.jsonl')
+            f'  transform_fn  {output_dir.join(directory, "transform_fn")}',
+            '  errors        ' + ', '.join(output_dir.join(directory, 'errors', f'{split}.jsonl')
                                           for split in splits)]
   if manifest.get('report'):
-    lines.append(f'  report        {outputs.join(directory, manifest["report"])} (statistics in '
-                 f'{outputs.join(directory, "statistics")})')
+    lines.append(f'  report        {output_dir.join(directory, manifest["report"])} (statistics in '
+                 f'{output_dir.join(directory, "statistics")})')
   print('\n'.join(lines))

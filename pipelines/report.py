@@ -5,7 +5,7 @@ constants (bucket boundaries, z-score means and variances), dead letters and, fo
 sample images and per-channel statistics.
 
 Everything comes from what the run already produced: the manifest, the statistics files that
-pipelines/stats.py computed inside the pipeline, the transform output and the first lines of the
+pipelines/statistics.py computed inside the pipeline, the transform output and the first lines of the
 dead-letter files. Nothing re-reads the data, so a report costs the same for 1,000 rows as for
 1,000,000. The page is one self-contained file (inline CSS and SVG, images as base64 PNGs, no
 scripts), so it opens offline and can be mailed. Every number it shows carries its exact value in
@@ -25,7 +25,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from tensorflow.core.protobuf import saved_model_pb2
 
-from pipelines import outputs, stats
+from pipelines import output_dir, statistics
+from pipelines.sinks import dead_letters as dead_letter_files
 
 REPORT = 'report.html'
 SUMMARY = 'statistics/summary.json'
@@ -69,7 +70,7 @@ def add_flags(parser):
 
 def feature_summary(feature):
   """One FeatureNameStatistics -> a plain dict of the numbers the report shows."""
-  kind = stats.Stats.Type.Name(feature.type)
+  kind = statistics.Stats.Type.Name(feature.type)
   if feature.HasField('num_stats'):
     s = feature.num_stats
     common = s.common_stats
@@ -103,7 +104,7 @@ def feature_summary(feature):
 def _histogram(summary):
   if not summary or not summary.get('histogram'):
     return None
-  return stats.AlignedHistogram.from_buckets(summary['histogram'])
+  return statistics.AlignedHistogram.from_buckets(summary['histogram'])
 
 
 def drift(train, evaluate, numeric_threshold, categorical_threshold):
@@ -115,14 +116,14 @@ def drift(train, evaluate, numeric_threshold, categorical_threshold):
       ha, hb = _histogram(a), _histogram(b)
       if ha is None or hb is None:
         continue
-      ha, hb = stats.AlignedHistogram.common([ha, hb], max_bins=4096)
-      measure, value = 'Jensen-Shannon divergence', stats.jensen_shannon(ha.counts, hb.counts)
+      ha, hb = statistics.AlignedHistogram.common([ha, hb], max_bins=4096)
+      measure, value = 'Jensen-Shannon divergence', statistics.jensen_shannon(ha.counts, hb.counts)
       threshold = numeric_threshold
     elif a['type'] == 'STRING' and b['type'] == 'STRING':
       if is_identifier(a) and is_identifier(b):
         continue  # file names, ids: every value new, nothing to compare
       measure = 'L-infinity distance'
-      value = stats.l_infinity(dict(a['top']), a['num_values'], dict(b['top']), b['num_values'])
+      value = statistics.l_infinity(dict(a['top']), a['num_values'], dict(b['top']), b['num_values'])
       threshold = categorical_threshold
     else:
       continue
@@ -285,10 +286,10 @@ def _oov_share_of_ids(summary, size):
 
 
 def _vocabulary_names(directory):
-  assets = outputs.join(directory, 'transform_fn', 'assets')
+  assets = output_dir.join(directory, 'transform_fn', 'assets')
   if not FileSystems.exists(assets):
     return []
-  found = FileSystems.match([outputs.join(assets, '*')])[0].metadata_list
+  found = FileSystems.match([output_dir.join(assets, '*')])[0].metadata_list
   return sorted(m.path[len(assets) + 1:] for m in found)
 
 
@@ -303,7 +304,7 @@ def analyzer_constants(directory):
   unexpected yields {} (the report then says the constants were not found) rather than a failure.
   """
   try:
-    return _analyzer_constants(outputs.join(directory, 'transform_fn', 'saved_model.pb'))
+    return _analyzer_constants(output_dir.join(directory, 'transform_fn', 'saved_model.pb'))
   except Exception as e:  # pylint: disable=broad-except
     _LOG.warning('report: analyzer constants not read from the transform graph: %s', e)
     return {}
@@ -437,13 +438,13 @@ def derived_features(raw_names, transformed_names):
 
 def write_report(out, manifest, args):
   """Writes statistics/summary.json and report.html into the staged output of `out` (an
-  outputs.OutputDir) and returns the manifest with both, and the statistics files, listed."""
+  output_dir.OutputDir) and returns the manifest with both, and the statistics files, listed."""
   import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
   splits = _ordered(manifest['splits'])
-  files = {split: {stage: f'statistics/{split}_{stage}.pb' for stage in stats.STAGES}
+  files = {split: {stage: f'statistics/{split}_{stage}.pb' for stage in statistics.STAGES}
            for split in splits}
-  datasets = {stage: {split: stats.read_statistics(stats.statistics_path(out.out, split, stage))
-                      for split in splits} for stage in stats.STAGES}
+  datasets = {stage: {split: statistics.read_statistics(statistics.statistics_path(out.out, split, stage))
+                      for split in splits} for stage in statistics.STAGES}
   features = {stage: {split: {f.path.step[0]: feature_summary(f) for f in dataset.features}
                       for split, dataset in by_split.items()}
               for stage, by_split in datasets.items()}
@@ -464,24 +465,22 @@ def write_report(out, manifest, args):
       'analyzer_constants': constants,
       'bucket_boundaries': bucket_boundaries(constants),
   }
-  outputs.write_text(outputs.join(out.out, SUMMARY),
+  output_dir.write_text(output_dir.join(out.out, SUMMARY),
                      json.dumps(summary, indent=1, sort_keys=True) + '\n')
   manifest = dict(manifest, statistics={
       'files': files, 'summary': SUMMARY,
       'drifting_features': sorted(k for k, v in drifts.items() if v['drifting'])}, report=REPORT)
-  samples = {split: {stage: stats.read_sample(stats.sample_path(out.staging, split, stage))
-                     for stage in stats.STAGES} for split in splits}
-  from pipelines import job  # pylint: disable=import-outside-toplevel (job imports this module)
-  where = job._where  # pylint: disable=protected-access (the printed summary's own wording)
+  samples = {split: {stage: statistics.read_sample(statistics.sample_path(out.staging, split, stage))
+                     for stage in statistics.STAGES} for split in splits}
   dead_letters = {}  # {split: {kind: [(where, reason, record)]}}, as the printed summary has them
   for split, c in manifest['splits'].items():
     if c['rows_rejected']:
-      examples = job.dead_letter_examples(out.errors_path(split), c['rejected_by_kind'])
-      dead_letters[split] = {kind: [(where(e), e.get('reason', ''), e.get('raw')) for e in found]
+      examples = dead_letter_files.dead_letter_examples(out.errors_path(split), c['rejected_by_kind'])
+      dead_letters[split] = {kind: [(dead_letter_files.where(e), e.get('reason', ''), e.get('raw')) for e in found]
                              for kind, found in examples.items()}
   page = _Page(manifest, summary, args.output, dead_letters,
                _images(samples, tft_output, manifest))
-  outputs.write_text(outputs.join(out.out, REPORT), page.render())
+  output_dir.write_text(output_dir.join(out.out, REPORT), page.render())
   return manifest
 
 
@@ -769,7 +768,7 @@ class _Page:
                f'{"drifting" if entry["drifting"] else "no drift"}: '
                f'{_esc(entry["measure"])} {_fmt(entry["value"])}</span>')
     table = self._stats_table('raw', name, per_split)
-    chart = self._chart(per_split, 600, 180, stats.MAX_BINS)
+    chart = self._chart(per_split, 600, 180, statistics.MAX_BINS)
     derived_html = ''.join(self._derived_card(t) for t in derived)
     return (f'<div class="card" id="f-{_esc(name)}"><div class="feature-head"><h3>{_esc(name)}'
             f'</h3><span class="type">{_esc(first["type"])}</span>{badge}</div>'
@@ -792,7 +791,7 @@ class _Page:
     # (z-scores of ages) would otherwise alternate full and empty.
     return (f'<div class="card"><div class="feature-head"><h3>{_esc(name)}</h3>'
             f'<span class="type">{_esc(present[0]["type"])}</span></div>'
-            f'{self._chart(per_split, 330, 110, stats.MAX_BINS // 2)}{table}{notes}</div>')
+            f'{self._chart(per_split, 330, 110, statistics.MAX_BINS // 2)}{table}{notes}</div>')
 
   def _stats_table(self, stage, name, per_split, compact=False):
     first = next(v for v in per_split.values() if v)
@@ -991,7 +990,7 @@ def _histogram_svg(histograms, width, height, max_bins):
   present = {s: h for s, h in histograms.items() if h is not None}
   if not present:
     return '<p class="muted">No values.</p>'
-  aligned = dict(zip(present, stats.AlignedHistogram.common(list(present.values()), max_bins)))
+  aligned = dict(zip(present, statistics.AlignedHistogram.common(list(present.values()), max_bins)))
   first = next(iter(aligned.values()))
   bins = len(first.counts)
   shares = {s: h.counts / max(1, h.counts.sum()) for s, h in aligned.items()}

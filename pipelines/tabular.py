@@ -9,7 +9,7 @@ See README.md for the dataset contract, the output layout and launching on Dataf
 
 import gc
 
-if __name__ == '__main__':  # the command: no collections while its modules load (common.main)
+if __name__ == '__main__':  # the command: no collections while its modules load (command.main)
   gc.disable()
 
 import logging
@@ -20,14 +20,18 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import common, csv_source, job, outputs
+from pipelines import job, output_dir
+from pipelines.runner import launch
+from pipelines.sources import csv_files
+from transforms.errors import UserError
+from transforms import command
 from transforms import contract as contract_lib
 
 _LOG = logging.getLogger('pipelines.tabular')
 
 
 def parse_args(argv):
-  parser = common.ArgumentParser(prog='python -m pipelines.tabular', description=__doc__.split('\n')[0])
+  parser = command.ArgumentParser(prog='python -m pipelines.tabular', description=__doc__.split('\n')[0])
   parser.add_argument('--transforms', required=True,
                       help='dataset module (e.g. transforms.census) or path to a .py module file')
   job.add_split_flags(parser, 'rows', 'CSV files or globs (.gz works)')
@@ -49,14 +53,14 @@ def _inspect(files, fmt, flag):
   """Checks every file ({path: size}, as matched) at launch; returns the work units (files,
   large ones cut in ranges) and the files' total bytes."""
   paths = list(files)
-  layouts = [csv_source.inspect_file(f, fmt) for f in paths]
+  layouts = [csv_files.inspect_file(f, fmt) for f in paths]
   if all(layout is None for layout in layouts):
-    raise common.UserError(f'{flag}: every matched file is empty or holds only a header row '
+    raise UserError(f'{flag}: every matched file is empty or holds only a header row '
                            f'({", ".join(paths[:3])}{", ..." if len(paths) > 3 else ""}); give '
                            'files with data rows')
   units = []
   for path, layout in zip(paths, layouts):
-    units.extend(csv_source.plan_ranges(path, files[path], layout) if layout else [path])
+    units.extend(csv_files.plan_ranges(path, files[path], layout) if layout else [path])
   return units, sum(files.values())
 
 
@@ -65,14 +69,14 @@ def run(argv=None):
   started = time.time()
   args, beam_args = parse_args(argv)
   contract = contract_lib.load(args.transforms)
-  fmt = csv_source.CsvFormat(
+  fmt = csv_files.CsvFormat(
       columns=contract.columns,
       column_names=args.column_names or contract.csv_columns,
       na_values=contract.na_values,
       label_key=contract.label_key)
-  matched = {'train': csv_source.match_inputs(args.train, '--train')}
+  matched = {'train': csv_files.match_inputs(args.train, '--train')}
   if args.eval:
-    matched['eval'] = csv_source.match_inputs(args.eval, '--eval')
+    matched['eval'] = csv_files.match_inputs(args.eval, '--eval')
   inputs = {split: list(files) for split, files in matched.items()}
   units, input_bytes = {}, {}
   for split, files in matched.items():
@@ -80,19 +84,19 @@ def run(argv=None):
   splits, shards = job.plan_splits(args, input_bytes)
 
   job.check_remote_paths(beam_args, args.output, [f for fs in inputs.values() for f in fs])
-  out = outputs.OutputDir(args.output, args.overwrite)
+  out = output_dir.OutputDir(args.output, args.overwrite)
   out.prepare()
   label_inverse = job.save_label_inverse(out, contract.training.inverse_label_fn)
   schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)
   adapter_config = tfxio.TensorAdapterConfig(
-      csv_source.arrow_schema(fmt),
+      csv_files.arrow_schema(fmt),
       tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
 
-  pipeline = common.make_pipeline(beam_args)
+  pipeline = launch.make_pipeline(beam_args)
   with tft_beam.Context(temp_dir=out.tmp):
     spill = job.make_spill(pipeline, out)
     raw, errors, analyze = job.read_splits(
-        pipeline, lambda u, split, fraction, spill: csv_source.ReadCsv(
+        pipeline, lambda u, split, fraction, spill: csv_files.ReadCsv(
             u, fmt, split, fraction, args.rows_per_batch, spill=spill), units, args.eval_fraction,
         'Csv', spill)
     job.transform_and_write(raw, errors, analyze, adapter_config, contract.preprocessing_fn, out,
@@ -119,4 +123,4 @@ def run(argv=None):
 
 
 if __name__ == '__main__':
-  common.main(run)
+  command.main(run)

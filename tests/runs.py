@@ -63,7 +63,7 @@ def start_cli(args, log_path, prelude=None, env=None):
     command = [sys.executable, '-m', 'pipelines.tabular', *args]
   else:
     command = [sys.executable, '-c',
-               f'{prelude}\nfrom pipelines import common, tabular\ncommon.main(tabular.run)', *args]
+               f'{prelude}\nfrom pipelines import tabular\nfrom transforms import command\ncommand.main(tabular.run)', *args]
   log = open(log_path, 'wb')
   try:
     return subprocess.Popen(command, cwd=REPO, env=dict(command_env(), **(env or {})),
@@ -182,10 +182,10 @@ def watch_publication(before_op, patch=setattr):
   them, so that a stop between two paths of a list can be studied too. `patch`: setattr, or a
   pytest MonkeyPatch's setattr to undo it all afterwards."""
   from apache_beam.io.filesystems import FileSystems
-  from pipelines import outputs
+  from pipelines import output_dir
 
   create, delete, rename = FileSystems.create, FileSystems.delete, FileSystems.rename
-  publish = outputs.OutputDir.publish
+  publish = output_dir.OutputDir.publish
   state = {'on': False, 'n': 0}
 
   def step(op, path):
@@ -221,4 +221,4 @@ def watch_publication(before_op, patch=setattr):
   patch(FileSystems, 'create', staticmethod(watched_create))
   patch(FileSystems, 'delete', staticmethod(watched_delete))
   patch(FileSystems, 'rename', staticmethod(watched_rename))
-  patch(outputs.OutputDir, 'publish', watched_publish)
+  patch(output_dir.OutputDir, 'publish', watched_publish)

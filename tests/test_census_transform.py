@@ -5,7 +5,7 @@ import tensorflow as tf
 from tensorflow_transform.beam import tft_unit
 from tensorflow_transform.tf_metadata import dataset_metadata
 
-from pipelines import common
+from pipelines.runner import launch
 from transforms import census
 from transforms import contract as contract_lib
 
@@ -46,7 +46,7 @@ class CensusTransformTest(tft_unit.TransformTestCase):
         _raw_rows(), metadata, census.preprocessing_fn, expected,
         expected_vocab_file_contents={
             key: [b'Private', b'State-gov'] for key in census.CATEGORICAL_FEATURE_KEYS},
-        beam_pipeline=common.make_pipeline([]))
+        beam_pipeline=launch.make_pipeline([]))
 
 
 def test_contract_loads_and_declares_every_column():

@@ -16,7 +16,8 @@ from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
-from pipelines import common, outputs, tabular
+from pipelines import output_dir, tabular
+from pipelines.runner import launch
 from tests.conftest import ADULT_TEST, ADULT_TRAIN, REPO, head_lines
 
 # Connections attempted in this process while a dry run is watched (the sdist build and Beam's
@@ -44,7 +45,7 @@ def dry_run(tmp_path_factory):
   # Beam builds the sdist and the other artifacts in a temp dir it never removes.
   beam_temp = root / 'beam_temp'
   beam_temp.mkdir()
-  built, make_real = [], common.make_pipeline
+  built, make_real = [], launch.make_pipeline
 
   def make_pipeline(beam_args):
     built.append(make_real(beam_args))
@@ -53,7 +54,7 @@ def dry_run(tmp_path_factory):
   _connections = []
   try:
     with pytest.MonkeyPatch.context() as patch:
-      patch.setattr(common, 'make_pipeline', make_pipeline)
+      patch.setattr(launch, 'make_pipeline', make_pipeline)
       patch.setattr(tempfile, 'tempdir', str(beam_temp))
       result = tabular.run([
           '--transforms', 'transforms.census', '--train', str(train), '--eval', str(test),
@@ -71,7 +72,7 @@ def dry_run(tmp_path_factory):
 
 def test_nothing_is_run_or_left_behind(dry_run):
   assert dry_run['result'] is None
-  assert not (dry_run['out'] / outputs.MANIFEST).exists()
+  assert not (dry_run['out'] / output_dir.MANIFEST).exists()
   # Not even the staging area or the directory itself: the run created both and removed them.
   assert not dry_run['out'].exists()
 
@@ -118,23 +119,23 @@ def test_the_sdist_of_setup_py_would_be_staged(dry_run):
   assert sdist.startswith(str(dry_run['beam_temp']))  # built by this dry run
   with tarfile.open(sdist) as tar:
     names = {n.split('/', 1)[1] for n in tar.getnames() if '/' in n}
-  assert {'setup.py', 'pipelines/tabular.py', 'pipelines/csv_source.py', 'pipelines/outputs.py',
+  assert {'setup.py', 'pipelines/tabular.py', 'pipelines/sources/csv_files.py', 'pipelines/output_dir.py',
           'transforms/census.py', 'transforms/contract.py'} <= names
   assert not any(n.startswith(('data/', 'tests/')) for n in names)
 
 
 def test_discard_leaves_an_existing_directory_as_it_was(tmp_path):
   (tmp_path / 'notes.txt').write_text('mine')
-  out = outputs.OutputDir(str(tmp_path))
+  out = output_dir.OutputDir(str(tmp_path))
   out.prepare()
   out.discard()
   assert [p.name for p in tmp_path.iterdir()] == ['notes.txt']
 
 
 def test_discard_keeps_failed_runs_staging_areas(tmp_path):
-  failed = outputs.OutputDir(str(tmp_path))
+  failed = output_dir.OutputDir(str(tmp_path))
   failed.prepare()  # and never discarded, as after a failure
-  out = outputs.OutputDir(str(tmp_path))
+  out = output_dir.OutputDir(str(tmp_path))
   out.prepare()
   out.discard()
-  assert [p.name for p in (tmp_path / outputs.STAGING).iterdir()] == [failed.run_id]
+  assert [p.name for p in (tmp_path / output_dir.STAGING).iterdir()] == [failed.run_id]

@@ -18,7 +18,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipelines import common, tabular
+from pipelines import tabular
+from pipelines.runner import launch
 from tests import runs
 from tests.helpers import read_adult_csv
 from transforms import census
@@ -170,11 +171,11 @@ def test_a_killed_worker_fails_the_job_cleanly_or_it_completes(killed_worker, in
 def test_a_worker_lost_while_the_runner_waits_for_its_answer_fails_that_wait():
   """The other ways a killed worker meets the runner, beside a data channel closing early (what
   the test above sees): the runner waits on the worker's answer to an instruction, or sends it
-  the next one. Beam alone never fails those waits; pipelines.common makes the end of the
+  the next one. Beam alone never fails those waits; pipelines.runner.beam_patches makes the end of the
   worker's control stream fail them."""
   from apache_beam.portability.api import beam_fn_api_pb2
   from apache_beam.runners.portability.fn_api_runner import worker_handlers
-  common.make_pipeline([])
+  launch.make_pipeline([])
   connection = worker_handlers.ControlConnection()
   waiting = connection.push(beam_fn_api_pb2.InstructionRequest(instruction_id='bundle-1'))
 

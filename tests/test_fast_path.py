@@ -22,7 +22,9 @@ import tensorflow_transform as tft
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from pipelines import csv_source, outputs, tabular, vocabulary
+from pipelines import tabular, vocabulary
+from pipelines.sinks import tfrecords
+from pipelines.sources import csv_files
 from tests.conftest import REPO
 from transforms import contract as contract_lib
 
@@ -64,19 +66,19 @@ MESSY_ROWS = [
 
 def _read(path, fmt, fast, chunk, eval_fraction=0.0):
   """(rows as Python dicts, dead letters) from ReadCsvFileFn, with or without the fast path."""
-  saved = (csv_source._fast_block, csv_source._FIRST_CHUNK, csv_source._CHUNK)
+  saved = (csv_files._fast_block, csv_files._FIRST_CHUNK, csv_files._CHUNK)
   try:
     if not fast:
-      csv_source._fast_block = lambda *args: None
-    csv_source._FIRST_CHUNK = csv_source._CHUNK = chunk
-    out = list(csv_source.ReadCsvFileFn(fmt, 'train', eval_fraction, 7).process(path))
+      csv_files._fast_block = lambda *args: None
+    csv_files._FIRST_CHUNK = csv_files._CHUNK = chunk
+    out = list(csv_files.ReadCsvFileFn(fmt, 'train', eval_fraction, 7).process(path))
   finally:
-    csv_source._fast_block, csv_source._FIRST_CHUNK, csv_source._CHUNK = saved
+    csv_files._fast_block, csv_files._FIRST_CHUNK, csv_files._CHUNK = saved
   rows, errors = [], []
   for item in out:
     if isinstance(item, pa.RecordBatch):
       rows += [('train', r) for r in item.to_pylist()]
-    elif item.tag == csv_source.EVAL_TAG:
+    elif item.tag == csv_files.EVAL_TAG:
       rows += [('eval', r) for r in item.value.to_pylist()]
     else:
       errors.append(item.value)
@@ -88,7 +90,7 @@ def _messy_format(tmp_path):
   module = tmp_path / 'messy.py'
   module.write_text(MODULE)
   contract = contract_lib.load(str(module))
-  fmt = csv_source.CsvFormat(columns=contract.columns, column_names=None,
+  fmt = csv_files.CsvFormat(columns=contract.columns, column_names=None,
                              na_values=contract.na_values)
   return fmt, tmp_path / 'messy.csv'
 
@@ -118,13 +120,13 @@ def test_the_fast_path_is_taken_on_clean_chunks(tmp_path, monkeypatch):
   path = tmp_path / 'clean.csv'
   synthetic.write_csv(str(path), 5000)
   contract = contract_lib.load(os.path.join(REPO, 'benchmarks', 'synthetic.py'))
-  fmt = csv_source.CsvFormat(columns=contract.columns, column_names=None)
+  fmt = csv_files.CsvFormat(columns=contract.columns, column_names=None)
   taken = []
-  real = csv_source._fast_block
-  monkeypatch.setattr(csv_source, '_fast_block',
+  real = csv_files._fast_block
+  monkeypatch.setattr(csv_files, '_fast_block',
                       lambda *a: taken.append(real(*a)) or taken[-1])
-  monkeypatch.setattr(csv_source, '_FIRST_CHUNK', 4096)
-  rows = list(csv_source.ReadCsvFileFn(fmt, 'train').process(str(path)))
+  monkeypatch.setattr(csv_files, '_FIRST_CHUNK', 4096)
+  rows = list(csv_files.ReadCsvFileFn(fmt, 'train').process(str(path)))
   assert sum(r.num_rows for r in rows) == 5000
   assert taken and all(block is not None for block in taken)
 
@@ -140,7 +142,7 @@ def _write(tmp_path, batches, num_shards, compression):
   prefix = str(tmp_path / 'out' / 'train')
   with beam.Pipeline(runner=FnApiRunner()) as p:
     count = (p | beam.Create(batches, reshuffle=False)
-             | outputs.WriteExamples(prefix, num_shards, compression, str(tmp_path / 'parts'),
+             | tfrecords.WriteExamples(prefix, num_shards, compression, str(tmp_path / 'parts'),
                                      Deferred(p)))
     _ = count | beam.Map(lambda n: (tmp_path / 'count').write_text(str(n)))
   return sorted(glob.glob(prefix + '-*')), int((tmp_path / 'count').read_text())
@@ -170,15 +172,15 @@ def test_shard_writer_output_reads_back_with_tensorflow(tmp_path, compression):
 def test_framing_matches_tensorflows_writer(tmp_path):
   records = [b'', b'a', b'x' * 70000, bytes(range(256)), b'b', b'', bytes(range(255, -1, -1))]
   path = tmp_path / 'ours.tfrecord'
-  path.write_bytes(outputs.frame_records(records))
+  path.write_bytes(tfrecords.frame_records(records))
   with tf.io.TFRecordWriter(str(tmp_path / 'tf.tfrecord')) as writer:
     for r in records:
       writer.write(r)
   assert path.read_bytes() == (tmp_path / 'tf.tfrecord').read_bytes()
   # Concatenated gzip members, one per batch, read as one file.
   joined = tmp_path / 'joined.tfrecord.gz'
-  joined.write_bytes(gzip.compress(outputs.frame_records(records[:2])) +
-                     gzip.compress(outputs.frame_records(records[2:])))
+  joined.write_bytes(gzip.compress(tfrecords.frame_records(records[:2])) +
+                     gzip.compress(tfrecords.frame_records(records[2:])))
   assert [r.numpy() for r in tf.data.TFRecordDataset(str(joined), 'GZIP')] == records
 
 
@@ -259,15 +261,15 @@ def test_ranges_read_like_the_whole_file(tmp_path, range_bytes):
   as the same rows and dead letters, with the same line numbers, as the whole file."""
   fmt, path = _messy_format(tmp_path)
   path.write_bytes('\n'.join(MESSY_ROWS * 40).encode() + b'\n')
-  layout = csv_source.inspect_file(str(path), fmt)
-  ranges = csv_source.plan_ranges(str(path), path.stat().st_size, layout, range_bytes)
+  layout = csv_files.inspect_file(str(path), fmt)
+  ranges = csv_files.plan_ranges(str(path), path.stat().st_size, layout, range_bytes)
   assert len(ranges) >= min(8, path.stat().st_size // range_bytes)
   assert ranges[0].start == 0 and ranges[-1].end is None
   assert all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
   whole = _read(str(path), fmt, True, 1 << 16)
   rows, errors = [], []
   for unit in ranges:
-    fn = csv_source.ReadCsvFileFn(fmt, 'train', 0.0, 7)
+    fn = csv_files.ReadCsvFileFn(fmt, 'train', 0.0, 7)
     for item in fn.process(unit):
       if isinstance(item, pa.RecordBatch):
         rows += [('train', r) for r in item.to_pylist()]
@@ -280,5 +282,5 @@ def test_ranges_read_like_the_whole_file(tmp_path, range_bytes):
 def test_small_and_compressed_files_are_one_range(tmp_path):
   path = tmp_path / 'small.csv.gz'
   path.write_bytes(gzip.compress(b'a,b\n1,2\n' * 1000))
-  ranges = csv_source.plan_ranges(str(path), 10 << 30, None, 100)
+  ranges = csv_files.plan_ranges(str(path), 10 << 30, None, 100)
   assert [(r.start, r.end) for r in ranges] == [(0, None)]

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from pipelines import outputs, tabular
-from pipelines.common import UserError
+from pipelines import output_dir, tabular
+from transforms.errors import UserError
 from tests import runs
 
 
@@ -24,7 +24,7 @@ def inputs(tmp_path_factory):
 
 
 def _runs_in(out):
-  staging = os.path.join(out, outputs.STAGING)
+  staging = os.path.join(out, output_dir.STAGING)
   return set(os.listdir(staging)) if os.path.isdir(staging) else set()
 
 
@@ -33,7 +33,7 @@ def _kill_when(inputs, out, log, condition, what):
   before = _runs_in(out)
 
   def reached():
-    return any(condition(os.path.join(out, outputs.STAGING, run))
+    return any(condition(os.path.join(out, output_dir.STAGING, run))
                for run in _runs_in(out) - before)
 
   proc = runs.start_cli(runs.tabular_args(inputs, out), log)
@@ -67,7 +67,7 @@ def killed_three_times(inputs, tmp_path_factory):
   status = proc.wait(timeout=300)
   log = (root / 'log3').read_text()
   after.append((runs.check_complete_or_nothing(str(out)), sorted(os.listdir(out))))
-  markers = runs.staged_files(str(out), outputs.PUBLISHING)
+  markers = runs.staged_files(str(out), output_dir.PUBLISHING)
   # The same command, with no --overwrite: a user should not need to know where it was killed.
   manifest = tabular.run(runs.tabular_args(inputs, out))
   return {'out': out, 'after': after, 'status': status, 'log': log, 'markers': markers,
@@ -77,7 +77,7 @@ def killed_three_times(inputs, tmp_path_factory):
 def test_sigkill_at_each_stage_then_the_same_command_succeeds(inputs, killed_three_times):
   run = killed_three_times
   # Killed before publication: DIR holds nothing but staging areas.
-  assert run['after'][:2] == [('incomplete', [outputs.STAGING])] * 2
+  assert run['after'][:2] == [('incomplete', [output_dir.STAGING])] * 2
   # Killed while publishing: some entries moved in, no manifest; the marker says whose they are.
   assert run['status'] == -9 and 'killed before rename' in run['log'], run['log'][-3000:]
   state, listing = run['after'][2]
@@ -87,7 +87,7 @@ def test_sigkill_at_each_stage_then_the_same_command_succeeds(inputs, killed_thr
   # The rerun published a complete result, and the killed runs' staging areas are gone.
   assert runs.check_complete_or_nothing(str(run['out'])) == 'complete'
   assert runs.counts(run['manifest']) == runs.expected_counts(inputs)
-  assert outputs.STAGING not in os.listdir(run['out'])
+  assert output_dir.STAGING not in os.listdir(run['out'])
 
 
 def test_every_step_of_publication_over_a_result_leaves_one_result_or_none(
@@ -119,7 +119,7 @@ def test_every_step_of_publication_over_a_result_leaves_one_result_or_none(
       state = 'old' if shards == 1 else 'new'
     else:
       # A rerun without --overwrite may replace what this publication left.
-      rerun = outputs.OutputDir(str(directory))
+      rerun = output_dir.OutputDir(str(directory))
       rerun.prepare()
       rerun.discard()
     states.append(state)
@@ -136,7 +136,7 @@ def test_files_in_output_that_no_run_left_are_replaced_only_with_overwrite(tmp_p
   out.mkdir()
   (out / 'train-00000-of-00001.tfrecord.gz').write_bytes(b'someone else\'s')
   with pytest.raises(UserError) as e:
-    outputs.OutputDir(str(out)).prepare()
+    output_dir.OutputDir(str(out)).prepare()
   assert 'train-00000-of-00001.tfrecord.gz' in str(e.value) and '--overwrite' in str(e.value)
   assert os.listdir(out) == ['train-00000-of-00001.tfrecord.gz']  # nothing created
-  outputs.OutputDir(str(out), overwrite=True).prepare()
+  output_dir.OutputDir(str(out), overwrite=True).prepare()

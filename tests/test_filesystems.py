@@ -25,8 +25,12 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from pipelines import common, outputs, tabular
+from pipelines import output_dir, tabular
+from pipelines.runner import launch
+from pipelines.sinks import dead_letters, row_counts, tfrecords
+
 from tests import runs
+from transforms.errors import UserError
 from tests.helpers import read_adult_csv
 
 SCHEME = 'objfs'
@@ -188,7 +192,7 @@ def test_csv_inputs_read_through_the_file_system(objfs, tmp_path, monkeypatch):
 
 def test_an_output_tensorflow_cannot_write_is_refused_at_launch(objfs, tmp_path):
   train, _ = runs.small_adult(tmp_path)
-  with pytest.raises(common.UserError) as e:
+  with pytest.raises(UserError) as e:
     tabular.run(['--transforms', 'transforms.census', '--train', train,
                  '--output', 'objfs://out'])
   message = str(e.value)
@@ -207,26 +211,26 @@ def _stage_and_publish(directory, splits, overwrite, transform_fn_files):
   """What a run does around TF Transform, on objfs: stage, write shards, dead letters and counts
   with the pipeline's own sinks in a real Beam job, then publish. `splits`: {split: (values,
   dead letters)}; `transform_fn_files` stand in for what TFT writes with TensorFlow."""
-  out = outputs.OutputDir(directory, overwrite)
+  out = output_dir.OutputDir(directory, overwrite)
   out.prepare()
   for name, data in transform_fn_files.items():
-    _put(outputs.join(out.out, 'transform_fn', name), data)
+    _put(output_dir.join(out.out, 'transform_fn', name), data)
   schema = schema_utils.schema_from_feature_spec({'x': tf.io.FixedLenFeature([], tf.int64),
                                                   'w': tf.io.FixedLenFeature([], tf.string)})
-  with common.make_pipeline([]) as p:
+  with launch.make_pipeline([]) as p:
     metadata = beam.pvalue.PBegin(p) | 'Metadata' >> beam.Create(
         [dataset_metadata.DatasetMetadata(schema)])
     for split, (values, errors) in splits.items():
       label = split.capitalize()
       batches = p | f'Batches{label}' >> beam.Create([_batch(values[:5]), _batch(values[5:])])
-      written = batches | f'Write{label}' >> outputs.WriteExamples(
-          out.split_prefix(split), 2, 'gzip', outputs.join(out.tmp, 'parts', split),
+      written = batches | f'Write{label}' >> tfrecords.WriteExamples(
+          out.split_prefix(split), 2, 'gzip', output_dir.join(out.tmp, 'parts', split),
           type('Metadata', (), {'deferred_metadata': metadata}))
       rejected = (p | f'Errors{label}' >> beam.Create(errors)
-                  | f'WriteErrors{label}' >> outputs.WriteErrors(out.errors_path(split)))
+                  | f'WriteErrors{label}' >> dead_letters.WriteErrors(out.errors_path(split)))
       rows = p | f'Rows{label}' >> beam.Create([len(values)])
-      _ = (rows, written, rejected) | f'Count{label}' >> outputs.WriteCounts(
-          outputs.join(out.counts, f'{split}.json'))
+      _ = (rows, written, rejected) | f'Count{label}' >> row_counts.WriteCounts(
+          output_dir.join(out.counts, f'{split}.json'))
   counts = {split: out.read_counts(split) for split in splits}
   return out.publish({'splits': {s: dict(c, files=f'{s}-*-of-00002.tfrecord.gz', num_shards=2)
                                  for s, c in counts.items()}, 'compression': 'gzip'})
@@ -262,8 +266,8 @@ def test_sinks_and_publication_through_the_file_system(objfs, tmp_path):
   assert json.loads(_get('objfs://out/manifest.json')) == first
   assert _examples('objfs://out/train-', tmp_path) == list(range(10))
 
-  with pytest.raises(common.UserError):  # a complete result is replaced only with --overwrite
-    outputs.OutputDir('objfs://out').prepare()
+  with pytest.raises(UserError):  # a complete result is replaced only with --overwrite
+    output_dir.OutputDir('objfs://out').prepare()
   second = _stage_and_publish('objfs://out', {'train': (list(range(100, 110)), [])}, True,
                               {'saved_model.pb': b'new'})
   assert _objects('objfs://out/') == [

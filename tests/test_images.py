@@ -22,7 +22,7 @@ import tensorflow_transform as tft
 from PIL import Image
 
 from pipelines import images
-from pipelines.common import UserError
+from transforms.errors import UserError
 from tests.conftest import REPO
 from tests.helpers import TENSORFLOW_ONLY, read_split, tft_vocabulary_order
 from trainer import input as input_lib

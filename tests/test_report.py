@@ -19,8 +19,8 @@ import tensorflow_transform as tft
 from PIL import Image
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from pipelines import images, stats, tabular
-from pipelines.common import UserError
+from pipelines import images, statistics, tabular
+from transforms.errors import UserError
 from tests.conftest import REPO
 from tests.helpers import read_adult_csv, read_split
 from transforms import census
@@ -161,7 +161,7 @@ def test_combiner_merges_exactly():
             [w.encode() for w in words[lo:hi][present]], pa.large_binary())),
     ], names=['f', 'i', 's'])
 
-  fn = stats.StatisticsFn('t')
+  fn = statistics.StatisticsFn('t')
   cuts = [0, 1, 900, 2500, 2501, 4000, len(values)]
   whole = batch(0, len(values))
   accumulators = []
@@ -175,7 +175,7 @@ def test_combiner_merges_exactly():
   (dataset,) = statistics_pb2.DatasetFeatureStatisticsList.FromString(proto).datasets
   features = {f.path.step[0]: f for f in dataset.features}
   assert dataset.num_examples == len(values)
-  assert sample.num_rows == stats.SAMPLE_ROWS
+  assert sample.num_rows == statistics.SAMPLE_ROWS
 
   f32 = values.astype(np.float32).astype(np.float64)
   finite = f32[~np.isnan(f32)]
@@ -187,7 +187,7 @@ def test_combiner_merges_exactly():
   for name, data in (('f', finite), ('i', ints.astype(np.float64))):
     histogram = features[name].num_stats.histograms[0]
     edges = [b.low_value for b in histogram.buckets] + [histogram.buckets[-1].high_value]
-    assert len(histogram.buckets) <= stats.MAX_BINS
+    assert len(histogram.buckets) <= statistics.MAX_BINS
     np.testing.assert_array_equal([b.sample_count for b in histogram.buckets],
                                   np.histogram(data, edges)[0])
     width = edges[1] - edges[0]

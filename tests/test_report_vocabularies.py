@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import tensorflow_transform as tft
 
-from pipelines import report, stats, tabular
+from pipelines import report, statistics, tabular
 from tests.test_report import (assert_not_blank, needs_chromium, page_numbers, screenshot,
                                shown_matches)
 
@@ -137,7 +137,7 @@ def test_raw_values_that_are_the_tokens_still_give_the_share(tags_run):
 def _ids_summary(ids):
   histogram = None
   for value in ids:
-    single = stats.AlignedHistogram(0, value, [1])
+    single = statistics.AlignedHistogram(0, value, [1])
     histogram = single if histogram is None else histogram.merge(single)
   buckets = list(zip(histogram.edges(), histogram.edges()[1:], histogram.counts.tolist()))
   return {'type': 'INT', 'num_values': len(ids), 'min': float(min(ids)), 'max': float(max(ids)),

@@ -19,7 +19,10 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import userstate
 
-from pipelines import common
+from pipelines import sizes
+from pipelines.runner import beam_patches, launch
+from pipelines.sources import reading
+from transforms import command
 
 
 class _Numbers(beam.DoFn):
@@ -40,7 +43,7 @@ class _Numbers(beam.DoFn):
 
 
 def test_read_ahead_gives_every_output_in_order():
-  fn = common.ReadAhead(_Numbers())
+  fn = reading.ReadAhead(_Numbers())
   outputs = list(fn.process(1000))
   expected = []
   for i in range(1000):
@@ -54,7 +57,7 @@ def test_read_ahead_gives_every_output_in_order():
 def test_read_ahead_in_a_beam_pipeline_with_tagged_outputs():
   with beam.Pipeline(runner=FnApiRunner()) as p:
     results = (p | beam.Create([3, 5, 0])
-               | beam.ParDo(common.ReadAhead(_Numbers())).with_outputs('odd', main='all'))
+               | beam.ParDo(reading.ReadAhead(_Numbers())).with_outputs('odd', main='all'))
     assert_that(results.all, equal_to([0, 1, 2, 0, 1, 2, 3, 4]), label='all')
     assert_that(results.odd, equal_to([1, 1, 3]), label='odd')
 
@@ -75,21 +78,21 @@ class _Bundled(beam.DoFn):
 
 def test_read_ahead_keeps_the_sources_bundle_methods():
   with beam.Pipeline(runner=FnApiRunner()) as p:
-    results = p | beam.Create([5, 6, 7]) | beam.ParDo(common.ReadAhead(_Bundled()))
+    results = p | beam.Create([5, 6, 7]) | beam.ParDo(reading.ReadAhead(_Bundled()))
     assert_that(results, equal_to([5, 6, 7, ('count', 3)]))
 
 
 def test_read_ahead_raises_the_sources_error_and_leaves_no_thread():
   before = threading.active_count()
   with pytest.raises(ValueError, match='negative: -1'):
-    list(common.ReadAhead(_Numbers()).process(-1))
+    list(reading.ReadAhead(_Numbers()).process(-1))
   assert threading.active_count() == before
 
 
 def test_read_ahead_stays_bounded_and_stops_with_the_stage():
   produced = []
   before = threading.active_count()
-  outputs = common.ReadAhead(_Numbers(produced), depth=3).process(10**9)
+  outputs = reading.ReadAhead(_Numbers(produced), depth=3).process(10**9)
   taken = [next(outputs) for _ in range(10)]  # the outputs of numbers 0 to 6
   assert taken[:2] == [0, 1]
   time.sleep(0.3)  # the thread runs as far ahead as it may
@@ -115,19 +118,19 @@ class _Batches(beam.DoFn):
   def process(self, unit):
     self.reads.append(unit)
     yield pa.record_batch({'x': pa.array([1.0, 2.0]), 'unit': pa.array([unit] * 2)})
-    yield beam.pvalue.TaggedOutput(common.EVAL_TAG, pa.record_batch({'x': pa.array([3.0])}))
-    yield beam.pvalue.TaggedOutput(common.ERRORS_TAG, {'file': unit, 'line': 7, 'kind': 'x'})
+    yield beam.pvalue.TaggedOutput(reading.EVAL_TAG, pa.record_batch({'x': pa.array([3.0])}))
+    yield beam.pvalue.TaggedOutput(reading.ERRORS_TAG, {'file': unit, 'line': 7, 'kind': 'x'})
     yield pa.record_batch({'x': pa.array([4.0]), 'unit': pa.array([unit])})
 
 
 def test_spill_gives_the_second_read_what_the_first_read_gave(tmp_path):
-  spill = common.Spill(str(tmp_path / 'spill'), writes=True)
+  spill = reading.Spill(str(tmp_path / 'spill'), writes=True)
   first, second = _Batches(), _Batches()
-  read = _as_list(common.ReadAhead(first, spill=spill).process('a.csv'))
+  read = _as_list(reading.ReadAhead(first, spill=spill).process('a.csv'))
   assert first.reads == ['a.csv'] and len(read) == 4
   assert len(list((tmp_path / 'spill').iterdir())) == 1  # committed: no .partial
   assert not list((tmp_path / 'spill').glob('*.partial'))
-  replayed = _as_list(common.ReadAhead(second, spill=spill.replaying()).process('a.csv'))
+  replayed = _as_list(reading.ReadAhead(second, spill=spill.replaying()).process('a.csv'))
   assert second.reads == []  # not read again
   def comparable(outputs):  # each output PCollection's elements, in order
     return sorted((str(t), repr(v.to_pydict() if isinstance(v, pa.RecordBatch) else v))
@@ -136,15 +139,15 @@ def test_spill_gives_the_second_read_what_the_first_read_gave(tmp_path):
   assert comparable(replayed) == comparable(read)
   assert not list((tmp_path / 'spill').iterdir())  # each spill is replayed once
   # A unit without a spill (read elsewhere, or replayed already) is read.
-  again = _as_list(common.ReadAhead(second, spill=spill.replaying()).process('a.csv'))
+  again = _as_list(reading.ReadAhead(second, spill=spill.replaying()).process('a.csv'))
   assert second.reads == ['a.csv'] and len(again) == 4
 
 
 def test_spill_keeps_nothing_of_a_failed_or_unfinished_read(tmp_path):
-  spill = common.Spill(str(tmp_path), writes=True)
+  spill = reading.Spill(str(tmp_path), writes=True)
   with pytest.raises(ValueError, match='negative'):
-    list(common.ReadAhead(_Numbers(), spill=spill).process(-1))
-  outputs = common.ReadAhead(_Numbers(), spill=spill).process(10**9)
+    list(reading.ReadAhead(_Numbers(), spill=spill).process(-1))
+  outputs = reading.ReadAhead(_Numbers(), spill=spill).process(10**9)
   next(outputs)
   outputs.close()  # the stage stopped early
   assert not list(tmp_path.iterdir())
@@ -153,28 +156,28 @@ def test_spill_keeps_nothing_of_a_failed_or_unfinished_read(tmp_path):
 
 
 def test_spill_stays_within_its_budget(tmp_path, monkeypatch):
-  monkeypatch.setattr(common.Spill, 'BUDGET', 20)  # one small batch's worth
-  spill = common.Spill(str(tmp_path), writes=True)
+  monkeypatch.setattr(reading.Spill, 'BUDGET', 20)  # one small batch's worth
+  spill = reading.Spill(str(tmp_path), writes=True)
   first = _Batches()
-  read = _as_list(common.ReadAhead(first, spill=spill).process('big.csv'))
+  read = _as_list(reading.ReadAhead(first, spill=spill).process('big.csv'))
   assert len(read) == 4  # everything is given, nothing is kept
   assert not list(tmp_path.iterdir())
   second = _Batches()
-  assert len(_as_list(common.ReadAhead(second, spill=spill.replaying()).process('big.csv'))) == 4
+  assert len(_as_list(reading.ReadAhead(second, spill=spill.replaying()).process('big.csv'))) == 4
   assert second.reads == ['big.csv']
   # A dead letter that does not pickle: the unit is not kept, and read again.
   class _Unpicklable(_Batches):
     def process(self, unit):
       yield from super().process(unit)
-      yield beam.pvalue.TaggedOutput(common.ERRORS_TAG, {'file': unit, 'lock': threading.Lock()})
+      yield beam.pvalue.TaggedOutput(reading.ERRORS_TAG, {'file': unit, 'lock': threading.Lock()})
 
-  monkeypatch.setattr(common.Spill, 'BUDGET', 1 << 30)
-  assert len(_as_list(common.ReadAhead(_Unpicklable(), spill=spill).process('odd.csv'))) == 5
+  monkeypatch.setattr(reading.Spill, 'BUDGET', 1 << 30)
+  assert len(_as_list(reading.ReadAhead(_Unpicklable(), spill=spill).process('odd.csv'))) == 5
   assert not list(tmp_path.iterdir())
   # Nowhere to write (a read-only or vanished disk): read as without a spill.
   blocked = tmp_path / 'file'
   blocked.write_text('')
-  outputs = _as_list(common.ReadAhead(_Batches(), spill=common.Spill(
+  outputs = _as_list(reading.ReadAhead(_Batches(), spill=reading.Spill(
       str(blocked / 'spill'), writes=True)).process('c.csv'))
   assert len(outputs) == 4
 
@@ -187,7 +190,7 @@ class _Stateful(beam.DoFn):
 
 
 def test_kept_dofn_specs_answer_as_beam_does():
-  common.make_pipeline([])  # installs the speed-ups
+  launch.make_pipeline([])  # installs the speed-ups
   stateful, plain = _Stateful(), _Numbers()
   for _ in range(2):  # the second answer comes from what was kept
     assert userstate.is_stateful_dofn(stateful)
@@ -200,26 +203,26 @@ def test_kept_dofn_specs_answer_as_beam_does():
 
 def test_sizes_from_buffers():
   batch = pa.RecordBatch.from_arrays([pa.array(np.arange(1000, dtype=np.int64))], ['x'])
-  assert common._buffer_bytes(batch) == 8000
+  assert sizes.buffer_bytes(batch) == 8000
   floats = np.zeros((100, 4), np.float32)
-  assert common._buffer_bytes({'a': floats, 'b': (None, 3)}) == 1600 + 16
+  assert sizes.buffer_bytes({'a': floats, 'b': (None, 3)}) == 1600 + 16
   words = np.array([b'abcd'] * 50, dtype=object)
-  assert common._buffer_bytes(words) == 50 * (8 + 4)
-  assert common._buffer_bytes(tf.constant([1.0, 2.0])) == 8
-  assert common._buffer_bytes(tf.constant(3, tf.int64)) == 8
-  assert common._buffer_bytes(tf.constant([b'ab', b'cd'])) == 2 * (8 + 2)
-  assert common._buffer_bytes((batch, {})) == 8000
-  assert common._buffer_bytes(object()) is None  # left to Beam's coder
-  assert common._buffer_bytes([1, object()]) is None
+  assert sizes.buffer_bytes(words) == 50 * (8 + 4)
+  assert sizes.buffer_bytes(tf.constant([1.0, 2.0])) == 8
+  assert sizes.buffer_bytes(tf.constant(3, tf.int64)) == 8
+  assert sizes.buffer_bytes(tf.constant([b'ab', b'cd'])) == 2 * (8 + 2)
+  assert sizes.buffer_bytes((batch, {})) == 8000
+  assert sizes.buffer_bytes(object()) is None  # left to Beam's coder
+  assert sizes.buffer_bytes([1, object()]) is None
 
 
 def test_pipelines_run_with_sizes_from_buffers(monkeypatch):
   """The in-process harness measures sampled elements from their buffers, and the pipeline's
   results are unchanged."""
   measured = []
-  size_of = common._buffer_bytes
-  monkeypatch.setattr(common, '_buffer_bytes', lambda v: measured.append(v) or size_of(v))
-  p = common.make_pipeline([])
+  size_of = sizes.buffer_bytes
+  monkeypatch.setattr(beam_patches, 'buffer_bytes', lambda v: measured.append(v) or size_of(v))
+  p = launch.make_pipeline([])
   rows = (p | beam.Create([1, 2, 3])
           | beam.Map(lambda n: pa.RecordBatch.from_arrays([pa.array(np.zeros(n * 1000))], ['x']))
           | beam.Map(lambda batch: batch.num_rows))
@@ -232,7 +235,7 @@ def test_kept_option_views_read_and_write_the_same_options():
   from apache_beam.options.pipeline_options import (DebugOptions, PipelineOptions,
                                                     StandardOptions)
   import pickle
-  options, _ = common.pipeline_options(['--runner=SomeRunner', '--experiments=a'])
+  options, _ = launch.pipeline_options(['--runner=SomeRunner', '--experiments=a'])
   assert options.view_as(StandardOptions) is options.view_as(StandardOptions)
   options.view_as(StandardOptions).runner = 'Other'
   assert options.view_as(StandardOptions).runner == 'Other'
@@ -247,11 +250,11 @@ def test_kept_option_views_read_and_write_the_same_options():
 
 def test_cached_side_inputs_weighed_from_buffers():
   from apache_beam.runners.worker import statecache
-  common.install_worker_speedups()
+  beam_patches.install_worker_speedups()
   assert statecache.get_deep_size([np.zeros(100, np.float32), 'abcd']) == 404
   assert statecache.get_deep_size([]) == 8  # never 0: Beam warns of a weight of 0
   assert statecache.get_deep_size([object()]) > 0  # unknown: measured by objsize, as before
-  p = common.make_pipeline([])
+  p = launch.make_pipeline([])
   main = p | 'Main' >> beam.Create([1, 2])
   side = p | 'Side' >> beam.Create([np.arange(3.0)])
   totals = main | beam.Map(lambda x, s: x + float(s.sum()), s=beam.pvalue.AsSingleton(side))
@@ -267,24 +270,24 @@ def _sampling_period(_):
 def test_bundles_sample_their_states_briefly():
   """Each bundle's state sampler wakes every SAMPLING_PERIOD_MS at most, so that the harness,
   which joins it when the bundle ends, does not wait up to Beam's default 200 ms for it."""
-  p = common.make_pipeline([])
+  p = launch.make_pipeline([])
   periods = p | beam.Create([1, 2]) | beam.Map(_sampling_period)
-  assert_that(periods, equal_to([common.SAMPLING_PERIOD_MS] * 2))
+  assert_that(periods, equal_to([beam_patches.SAMPLING_PERIOD_MS] * 2))
   p.run().wait_until_finish()
-  assert common.SAMPLING_PERIOD_MS < 200
+  assert beam_patches.SAMPLING_PERIOD_MS < 200
 
 
 def _worker_facts(_):
   import os
   import sys
-  return os.getpid(), 'pipelines.worker_plugin' in sys.modules
+  return os.getpid(), 'pipelines.runner.worker_plugin' in sys.modules
 
 
 def test_worker_processes_run_with_the_speedups():
   """Beam's in-process runner starts multi-process workers without pipeline options; they are
-  given --beam_plugins, so each imports pipelines.worker_plugin before running a bundle."""
+  given --beam_plugins, so each imports pipelines.runner.worker_plugin before running a bundle."""
   import os
-  p = common.make_pipeline(['--direct_num_workers=2', '--direct_running_mode=multi_processing'])
+  p = launch.make_pipeline(['--direct_num_workers=2', '--direct_running_mode=multi_processing'])
   facts = p | beam.Create(list(range(8))) | beam.Map(_worker_facts)
   launcher = os.getpid()
   assert_that(facts, lambda found: _check_worker_facts(found, launcher))
@@ -309,14 +312,14 @@ def test_the_train_split_is_parsed_once_and_replayed(tmp_path, monkeypatch):
   read, written, rejected = expected['train']
   expected['train'] = (read + 1, written, rejected + 1)
   replays = []
-  replay = common.Spill.replay
+  replay = reading.Spill.replay
 
   def recording(self, unit):
     replayed = replay(self, unit)
     replays.append(replayed is not None)
     return replayed
 
-  monkeypatch.setattr(common.Spill, 'replay', recording)
+  monkeypatch.setattr(reading.Spill, 'replay', recording)
   out = tmp_path / 'out'
   manifest = tabular.run(runs.tabular_args(inputs, out))
   assert replays and all(replays)
@@ -333,7 +336,7 @@ def test_the_command_keeps_the_collector_off_its_long_lived_objects(tmp_path):
   import sys
   from pipelines import tabular  # noqa: F401  (imported, not run as a command)
   from tests import runs
-  assert gc.isenabled() and not common._COMMAND
+  assert gc.isenabled() and not command._COMMAND
   inputs = runs.small_adult(str(tmp_path))
   code = ('import atexit, gc, runpy, sys\n'
           'atexit.register(lambda: print("collector", gc.isenabled(), gc.get_freeze_count()))\n'

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from pipelines import image_source
+from pipelines.sources import image_files
 
 MEMBERS = [
     ('a/b.png', b'x' * 700),
@@ -39,7 +39,7 @@ def _tar(fmt, members=MEMBERS, extra=True):
 @pytest.mark.parametrize('fmt', [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_members_match_tarfile(fmt):
   raw = _tar(fmt)
-  mine = list(image_source.tar_members(io.BytesIO(raw), max_bytes=4096))
+  mine = list(image_files.tar_members(io.BytesIO(raw), max_bytes=4096))
   with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
     expected = [(m.name, 'file' if m.isfile() else 'dir' if m.isdir() else 'other', m.size,
                  tar.extractfile(m).read() if m.isfile() and m.size <= 4096 else None)
@@ -51,12 +51,12 @@ def test_members_match_tarfile(fmt):
 def test_plain_ustar_with_a_prefix_field():
   name = 'p' * 90 + '/' + 'q' * 90 + '.png'  # fits ustar only through its prefix field
   raw = _tar(tarfile.USTAR_FORMAT, [(name, b'abc')], extra=False)
-  assert list(image_source.tar_members(io.BytesIO(raw), 100)) == [(name, 'file', 3, b'abc')]
+  assert list(image_files.tar_members(io.BytesIO(raw), 100)) == [(name, 'file', 3, b'abc')]
 
 
 def test_oversized_members_are_skipped_unread():
   raw = _tar(tarfile.GNU_FORMAT, extra=False)
-  by_name = {n: (s, d) for n, _, s, d in image_source.tar_members(io.BytesIO(raw), 600)}
+  by_name = {n: (s, d) for n, _, s, d in image_files.tar_members(io.BytesIO(raw), 600)}
   assert by_name['big.png'] == (5000, None)
   assert by_name['a/b.png'] == (700, None)
   assert by_name['last.cls'] == (1, b'3')  # reading goes on after a skipped member
@@ -68,7 +68,7 @@ def test_shards_cut_short_raise_or_name_the_cut_member(cut):
   if cut == 'last header':
     cut = raw.index(b'last.cls') + 200
   try:
-    members = list(image_source.tar_members(io.BytesIO(raw[:cut]), 1 << 20))
+    members = list(image_files.tar_members(io.BytesIO(raw[:cut]), 1 << 20))
   except (EOFError, ValueError):
     return
   assert members[-1][1] == 'truncated'  # a cut inside member data names the member
@@ -76,21 +76,21 @@ def test_shards_cut_short_raise_or_name_the_cut_member(cut):
 
 def test_garbage_is_not_a_tar():
   with pytest.raises(ValueError, match='checksum'):
-    list(image_source.tar_members(io.BytesIO(b'hello world' * 100), 1 << 20))
+    list(image_files.tar_members(io.BytesIO(b'hello world' * 100), 1 << 20))
 
 
 def test_a_shard_without_end_blocks_is_truncated():
   raw = _tar(tarfile.GNU_FORMAT, extra=False)
   end = raw.index(b'last.cls') + 1024  # its header and data block, no end-of-archive blocks
   with pytest.raises(EOFError, match='end-of-archive'):
-    list(image_source.tar_members(io.BytesIO(raw[:end]), 1 << 20))
+    list(image_files.tar_members(io.BytesIO(raw[:end]), 1 << 20))
   with pytest.raises(EOFError):
-    list(image_source.tar_members(io.BytesIO(b''), 10))  # an empty file is no tar either
+    list(image_files.tar_members(io.BytesIO(b''), 10))  # an empty file is no tar either
 
 
 def test_a_cut_inside_member_data_names_that_member():
   raw = _tar(tarfile.GNU_FORMAT, extra=False)
-  members = list(image_source.tar_members(io.BytesIO(raw[:raw.index(b'q' * 5000) + 100]), 1 << 20))
+  members = list(image_files.tar_members(io.BytesIO(raw[:raw.index(b'q' * 5000) + 100]), 1 << 20))
   assert [(n, k) for n, k, _, _ in members][-2:] == [('empty.png', 'file'), ('big.png', 'truncated')]
 
 
@@ -100,7 +100,7 @@ def test_webdataset_samples_from_a_gzipped_shard(tmp_path):
                                   ('dir/s4.png', b'img'), ('dir/s4.txt', b'')], extra=False)
   path = tmp_path / 'shard.tar.gz'
   path.write_bytes(gzip.compress(raw))
-  samples = list(image_source._tar_samples(str(path), image_source.ImageFormat()))
+  samples = list(image_files._tar_samples(str(path), image_files.ImageFormat()))
   assert [(k, d, l, p and p[0]) for k, d, l, p in samples] == [
       ('s1', b'\x89PNG...', '7', None),
       ('s2', b'\xff\xd8\xff..', None, 'missing_label'),

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines import tabular
-from pipelines.common import UserError
+from transforms.errors import UserError
 from tests.conftest import REPO
 from tests.helpers import TENSORFLOW_ONLY, read_split
 from trainer import serving, task

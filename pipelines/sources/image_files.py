@@ -31,7 +31,8 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import EVAL_TAG, ERRORS_TAG, UserError, read_units
+from pipelines.sources.reading import ERRORS_TAG, EVAL_TAG, read_units
+from transforms.errors import UserError
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png')
 LABEL_EXTENSIONS = ('cls', 'txt')  # WebDataset: .cls holds a class index, .txt a class name

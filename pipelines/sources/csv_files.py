@@ -27,7 +27,8 @@ import pyarrow.csv as pacsv
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import EVAL_TAG, ERRORS_TAG, UserError, read_units
+from pipelines.sources.reading import ERRORS_TAG, EVAL_TAG, read_units
+from transforms.errors import UserError
 
 RAW_TEXT_LIMIT = 1000  # characters of a rejected row kept in the dead-letter record
 # Python's csv default (128 KiB) is smaller than some real cells; larger fields are rejected rows.

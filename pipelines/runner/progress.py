@@ -18,7 +18,7 @@ import time
 
 import apache_beam as beam
 
-from pipelines import common
+from pipelines.runner import launch
 
 # What each stage does, as the reporter names it; in the order a run goes through them.
 STAGES = {'analyze': 'analyzing the train split', 'transform': 'transforming and writing'}
@@ -78,7 +78,7 @@ class Reporter:
     self._stream = stream or sys.stderr
     self._tty = self._stream.isatty()
     self._local = counts_here(pipeline)
-    self._quiet = common.is_dry_run(pipeline)  # nothing runs
+    self._quiet = launch.is_dry_run(pipeline)  # nothing runs
     self._runner = type(pipeline.runner).__name__ if pipeline.runner else 'the runner'
     self._stop = threading.Event()
     self._thread = None

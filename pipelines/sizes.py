@@ -1,0 +1,42 @@
+"""About how many bytes a value holds, read off its buffers (Arrow, numpy, tensors) instead of
+encoding it: what the spill budgets (sources.reading.Spill) and what Beam's size sampling weighs
+(runner.beam_patches)."""
+
+import numpy as np
+import pyarrow as pa
+
+_SIZE_HEAD = 64
+
+
+def buffer_bytes(value):
+  """About the bytes an Arrow or numpy value holds, or a dict, list or tuple of them and of
+  scalars; None for anything else."""
+  if isinstance(value, (pa.RecordBatch, pa.Table, pa.Array)):
+    return value.nbytes
+  if isinstance(value, np.ndarray):
+    if value.dtype != object:
+      return value.nbytes
+    flat = value.reshape(-1)  # strings: pointers, and the mean length of the first few
+    head = [x for x in flat[:16] if isinstance(x, (bytes, str))]
+    return flat.size * (8 + (sum(map(len, head)) // len(head) if head else 8))
+  if isinstance(value, np.generic):  # a numpy scalar
+    return value.nbytes
+  if value is None or isinstance(value, (bool, int, float)):
+    return 8
+  if isinstance(value, (bytes, str)):
+    return len(value)
+  if isinstance(value, (dict, list, tuple)):
+    items = list(value.values()) if isinstance(value, dict) else value
+    head = items[:_SIZE_HEAD]  # a long list (of vocabulary counts, say): its first items
+    total = 0
+    for item in head:
+      size = buffer_bytes(item)
+      if size is None:
+        return None
+      total += size
+    return total * len(items) // len(head) if head else 0
+  if type(value).__name__ == 'EagerTensor':  # TF Transform passes some tensors on
+    if value.dtype.is_numpy_compatible and value.dtype.size and value.shape.is_fully_defined():
+      return value.shape.num_elements() * value.dtype.size  # without copying it out
+    return buffer_bytes(value.numpy())
+  return None
