@@ -268,7 +268,7 @@ def publish(out, manifest, args, argv, beam_args, started, what='rows'):
       versions=output_dir.package_versions(),
       run_id=out.run_id,
       elapsed_seconds=round(time.time() - started, 1))
-  manifest = out.publish(report.write_report(out, manifest, args))
+  manifest = out.publish(report.write_report(out, manifest, report.Options.from_args(args)))
   print_summary(manifest, args.output, what)
   return manifest
 

@@ -14,6 +14,7 @@ tests compare with the manifest and the statistics files.
 """
 
 import argparse
+import dataclasses
 import base64
 import html
 import json
@@ -63,6 +64,17 @@ def add_flags(parser):
                       help='a string feature drifts when the L-infinity distance of its train and '
                            'eval value shares exceeds this (default '
                            f'{DEFAULT_CATEGORICAL_THRESHOLD})')
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What the report's flags set: the drift thresholds."""
+  numeric_threshold: float = DEFAULT_NUMERIC_THRESHOLD
+  categorical_threshold: float = DEFAULT_CATEGORICAL_THRESHOLD
+
+  @classmethod
+  def from_args(cls, args):
+    return cls(args.drift_numeric_threshold, args.drift_categorical_threshold)
 
 
 # ---- what the report shows, as plain data (also written as statistics/summary.json) ----------
@@ -436,7 +448,7 @@ def derived_features(raw_names, transformed_names):
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def write_report(out, manifest, args):
+def write_report(out, manifest, options):
   """Writes statistics/summary.json and report.html into the staged output of `out` (an
   output_dir.OutputDir) and returns the manifest with both, and the statistics files, listed."""
   import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
@@ -452,8 +464,8 @@ def write_report(out, manifest, args):
                   for stage, by_split in datasets.items()}
   tft_output = tft.TFTransformOutput(out.out)
   constants = analyzer_constants(out.out)
-  thresholds = {'numeric_js': args.drift_numeric_threshold,
-                'categorical_linf': args.drift_categorical_threshold}
+  thresholds = {'numeric_js': options.numeric_threshold,
+                'categorical_linf': options.categorical_threshold}
   drifts = (drift(features['raw']['train'], features['raw']['eval'], thresholds['numeric_js'],
                   thresholds['categorical_linf']) if 'eval' in splits else {})
   summary = {
@@ -478,7 +490,7 @@ def write_report(out, manifest, args):
       examples = dead_letter_files.dead_letter_examples(out.errors_path(split), c['rejected_by_kind'])
       dead_letters[split] = {kind: [(dead_letter_files.where(e), e.get('reason', ''), e.get('raw')) for e in found]
                              for kind, found in examples.items()}
-  page = _Page(manifest, summary, args.output, dead_letters,
+  page = _Page(manifest, summary, out.directory, dead_letters,
                _images(samples, tft_output, manifest))
   output_dir.write_text(output_dir.join(out.out, REPORT), page.render())
   return manifest

@@ -8,3 +8,8 @@ not import Beam).
 
 class UserError(Exception):
   """A problem the user can fix (bad path, flag or data): shown as one line, exit status 2."""
+
+
+class InternalError(Exception):
+  """A failure of this project itself, not of the user's input: shown as one line that says so
+  and where its traceback was kept, exit status 1. Its message says where the traceback is."""
