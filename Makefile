@@ -1,13 +1,13 @@
 # Two commands on a fresh machine (see README.md):
 #   make demo   install into .venv; on the bundled Adult data: preprocess, train, export, predict
-#   make test   install with the test extra into .venv, run the test suite
+#   make test   install with the test extra into .venv, lint, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images demo-text demo-regression fashion-mnist test bench bench-input bench-images bench-serve clean
+.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +65,11 @@ fashion-mnist: install
 	$(PY) -m trainer.task --transformed $(OUT)/fmnist --model-dir $(OUT)/models \
 	    --model-name fmnist --epochs 5
 
-test: install
+# The linter (ruff.toml); `make test` runs it first.
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 # The tabular pipeline against the tutorial pipeline, TFT's TFXIO path and a single-process

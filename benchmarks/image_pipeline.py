@@ -4,10 +4,10 @@
 
 The loop is the lower bound: it reads the same tar shards and decodes and resizes every image with
 tf.io / tf.image, eagerly, one image at a time, and writes nothing. (The same steps traced into a
-tf.function called per image were slower here: a function call costs more than the eager ops.) The pipeline
-(`python -m pipelines.images`, one worker: Beam's in-process runner, default flags) does that and
-more: it checks every image, analyzes the training split (per-channel mean and variance, label
-vocabulary), transforms it, and writes gzip TFRecords, manifest and transform graph.
+tf.function called per image were slower here: a function call costs more than the eager ops.) The
+pipeline (`python -m pipelines.images`, one worker: Beam's in-process runner, default flags) does
+that and more: it checks every image, analyzes the training split (per-channel mean and variance,
+label vocabulary), transforms it, and writes gzip TFRecords, manifest and transform graph.
 
 Without --input, the committed Fashion-MNIST sample (1,000 PNGs) is repeated into WebDataset tar
 shards of --images images (the full Fashion-MNIST set has 70,000); with --input, those shards are

@@ -16,10 +16,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tensorflow as tf  # noqa: E402
-import tensorflow_transform as tft  # noqa: E402
+import tensorflow as tf
+import tensorflow_transform as tft
 
-from trainer import input as input_lib  # noqa: E402
+from trainer import input as input_lib
+from transforms import run_contract
 
 BATCH = 256
 
@@ -57,18 +58,18 @@ def main():
     tabular.run(['--transforms', 'transforms.census', '--train',
                  os.path.join(repo, 'data', 'adult', 'adult.data'), '--output', transformed,
                  '--num-shards', '8'])
-  manifest = input_lib.read_manifest(transformed)
+  manifest = run_contract.read_manifest(transformed)
   files = input_lib.split_files(transformed, manifest, 'train')
   spec = tft.TFTransformOutput(transformed).transformed_feature_spec()
   label = input_lib.transformed_label_key(manifest, spec, transformed)
   contenders = {'trainer input (trainer/input.py)': trainer_input,
                 'plain TFRecordDataset + parse_example': plain_baseline}
   rates = {name: [] for name in contenders}
-  for name, make in contenders.items():  # warm-up: file cache, graph tracing
-    examples_per_second(make, files, spec, label, manifest['compression'], 1)
+  for _name, make in contenders.items():  # warm-up: file cache, graph tracing
+    examples_per_second(make, files, spec, label, manifest.compression, 1)
   for _ in range(args.runs):
     for name, make in contenders.items():
-      rate, n = examples_per_second(make, files, spec, label, manifest['compression'], args.passes)
+      rate, n = examples_per_second(make, files, spec, label, manifest.compression, args.passes)
       rates[name].append(rate)
   names = list(contenders)
   ratios = [a / b for a, b in zip(rates[names[0]], rates[names[1]])]

@@ -143,7 +143,7 @@ def main():
   workdir = tempfile.mkdtemp(prefix='serve_bench_')
   model_dir = args.model or make_model(workdir)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from trainer import serving  # pylint: disable=import-outside-toplevel
+  from trainer import serving
   model = serving.load_model(model_dir)
   k = args.rows_per_request
   rows = adult_rows(4000)
@@ -178,7 +178,7 @@ def main():
       stop_server(proc)
     shutil.rmtree(workdir, ignore_errors=True)  # the model made here, if any
 
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   print(f'\n{time.strftime("%Y-%m-%d")}, {platform.node()}: {os.cpu_count()} CPUs, '
         f'{platform.processor() or platform.machine()}, Python {platform.python_version()}, '
         f'TF {tf.__version__}, GPU: {bool(tf.config.list_physical_devices("GPU"))}; '

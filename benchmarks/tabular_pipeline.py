@@ -196,15 +196,16 @@ def timed(contender, csv_path, out, workers=None):
                '--out', out]
   proc = subprocess.run([sys.executable, '-c', _TIMED] + command, capture_output=True, text=True,
                         cwd=ROOT)  # (c)'s summary goes to stdout too: only RESULT lines are read
-  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT')][-1].split()
+  line = [out_line for out_line in proc.stdout.splitlines()
+          if out_line.startswith('RESULT')][-1].split()
   if line[1] != '0':
     sys.exit(f'error: contender {contender} failed:\n{proc.stderr[-3000:]}')
   return float(line[2]), int(line[3]) / 1024, float(line[4])
 
 
 def _row(name, seconds, rss, rows):
-  return (f'  {name:48s} {statistics.median(seconds):8.1f} s {rows / statistics.median(seconds):10,.0f}'
-          f' rows/s {statistics.median(rss):8.0f} MiB')
+  return (f'  {name:48s} {statistics.median(seconds):8.1f} s'
+          f' {rows / statistics.median(seconds):10,.0f} rows/s {statistics.median(rss):8.0f} MiB')
 
 
 def main():
@@ -269,10 +270,12 @@ def main():
         print(f'scale run {run + 1}: 1 worker {s1:.1f} s ({m1:.0f} MiB, {c1:.1f} s CPU), '
               f'2 workers {s2:.1f} s ({c2:.1f} s CPU)', flush=True)
       print(f'\n(c) on {args.scale_rows:,} rows, median of {args.scale_runs} runs')
-      print(f'  1 worker  {statistics.median(one):8.1f} s {args.scale_rows / statistics.median(one):10,.0f} rows/s '
+      print(f'  1 worker  {statistics.median(one):8.1f} s'
+            f' {args.scale_rows / statistics.median(one):10,.0f} rows/s '
             f'{statistics.median(rss_big):8.0f} MiB, {statistics.median(cpu_one):.1f} s CPU '
             f'({statistics.median(cpu_one) / statistics.median(one):.2f} cores busy on average)')
-      print(f'  2 workers {statistics.median(two):8.1f} s {args.scale_rows / statistics.median(two):10,.0f} rows/s'
+      print(f'  2 workers {statistics.median(two):8.1f} s'
+            f' {args.scale_rows / statistics.median(two):10,.0f} rows/s'
             f' {statistics.median(cpu_two):.1f} s CPU'
             ' (--direct_num_workers=2 --direct_running_mode=multi_processing)')
       print(f'  speed-up with 2 workers: {statistics.median(one) / statistics.median(two):.2f}x '

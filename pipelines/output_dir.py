@@ -1,14 +1,10 @@
-"""The output directory of a pipeline run: staging, sinks, counts, the manifest and atomic publication.
+"""The output directory of a pipeline run: staging, counts and atomic publication.
 
-Layout of a published result (DIR):
-  train-SSSSS-of-NNNNN.tfrecord.gz, eval-...   tf.train.Example shards of the transformed splits
-  transform_fn/, transformed_metadata/         TFT's transform graph and output schema
-  errors/<split>.jsonl                         rows that could not be read: file, line, reason, raw
-  manifest.json                                written last: its presence means "complete"
-
-While a run works, everything goes to DIR/.staging/<run id>/ (TFT's temp files included, so that
-distributed workers can reach them). Only a finished, checked run moves its files into DIR and then
-writes the manifest, so a run that dies at any point leaves nothing that looks complete.
+The layout of a published result (DIR) and its manifest are the run contract's
+(transforms/run_contract.py). While a run works, everything goes to DIR/.staging/<run id>/ (TFT's
+temp files included, so that distributed workers can reach them). Only a finished, checked run
+moves its files into DIR and then writes the manifest, so a run that dies at any point leaves
+nothing that looks complete.
 All of this module's I/O goes through Beam FileSystems, so DIR may be gs://... as well as a local
 path; TF Transform writes transform_fn/ with TensorFlow's own file system, so a pipeline's DIR must
 be on a scheme both know (check_tensorflow_can_write, at launch).
@@ -25,14 +21,10 @@ import uuid
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import run_contract
 from transforms.errors import UserError
+from transforms.run_contract import MANIFEST, OWNED, STAGING
 
-MANIFEST = 'manifest.json'
-LABEL_INVERSE = 'label_inverse'  # the dataset module's inverse_label_fn, a SavedModel
-STAGING = '.staging'
-# Entries of DIR that a run owns and --overwrite replaces; anything else in DIR is left alone.
-OWNED = ('train-*-of-*.tfrecord*', 'eval-*-of-*.tfrecord*', 'transform_fn', 'transformed_metadata',
-         'errors', 'statistics', 'report.html', LABEL_INVERSE, MANIFEST)
 # Written into a run's staging area before its publication touches DIR. Where one is found, the
 # OWNED entries of a DIR without a manifest are what that interrupted publication left.
 PUBLISHING = 'PUBLISHING'
@@ -85,14 +77,6 @@ def mkdirs(path):
   except IOError:
     if not FileSystems.exists(path):
       raise
-
-
-def read_manifest(directory):
-  """The manifest of a complete pipeline output, or None where there is none."""
-  path = join(directory, MANIFEST)
-  if not FileSystems.exists(path):
-    return None
-  return json.loads(_read_text(path))
 
 
 def package_versions():
@@ -191,7 +175,7 @@ class OutputDir:
     return join(self.out, split)
 
   def errors_path(self, split, staged=True):
-    return join(self.out if staged else self.directory, 'errors', f'{split}.jsonl')
+    return join(self.out if staged else self.directory, run_contract.errors_file(split))
 
   def read_counts(self, split):
     return json.loads(_read_text(join(self.counts, f'{split}.json')))
@@ -240,9 +224,9 @@ class OutputDir:
     if stale:
       _delete_entries(stale)
     self._move(self.out, self.directory)
-    manifest = dict(manifest, complete=True, published=_now())
+    manifest = manifest.replace(complete=True, published=_now())
     temp = join(self.staging, MANIFEST)
-    write_text(temp, json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    write_text(temp, manifest.to_json())
     FileSystems.rename([temp], [old_manifest])
     self._remove_staging()
     return manifest

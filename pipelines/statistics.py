@@ -673,17 +673,6 @@ class WriteStatistics(beam.PTransform):
             | 'Write' >> beam.Map(_write, self._stats_file, self._sample_file))
 
 
-def add_statistics(raw, transformed, out):
-  """Adds the statistics of every split's raw batches (`raw`: {split: PCollection}) and
-  transformed batches (`transformed`: {split: (PCollection, metadata)}) to their pipeline; the
-  files are staged in `out` (an outputs.OutputDir) and published with the rest."""
-  for split in raw:
-    for stage, batches in (('raw', raw[split]), ('transformed', transformed[split][0])):
-      _ = batches | f'Statistics{split.capitalize()}{stage.capitalize()}' >> WriteStatistics(
-          f'{split}_{stage}', statistics_path(out.out, split, stage),
-          sample_path(out.staging, split, stage))
-
-
 def read_statistics(path):
   """A statistics file -> its DatasetFeatureStatistics (the one dataset it holds)."""
   result = statistics_pb2.DatasetFeatureStatisticsList()

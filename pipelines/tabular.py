@@ -7,10 +7,9 @@ Flags this module does not know are Beam's (--runner, --direct_num_workers, --pr
 See README.md for the dataset contract, the output layout and launching on Dataflow or Flink/Spark.
 """
 
-import gc
-
-if __name__ == '__main__':  # the command: no collections while its modules load (command.main)
-  gc.disable()
+if __name__ == '__main__':  # the command: quiet start-up, no collections while its modules load
+  from transforms import command
+  command.start()  # before TensorFlow and Beam are imported
 
 import logging
 import time
@@ -20,28 +19,30 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import job, output_dir
+from pipelines import flags, job, output_dir, stages
 from pipelines.runner import launch
 from pipelines.sources import csv_files
-from transforms.errors import UserError
-from transforms import command
+from transforms import command, run_contract
 from transforms import contract as contract_lib
+from transforms.errors import UserError
 
 _LOG = logging.getLogger('pipelines.tabular')
 
 
 def parse_args(argv):
-  parser = command.ArgumentParser(prog='python -m pipelines.tabular', description=__doc__.split('\n')[0])
+  parser = command.ArgumentParser(prog='python -m pipelines.tabular',
+                                  description=__doc__.split('\n')[0])
   parser.add_argument('--transforms', required=True,
                       help='dataset module (e.g. transforms.census) or path to a .py module file')
-  job.add_split_flags(parser, 'rows', 'CSV files or globs (.gz works)')
+  flags.add_split_flags(parser, 'rows', 'CSV files or globs (.gz works)')
   parser.add_argument('--column-names', default=None,
                       help='comma-separated column names for CSV files without a header row '
                            '(overrides CSV_COLUMNS)')
   parser.add_argument('--rows-per-batch', type=int, default=65536,
                       help='rows per Arrow RecordBatch read from CSV')
-  args, beam_args = parser.parse_known_args(argv)
-  job.check_split_flags(parser, args)
+  command.add_verbose_flag(parser)
+  args, beam_args = flags.parse(parser, argv)
+  flags.check_split_flags(parser, args)
   if args.rows_per_batch < 1:
     parser.error('--rows-per-batch must be at least 1')
   if args.column_names is not None:
@@ -95,32 +96,32 @@ def run(argv=None):
   pipeline = launch.make_pipeline(beam_args)
   with tft_beam.Context(temp_dir=out.tmp):
     spill = job.make_spill(pipeline, out)
-    raw, errors, analyze = job.read_splits(
-        pipeline, lambda u, split, fraction, spill: csv_files.ReadCsv(
-            u, fmt, split, fraction, args.rows_per_batch, spill=spill), units, args.eval_fraction,
-        'Csv', spill)
-    job.transform_and_write(raw, errors, analyze, adapter_config, contract.preprocessing_fn, out,
-                            shards, args.compression)
+
+    def source(units, split, eval_fraction, spill):
+      return csv_files.ReadCsv(units, fmt, split, eval_fraction, args.rows_per_batch, spill=spill)
+
+    stages.add_preprocessing(pipeline, source, units, args.eval_fraction,
+                             contract.preprocessing_fn, adapter_config, out, shards,
+                             args.compression, spill)
     counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, spill=spill)
   if counts is None:
     return None
 
-  return job.publish(out, {
-      'pipeline': 'tabular',
-      'transforms': contract.name,
-      'label_key': contract.label_key,
-      'label_classes': contract.label_classes,
+  return job.publish(
+      out, args, argv, beam_args, started,
+      pipeline='tabular',
+      transforms=contract.name,
+      label_key=contract.label_key,
+      label_classes=contract.label_classes,
       # What serving needs to read raw rows exactly as this run did.
-      'raw_columns': [dict(name=c.name, dtype=c.dtype, varlen=c.varlen, default=c.default)
-                      for c in contract.columns],
-      'csv_columns': list(fmt.column_names) if fmt.column_names else None,
-      'na_values': list(contract.na_values),
-      'inputs': inputs,
-      'splits': job.split_entries(counts, shards, args.compression),
-      **contract.training.manifest_entries(),
-      'label_inverse': label_inverse,
-  }, args, argv, beam_args, started)
-
+      raw_columns=[run_contract.RawColumn(c.name, c.dtype, c.varlen, c.default)
+                   for c in contract.columns],
+      csv_columns=list(fmt.column_names) if fmt.column_names else None,
+      na_values=list(contract.na_values),
+      inputs=inputs,
+      splits=job.split_entries(counts, shards, args.compression),
+      label_inverse=label_inverse,
+      **contract.training.manifest_entries())
 
 if __name__ == '__main__':
   command.main(run)

@@ -4,7 +4,8 @@ TFT 1.21 counts the tokens of an unweighted `tft.vocabulary` (and of everything 
 compute_and_apply_vocabulary, image labels, ...) by turning every token of every batch into a Beam
 element and counting them with `Count.PerElement`: on 1M rows and 4 string columns that is 4M
 elements through Beam's per-element machinery, the largest single cost of the analysis
-(benchmarks/tabular_pipeline.py). Weighted vocabularies do not pay it because TFT sums their
+(benchmarks/tabular_pipeline.py); counting per batch saved about 1.5 s of a 1M-row run (paired
+runs 0.95x, benchmarks/RESULTS.md). Weighted vocabularies do not pay it because TFT sums their
 weights per batch inside the graph.
 
 This module registers, through TFT's own extension point (`register_ptransform`, which the
@@ -16,20 +17,47 @@ produces, so pruning, ordering (count, then token), the vocabulary files, the an
 everything downstream are unchanged; tests/test_fast_path.py compares the vocabulary files with
 TFT's own path byte for byte. Every other ordering (weighted, mutual information, labels) keeps
 TFT's implementation.
+
+It builds on private names of TF Transform 1.21 (analyzer_impls._VocabularyAccumulateImpl,
+analyzers._VocabOrderingType), so it is registered only on the TF Transform versions it was
+tested with (TESTED_TFT) and where those names exist, and not where this project's Beam patches
+are switched off (pipelines/runner/beam_patches.py, ENV); TFT's own implementation runs there.
+Could live upstream: TFT's VocabularyAccumulate could count each batch's tokens itself.
 """
 
 import collections
 import contextlib
+import logging
 from typing import Any
 
 import apache_beam as beam
+import tensorflow_transform as tft
 from tensorflow_transform import analyzer_nodes
 from tensorflow_transform import analyzers as tft_analyzers
 from tensorflow_transform.beam import analyzer_impls
 from tensorflow_transform.beam import common as tft_beam_common
 
-_FREQUENCY = tft_analyzers._VocabOrderingType.FREQUENCY  # pylint: disable=protected-access
-_TFT_IMPLEMENTATION = analyzer_impls._VocabularyAccumulateImpl  # pylint: disable=protected-access
+from pipelines.runner import beam_patches
+
+_LOG = logging.getLogger('pipelines')
+
+# What this was written and tested against: TF Transform's versions (major.minor), and the
+# private names of TFT's that it builds on (their absence, or another TFT, leaves TFT's own).
+TESTED_TFT = ('1.21',)
+_FREQUENCY = getattr(getattr(tft_analyzers, '_VocabOrderingType', None), 'FREQUENCY', None)
+_TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
+
+
+def unfit_reason(tft_version=None):
+  """Why the per-batch counting does not fit TF Transform `tft_version` (the installed one by
+  default): None where it does."""
+  tft_version = tft.__version__ if tft_version is None else tft_version
+  if '.'.join(tft_version.split('.')[:2]) not in TESTED_TFT:
+    return f'tested on TF Transform {", ".join(TESTED_TFT)} only'
+  if _FREQUENCY is None or _TFT_IMPLEMENTATION is None:
+    return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
+            'beam.analyzer_impls._VocabularyAccumulateImpl')
+  return None
 
 
 def count_batch(batch_values):
@@ -60,16 +88,37 @@ def _register(implementation):
   tft_beam_common.register_ptransform(analyzer_nodes.VocabularyAccumulate)(implementation)
 
 
+# 'ours': whether this module's implementation is the one registered; 'logged': the reason why
+# it does not fit was logged (once a process).
+_STATE = {'ours': False, 'logged': False}
+
+
 def install():
-  """Makes TFT use the per-batch counting for the pipelines built after this call (idempotent)."""
-  _register(_BatchCountedVocabularyAccumulate)
+  """Makes TFT use the per-batch counting for the pipelines built after this call (idempotent).
+  Not where the Beam patches are off (beam_patches.ENV) or where it does not fit the installed
+  TF Transform (unfit_reason, logged once per process): TFT's own implementation then runs (put
+  back if an earlier call had registered this one)."""
+  reason = unfit_reason()
+  if reason is None and beam_patches.enabled():
+    _register(_BatchCountedVocabularyAccumulate)
+    _STATE['ours'] = True
+    return
+  if reason is not None and not _STATE['logged']:
+    _STATE['logged'] = True
+    _LOG.warning('TF Transform %s: its own VocabularyAccumulate runs, not pipelines/vocabulary.py '
+                 '(%s)', tft.__version__, reason)
+  if _STATE['ours']:  # registered by an earlier call, when it was wanted
+    _register(_TFT_IMPLEMENTATION)
+    _STATE['ours'] = False
 
 
 @contextlib.contextmanager
 def tft_implementation():
   """TFT's own implementation for the pipelines built within the block (to compare against);
-  the per-batch counting again after it."""
-  _register(_TFT_IMPLEMENTATION)
+  after it, what install() chooses."""
+  if _TFT_IMPLEMENTATION is not None:
+    _register(_TFT_IMPLEMENTATION)
+    _STATE['ours'] = False
   try:
     yield
   finally:

@@ -5,7 +5,7 @@ import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ADULT_TRAIN = REPO / 'data' / 'adult' / 'adult.data'
@@ -31,8 +31,8 @@ def adult_sample(tmp_path_factory):
 def trained(adult_sample, tmp_path_factory):
   """The tabular pipeline on the Adult sample, 30 training steps, the export (census/1).
   Tests may add versions beside it but must leave census/1 and the pipeline output as they are."""
-  from pipelines import tabular  # pylint: disable=import-outside-toplevel
-  from trainer import task  # pylint: disable=import-outside-toplevel
+  from pipelines import tabular
+  from trainer import task
   train_csv, test_csv = adult_sample
   root = tmp_path_factory.mktemp('trained')
   transformed = str(root / 'tft')

@@ -1,7 +1,6 @@
 """Reading a pipeline's published output back, independently of the pipeline's own code."""
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -9,15 +8,15 @@ import pandas as pd
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from transforms import census
+from transforms import census, run_contract
 
 
 def read_split(output_dir, split):
   """All examples of a split as {feature: numpy array}, parsed with tf.data and TFT's spec."""
-  manifest = json.load(open(os.path.join(output_dir, 'manifest.json')))
+  manifest = run_contract.read_manifest(output_dir)
   spec = tft.TFTransformOutput(output_dir).transformed_feature_spec()
   files = sorted(glob.glob(os.path.join(output_dir, f'{split}-*')))
-  compression = 'GZIP' if manifest['compression'] == 'gzip' else ''
+  compression = 'GZIP' if manifest.compression == 'gzip' else ''
   ds = tf.data.TFRecordDataset(files, compression_type=compression).batch(4096).map(
       lambda x: tf.io.parse_example(x, spec))
   parts = list(ds.as_numpy_iterator())

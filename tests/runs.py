@@ -2,8 +2,8 @@
 checking what it left in --output, with TensorFlow reading the files, not the pipeline's code."""
 
 import collections
+import dataclasses
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +13,8 @@ import time
 import tensorflow as tf
 
 from tests.conftest import ADULT_TEST, ADULT_TRAIN, REPO, head_lines
+from transforms import run_contract
+from transforms.errors import UserError
 
 SPLITS = ('train', 'eval')
 
@@ -44,8 +46,8 @@ def expected_counts(inputs):
 
 
 def counts(manifest):
-  return {split: (c['rows_read'], c['rows_written'], c['rows_rejected'])
-          for split, c in manifest['splits'].items()}
+  return {split: (c.rows_read, c.rows_written, c.rows_rejected)
+          for split, c in manifest.splits.items()}
 
 
 def command_env():
@@ -63,7 +65,8 @@ def start_cli(args, log_path, prelude=None, env=None):
     command = [sys.executable, '-m', 'pipelines.tabular', *args]
   else:
     command = [sys.executable, '-c',
-               f'{prelude}\nfrom pipelines import tabular\nfrom transforms import command\ncommand.main(tabular.run)', *args]
+               f'{prelude}\nfrom pipelines import tabular\nfrom transforms import command\n'
+               'command.main(tabular.run)', *args]
   log = open(log_path, 'wb')
   try:
     return subprocess.Popen(command, cwd=REPO, env=dict(command_env(), **(env or {})),
@@ -113,40 +116,38 @@ def vocabularies(directory):
 
 
 def published_counts(manifest):
-  return {split: {k: v for k, v in entry.items() if k != 'files'}
-          for split, entry in manifest['splits'].items()}
+  return {split: dataclasses.replace(entry, files=None) for split, entry in manifest.splits.items()}
 
 
 def check_complete(directory):
   """Asserts DIR holds a complete, valid result: its manifest's counts match the files beside it.
   Returns the manifest and {split: multiset of its Examples}."""
-  manifest = json.load(open(os.path.join(directory, 'manifest.json')))
-  assert manifest['complete'] is True
+  manifest = run_contract.read_manifest(directory)
+  assert manifest.complete is True
   assert os.path.isfile(os.path.join(directory, 'transform_fn', 'saved_model.pb'))
   assert os.path.isfile(os.path.join(directory, 'transformed_metadata', 'schema.pbtxt'))
-  compression = 'GZIP' if manifest['compression'] == 'gzip' else ''
+  compression = 'GZIP' if manifest.compression == 'gzip' else ''
   found = {}
-  for split, entry in manifest['splits'].items():
-    shards = glob.glob(os.path.join(directory, entry['files']))
-    assert len(shards) == entry['num_shards'], (split, shards)
+  for split, entry in manifest.splits.items():
+    shards = glob.glob(os.path.join(directory, entry.files))
+    assert len(shards) == entry.num_shards, (split, shards)
     # No shard of another run beside them.
-    assert len(glob.glob(os.path.join(directory, f'{split}-*-of-*'))) == entry['num_shards']
-    found[split] = examples_of(directory, entry['files'], compression)
-    assert sum(found[split].values()) == entry['rows_written']
+    assert len(glob.glob(os.path.join(directory, f'{split}-*-of-*'))) == entry.num_shards
+    found[split] = examples_of(directory, entry.files, compression)
+    assert sum(found[split].values()) == entry.rows_written
     errors = os.path.join(directory, 'errors', f'{split}.jsonl')
     rejected = len(open(errors).readlines()) if os.path.exists(errors) else 0
-    assert rejected == entry['rows_rejected'] == sum(entry['rejected_by_kind'].values())
-    assert entry['rows_read'] == entry['rows_written'] + entry['rows_rejected']
+    assert rejected == entry.rows_rejected == sum(entry.rejected_by_kind.values())
+    assert entry.rows_read == entry.rows_written + entry.rows_rejected
   return manifest, found
 
 
 def check_incomplete(directory):
   """Asserts DIR does not claim to be a result: no manifest, and the trainer refuses it."""
-  from trainer import input as trainer_input  # TensorFlow only: what a consumer runs
   assert not os.path.exists(os.path.join(directory, 'manifest.json'))
   try:
-    trainer_input.read_manifest(directory)
-  except trainer_input.InputError as e:
+    run_contract.read_manifest(directory)  # what the trainer and serving read
+  except UserError as e:
     assert 'not a complete pipeline output' in str(e)
   else:
     raise AssertionError(f'the trainer accepted {directory}')
@@ -182,6 +183,7 @@ def watch_publication(before_op, patch=setattr):
   them, so that a stop between two paths of a list can be studied too. `patch`: setattr, or a
   pytest MonkeyPatch's setattr to undo it all afterwards."""
   from apache_beam.io.filesystems import FileSystems
+
   from pipelines import output_dir
 
   create, delete, rename = FileSystems.create, FileSystems.delete, FileSystems.rename

@@ -12,13 +12,13 @@ import pytest
 
 from pipelines import images, tabular
 from pipelines.sources import csv_files
-from transforms.errors import UserError
 from tests.conftest import ADULT_TRAIN, REPO, head_lines
 from tests.helpers import read_split
 from transforms import census
 from transforms import contract as contract_lib
+from transforms.errors import UserError
 
-GOOD = [l for l in head_lines(ADULT_TRAIN, 60)]
+GOOD = [line for line in head_lines(ADULT_TRAIN, 60)]
 
 
 def _bad_adult_csv(path):
@@ -49,12 +49,12 @@ def test_malformed_rows_are_dead_lettered(tmp_path, capsys):
   manifest = tabular.run(['--transforms', 'transforms.census', '--train', str(csv_path),
                           '--output', str(out), '--max-bad-rows', '10'])
   summary = capsys.readouterr().out
-  counts = manifest['splits']['train']
-  assert counts['rows_read'] == 60
-  assert counts['rows_rejected'] == len(bad) == 6
-  assert counts['rows_written'] == 60 - 6
-  assert counts['rows_read'] == counts['rows_written'] + counts['rows_rejected']
-  errors = [json.loads(l) for l in open(out / 'errors' / 'train.jsonl')]
+  counts = manifest.splits['train']
+  assert counts.rows_read == 60
+  assert counts.rows_rejected == len(bad) == 6
+  assert counts.rows_written == 60 - 6
+  assert counts.rows_read == counts.rows_written + counts.rows_rejected
+  errors = [json.loads(line) for line in open(out / 'errors' / 'train.jsonl')]
   assert {e['line']: e['kind'] for e in errors} == bad
   for e in errors:
     assert e['file'] == str(csv_path) and e['reason'] and e['raw']
@@ -92,7 +92,8 @@ def test_too_many_bad_rows_fail_and_publish_nothing(tmp_path, capsys):
   # What was rejected is shown before the failure (a user need not open the file to see why).
   summary = capsys.readouterr().out
   assert f'train: 6 rows rejected, all of them in {errors_file}' in summary
-  assert f'{csv_path}:15: bytes that are not valid UTF-8\n        | 40, Priv\ufffd\ufffdate' in summary
+  assert (f'{csv_path}:15: bytes that are not valid UTF-8\n'
+          '        | 40, Priv\ufffd\ufffdate') in summary
   assert not os.path.exists(out / 'manifest.json')
   assert not [f for f in os.listdir(out) if f.startswith('train-')]
 
@@ -140,7 +141,7 @@ def preprocessing_fn(inputs):
   out = tmp_path / 'out'
   manifest = tabular.run(['--transforms', str(module), '--train', str(tmp_path / 'a' / '*.csv'),
                           str(tmp_path / 'b' / '*.gz'), '--output', str(out)] + beam_args)
-  assert manifest['splits']['train']['rows_written'] == 4
+  assert manifest.splits['train'].rows_written == 4
   got = read_split(str(out), 'train')
   order = np.argsort(got['price_xf'])
   prices = np.array([100.5, 200, 300, 400])
@@ -215,10 +216,12 @@ def test_output_that_is_not_writable(tmp_path, make_output, pipeline):
   """Found before any work: one line naming --output and what to do."""
   output = make_output(tmp_path)
   if pipeline == 'tabular':
-    run = lambda: _run(tmp_path, '--output', output)  # the last --output wins
+    def run():
+      return _run(tmp_path, '--output', output)  # the last --output wins
   else:
-    run = lambda: images.run(['--train', str(REPO / 'data' / 'fashion_mnist' / 'sample' / 'test'),
-                              '--output', output])
+    def run():
+      return images.run(['--train', str(REPO / 'data' / 'fashion_mnist' / 'sample' / 'test'),
+                         '--output', output])
   with pytest.raises(UserError) as e:
     run()
   assert str(e.value).startswith(f'--output {output} is not writable (')
@@ -255,7 +258,8 @@ def _failing_run(tmp_path, returned):
   module = tmp_path / 'broken.py'
   module.write_text(f'''
 import tensorflow as tf
-RAW_FEATURE_SPEC = {{'city': tf.io.VarLenFeature(tf.string), 'n': tf.io.FixedLenFeature([], tf.int64)}}
+RAW_FEATURE_SPEC = {{'city': tf.io.VarLenFeature(tf.string),
+                    'n': tf.io.FixedLenFeature([], tf.int64)}}
 LABEL_KEY = 'n'
 def preprocessing_fn(inputs):
   return {returned}
@@ -294,7 +298,8 @@ def test_a_preprocessing_fn_that_cannot_be_traced_is_one_line(tmp_path, body, ex
 
 CONTRACT = '''
 import tensorflow as tf
-RAW_FEATURE_SPEC = {'n': tf.io.FixedLenFeature([], tf.int64), 'city': tf.io.VarLenFeature(tf.string)}
+RAW_FEATURE_SPEC = {'n': tf.io.FixedLenFeature([], tf.int64),
+                    'city': tf.io.VarLenFeature(tf.string)}
 LABEL_KEY = 'n'
 def preprocessing_fn(inputs):
   return {'n_xf': inputs['n']}
@@ -403,7 +408,8 @@ def test_an_inverse_label_fn_that_cannot_be_traced_fails_at_the_start(tmp_path):
   module = tmp_path / 'inverse.py'
   module.write_text('''
 import tensorflow as tf
-RAW_FEATURE_SPEC = {'x': tf.io.FixedLenFeature([], tf.float32), 'y': tf.io.FixedLenFeature([], tf.float32)}
+RAW_FEATURE_SPEC = {'x': tf.io.FixedLenFeature([], tf.float32),
+                    'y': tf.io.FixedLenFeature([], tf.float32)}
 LABEL_KEY = 'y'
 def preprocessing_fn(inputs):
   return {'x_xf': inputs['x'], 'y_xf': tf.math.log(inputs['y'])}
@@ -417,3 +423,27 @@ def inverse_label_fn(y):
                                       r'\[batch\] y: .*write it with TensorFlow ops'):
     tabular.run(['--transforms', str(module), '--train', str(data), '--output', str(out)])
   assert not os.path.exists(out / 'manifest.json')
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--eval-fration', '0.2'], 'unknown flag --eval-fration; did you mean --eval-fraction?'),
+    (['--analysis-cache', '/tmp/cache'], 'unknown flag --analysis-cache; see --help'),
+    (['--direct_num_worker=2'], 'unknown flag --direct_num_worker; did you mean '
+                                '--direct_num_workers?'),
+    (['stray'], "unexpected argument 'stray'"),
+])
+def test_a_flag_neither_the_command_nor_beam_knows_is_an_error(argv, message):
+  base = ['--transforms', 'transforms.census', '--train', str(ADULT_TRAIN), '--output', '/tmp/x']
+  with pytest.raises(UserError, match=re.escape(message)):
+    tabular.parse_args(base + argv)
+  with pytest.raises(UserError, match=re.escape(message)):
+    images.parse_args(['--train', 'x', '--output', '/tmp/x'] + argv)
+
+
+def test_beam_flags_pass_through():
+  args, beam_args = tabular.parse_args(
+      ['--transforms', 'transforms.census', '--train', str(ADULT_TRAIN), '--output', '/tmp/x',
+       '--direct_num_workers=2', '--direct_running_mode', 'multi_threading', '--eval-fraction',
+       '0.1'])
+  assert args.eval_fraction == 0.1
+  assert beam_args == ['--direct_num_workers=2', '--direct_running_mode', 'multi_threading']

@@ -1,4 +1,5 @@
-"""The census preprocessing_fn on inline rows, with exact expected outputs (TFT's tft_unit style)."""
+"""The census preprocessing_fn on inline rows, with exact expected outputs (TFT's tft_unit
+style)."""
 
 import numpy as np
 import tensorflow as tf

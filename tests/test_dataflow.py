@@ -91,10 +91,9 @@ def test_the_job_is_built_by_the_dataflow_runner(dry_run):
   [root] = proto.root_transform_ids
   steps = {proto.components.transforms[t].unique_name
            for t in proto.components.transforms[root].subtransforms}
-  assert {'ReadTrainCsv', 'ReadTrainCsvForAnalysis', 'ReadEvalCsv', 'AnalyzeTrain',
-          'TransformTrain', 'TransformEval',
-          'WriteTransformFn', 'WriteTrain', 'WriteEval',
-          'WriteTrainErrors', 'WriteEvalErrors', 'CountTrain', 'CountEval'} <= steps
+  assert steps == {'ReadTrain', 'ReadTrainForAnalysis', 'ReadEval', 'AnalyzeTrain',
+                   'TransformAndWriteTrain', 'TransformAndWriteEval', 'StatisticsTrain',
+                   'StatisticsEval'}, steps
   # TF Transform's analysis is expanded into the job, not left to run at launch.
   assert any(t.unique_name.startswith('AnalyzeTrain/')
              for t in proto.components.transforms.values())
@@ -119,8 +118,8 @@ def test_the_sdist_of_setup_py_would_be_staged(dry_run):
   assert sdist.startswith(str(dry_run['beam_temp']))  # built by this dry run
   with tarfile.open(sdist) as tar:
     names = {n.split('/', 1)[1] for n in tar.getnames() if '/' in n}
-  assert {'setup.py', 'pipelines/tabular.py', 'pipelines/sources/csv_files.py', 'pipelines/output_dir.py',
-          'transforms/census.py', 'transforms/contract.py'} <= names
+  assert {'setup.py', 'pipelines/tabular.py', 'pipelines/sources/csv_files.py',
+          'pipelines/output_dir.py', 'transforms/census.py', 'transforms/contract.py'} <= names
   assert not any(n.startswith(('data/', 'tests/')) for n in names)
 
 

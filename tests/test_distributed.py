@@ -118,9 +118,9 @@ def test_portable_runner_on_a_worker_pool_equals_in_process(inputs, in_process, 
   assert 'Starting worker with command' in portable['pool_log']
   _same_result(in_process, portable['out'])
   manifest, _ = runs.check_complete(portable['out'])
-  assert manifest['options']['beam'][:2] == ['--runner=PortableRunner', '--job_endpoint=embed']
+  assert manifest.options['beam'][:2] == ['--runner=PortableRunner', '--job_endpoint=embed']
   assert runs.counts(manifest) == runs.expected_counts(inputs)
-  assert manifest['splits']['eval']['rejected_by_kind'] == {'field_count': 1}
+  assert manifest.splits['eval'].rejected_by_kind == {'field_count': 1}
 
 
 @pytest.fixture(scope='module')
@@ -171,8 +171,8 @@ def test_a_killed_worker_fails_the_job_cleanly_or_it_completes(killed_worker, in
 def test_a_worker_lost_while_the_runner_waits_for_its_answer_fails_that_wait():
   """The other ways a killed worker meets the runner, beside a data channel closing early (what
   the test above sees): the runner waits on the worker's answer to an instruction, or sends it
-  the next one. Beam alone never fails those waits; pipelines.runner.beam_patches makes the end of the
-  worker's control stream fail them."""
+  the next one. Beam alone never fails those waits; pipelines.runner.beam_patches makes the end of
+  the worker's control stream fail them."""
   from apache_beam.portability.api import beam_fn_api_pb2
   from apache_beam.runners.portability.fn_api_runner import worker_handlers
   launch.make_pipeline([])

@@ -29,8 +29,8 @@ from tests.conftest import REPO
 from transforms import contract as contract_lib
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import synthetic  # noqa: E402
-import tabular_pipeline as bench  # noqa: E402
+import synthetic
+import tabular_pipeline as bench
 
 MODULE = '''
 import tensorflow as tf
@@ -250,7 +250,8 @@ def test_means_variances_and_quantile_boundaries_agree(both):
     # quantile sketch's epsilon (0.01 for fewer than 100 buckets) of each other.
     steps_b = np.searchsorted(grid, grid[np.flatnonzero(np.diff(b['buckets']))])
     steps_c = np.searchsorted(grid, grid[np.flatnonzero(np.diff(c['buckets']))])
-    ranks = lambda positions: np.searchsorted(np.sort(x), grid[positions]) / len(x)  # noqa: E731
+    def ranks(positions, x=x, grid=grid):
+      return np.searchsorted(np.sort(x), grid[positions]) / len(x)
     assert len(steps_b) == len(steps_c) == synthetic.NUM_BUCKETS - 1
     assert np.abs(ranks(steps_b) - ranks(steps_c)).max() <= 0.01
 

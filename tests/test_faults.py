@@ -14,8 +14,8 @@ import shutil
 import pytest
 
 from pipelines import output_dir, tabular
-from transforms.errors import UserError
 from tests import runs
+from transforms.errors import UserError
 
 
 @pytest.fixture(scope='module')
@@ -115,7 +115,7 @@ def test_every_step_of_publication_over_a_result_leaves_one_result_or_none(
   for directory, step in snapshots:
     state = runs.check_complete_or_nothing(str(directory))
     if state == 'complete':
-      shards = runs.check_complete(str(directory))[0]['splits']['train']['num_shards']
+      shards = runs.check_complete(str(directory))[0].splits['train'].num_shards
       state = 'old' if shards == 1 else 'new'
     else:
       # A rerun without --overwrite may replace what this publication left.
@@ -140,3 +140,38 @@ def test_files_in_output_that_no_run_left_are_replaced_only_with_overwrite(tmp_p
   assert 'train-00000-of-00001.tfrecord.gz' in str(e.value) and '--overwrite' in str(e.value)
   assert os.listdir(out) == ['train-00000-of-00001.tfrecord.gz']  # nothing created
   output_dir.OutputDir(str(out), overwrite=True).prepare()
+
+
+def test_a_failure_of_the_projects_own_code_is_an_internal_error(inputs, tmp_path, monkeypatch):
+  """A bug in the project's code (here: the shard writer handed a broken name function) is an
+  InternalError naming the file and line, not the user's fault; nothing is published."""
+  from pipelines.sinks import tfrecords
+  from transforms.errors import InternalError
+  monkeypatch.setattr(tfrecords, 'shard_name', None)
+  out = tmp_path / 'out'
+  with pytest.raises(InternalError) as e:
+    tabular.run(runs.tabular_args(inputs, str(out)))
+  message = str(e.value)
+  assert message.startswith('the pipeline failed in pipelines/sinks/tfrecords.py:'), message
+  assert 'TypeError' in message or 'not callable' in message, message
+  assert '\n' not in message and message.endswith('nothing was published')
+  assert os.path.isfile(message.split('full traceback in ')[1].split(';')[0])
+  runs.check_incomplete(str(out))
+
+
+def test_a_failure_in_the_users_function_or_a_library_is_not_internal():
+  from pipelines import job
+  try:
+    {}['x']
+  except KeyError as e:  # raised here, in a test file: not the project's code
+    assert job.internal_failure(e) is None
+  remote = RuntimeError('Traceback (most recent call last):\n'
+                        f'  File "{job.__file__}", line 10, in f\n'
+                        '    x()\n'
+                        '  File "/usr/lib/python3/site-packages/tensorflow/ops.py", line 5, in x\n'
+                        'tensorflow.python.framework.errors_impl.InvalidArgumentError: bad')
+  assert job.internal_failure(remote) is None  # a TensorFlow error: the user's function or data
+  bug = RuntimeError('Traceback (most recent call last):\n'
+                     f'  File "{job.__file__}", line 10, in f\n'
+                     "KeyError: 'rows'")
+  assert job.internal_failure(bug) == 'pipelines/job.py:10'

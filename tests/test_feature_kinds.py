@@ -19,8 +19,8 @@ import tensorflow as tf
 from pipelines import tabular
 from tests.conftest import REPO
 from tests.helpers import TENSORFLOW_ONLY, read_rows
-from transforms.errors import UserError
 from trainer import serving, task, train
+from transforms.errors import UserError
 
 QUAKES = REPO / 'data' / 'usgs_earthquakes' / 'usgs_earthquakes.csv'
 CONTRACTS = REPO / 'tests' / 'contracts'
@@ -146,7 +146,8 @@ def test_regression_is_no_worse_than_least_squares(quakes):
 def test_served_raw_rows_equal_in_training_predictions(quakes):
   """No skew: serving_default and predict_raw on raw rows == the trained Keras model on the eval
   shards (the inverse_label_fn applied), and predictions are magnitudes."""
-  from trainer import features as features_lib, input as input_lib  # pylint: disable=import-outside-toplevel
+  from trainer import features as features_lib
+  from trainer import input as input_lib
   p = train.plan(train.TrainConfig(quakes['out'], str(quakes['root'] / 'unused')))
   model = quakes['model']
   used = {n: p.kinds[n] for n in model.input_names}
@@ -186,7 +187,7 @@ print('RESULT', json.dumps([float(v) for v in m.predict(rows)['predictions']]), 
   proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT'))
+  line = next(out_line for out_line in proc.stdout.splitlines() if out_line.startswith('RESULT'))
   return json.loads(line.split(' ', 1)[1].rsplit(' ', 1)[0]), line.rsplit(' ', 1)[1]
 
 
@@ -209,7 +210,7 @@ def test_batch_prediction_of_a_regression_model(quakes, tmp_path):
 def test_regression_over_http(quakes, tmp_path):
   """trainer.serve, in a process that cannot import TF Transform, tfx-bsl or Beam, answers a
   regression model in TensorFlow Serving's shape: one value a row."""
-  from tests.test_serve import ServerProcess, call  # pylint: disable=import-outside-toplevel
+  from tests.test_serve import ServerProcess, call
   server = ServerProcess(['--model', os.path.dirname(quakes['path'])], tmp_path / 'serve.log',
                          tensorflow_only=True)
   try:
@@ -250,7 +251,8 @@ def test_a_model_module_of_your_own(quakes, tmp_path):
   path, metrics, model = task.run(
       ['--transformed', quakes['out'], '--model-dir', str(tmp_path / 'models'), '--model-module',
        str(module), '--hidden-units', '32', '16', '--max-steps', '40', '--batch-size', '64'])
-  assert [l.name for l in model.layers if l.name.startswith('dense')]  # the module's layers
+  assert [layer.name for layer in model.layers
+          if layer.name.startswith('dense')]  # the module's layers
   assert {'rmse', 'mae', 'r2'} <= set(metrics)
   served = serving.load_model(path)
   assert set(served.signatures) >= {'serving_default', 'predict_raw', 'transform_features'}
@@ -377,7 +379,7 @@ def test_refusal_from_the_command_line(odd):
                          '--model-dir', str(odd['root'] / 'never')],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
-  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and 'hashed_sources_xf' in errors[0] and 'Traceback' not in proc.stderr
 
 

@@ -20,18 +20,23 @@ import apache_beam as beam
 import pyarrow as pa
 import pytest
 import tensorflow as tf
-from apache_beam.io.filesystem import BeamIOError, CompressedFile, CompressionTypes, FileMetadata
-from apache_beam.io.filesystem import FileSystem
+from apache_beam.io.filesystem import (
+  BeamIOError,
+  CompressedFile,
+  CompressionTypes,
+  FileMetadata,
+  FileSystem,
+)
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
 from pipelines import output_dir, tabular
 from pipelines.runner import launch
 from pipelines.sinks import dead_letters, row_counts, tfrecords
-
 from tests import runs
-from transforms.errors import UserError
 from tests.helpers import read_adult_csv
+from transforms import run_contract
+from transforms.errors import UserError
 
 SCHEME = 'objfs'
 
@@ -176,13 +181,13 @@ def test_csv_inputs_read_through_the_file_system(objfs, tmp_path, monkeypatch):
   out = tmp_path / 'out'
   manifest = tabular.run(['--transforms', 'transforms.census', '--train', 'objfs://in/*/train.csv',
                           '--eval', 'objfs://in/adult/test.csv.gz', '--output', str(out)])
-  assert manifest['inputs'] == {'train': ['objfs://in/adult/train.csv'],
+  assert manifest.inputs == {'train': ['objfs://in/adult/train.csv'],
                                 'eval': ['objfs://in/adult/test.csv.gz']}
   rows = len(read_adult_csv(train))
-  counts = manifest['splits']
-  assert (counts['train']['rows_read'], counts['train']['rows_written']) == (rows, rows)
-  assert counts['eval']['rows_written'] == len(read_adult_csv(test, 1))
-  error, = [json.loads(l) for l in open(out / 'errors' / 'eval.jsonl')]
+  counts = manifest.splits
+  assert (counts['train'].rows_read, counts['train'].rows_written) == (rows, rows)
+  assert counts['eval'].rows_written == len(read_adult_csv(test, 1))
+  error, = [json.loads(line) for line in open(out / 'errors' / 'eval.jsonl')]
   assert (error['file'], error['line']) == ('objfs://in/adult/test.csv.gz', 1)
   opened = {path for method, path in objfs.calls if method == 'open'}
   assert opened == {'objfs://in/adult/train.csv', 'objfs://in/adult/test.csv.gz'}
@@ -232,8 +237,11 @@ def _stage_and_publish(directory, splits, overwrite, transform_fn_files):
       _ = (rows, written, rejected) | f'Count{label}' >> row_counts.WriteCounts(
           output_dir.join(out.counts, f'{split}.json'))
   counts = {split: out.read_counts(split) for split in splits}
-  return out.publish({'splits': {s: dict(c, files=f'{s}-*-of-00002.tfrecord.gz', num_shards=2)
-                                 for s, c in counts.items()}, 'compression': 'gzip'})
+  return out.publish(run_contract.Manifest(
+      pipeline='tabular', transforms='inline', label_key='x',
+      raw_columns=[run_contract.RawColumn('x', 'int64')], inputs={},
+      splits={s: run_contract.SplitEntry(**c, files=run_contract.shard_pattern(s, 2, 'gzip'),
+                                         num_shards=2) for s, c in counts.items()}))
 
 
 def _examples(prefix, local_dir):
@@ -255,15 +263,15 @@ def test_sinks_and_publication_through_the_file_system(objfs, tmp_path):
   first = _stage_and_publish('objfs://out', {'train': (list(range(10)), [bad]),
                                              'eval': (list(range(10, 20)), [])},
                              False, {'saved_model.pb': b'old', 'assets/old_vocab': b'a\n'})
-  assert first['splits']['train']['rows_written'] == 10
-  assert first['splits']['train']['rejected_by_kind'] == {'bad_number': 1}
+  assert first.splits['train'].rows_written == 10
+  assert first.splits['train'].rejected_by_kind == {'bad_number': 1}
   assert _objects('objfs://out/') == [
       'errors/eval.jsonl', 'errors/train.jsonl',
       'eval-00000-of-00002.tfrecord.gz', 'eval-00001-of-00002.tfrecord.gz', 'manifest.json',
       'train-00000-of-00002.tfrecord.gz', 'train-00001-of-00002.tfrecord.gz',
       'transform_fn/assets/old_vocab', 'transform_fn/saved_model.pb']
   assert json.loads(_get('objfs://out/errors/train.jsonl')) == bad
-  assert json.loads(_get('objfs://out/manifest.json')) == first
+  assert json.loads(_get('objfs://out/manifest.json')) == first.to_dict()
   assert _examples('objfs://out/train-', tmp_path) == list(range(10))
 
   with pytest.raises(UserError):  # a complete result is replaced only with --overwrite
@@ -274,7 +282,7 @@ def test_sinks_and_publication_through_the_file_system(objfs, tmp_path):
       'errors/train.jsonl', 'manifest.json', 'train-00000-of-00002.tfrecord.gz',
       'train-00001-of-00002.tfrecord.gz', 'transform_fn/saved_model.pb']
   assert _get('objfs://out/transform_fn/saved_model.pb') == b'new'
-  assert json.loads(_get('objfs://out/manifest.json')) == second
+  assert json.loads(_get('objfs://out/manifest.json')) == second.to_dict()
   assert _examples('objfs://out/train-', tmp_path) == list(range(100, 110))
   # Staging, shard parts, counts and markers were written through the file system too.
   staged = {path.split('/', 5)[-1].split('/')[0] for method, path in objfs.calls

@@ -22,12 +22,12 @@ import tensorflow_transform as tft
 from PIL import Image
 
 from pipelines import images
-from transforms.errors import UserError
 from tests.conftest import REPO
 from tests.helpers import TENSORFLOW_ONLY, read_split, tft_vocabulary_order
 from trainer import input as input_lib
 from trainer import serving, train
 from transforms import images as image_transforms
+from transforms.errors import UserError
 
 SAMPLE = REPO / 'data' / 'fashion_mnist' / 'sample'
 CLASSES = sorted(os.listdir(SAMPLE / 'train'))
@@ -166,19 +166,19 @@ def folder_run(tmp_path_factory):
 
 def test_class_folders_counts_and_manifest(folder_run):
   out, m = folder_run['out'], folder_run['manifest']
-  assert m == json.load(open(out / 'manifest.json'))
-  assert m['pipeline'] == 'images' and m['label_key'] == 'label'
-  assert m['image']['height'] == 28 and m['image']['width'] == 28 and m['image']['channels'] == 1
+  assert m.to_dict() == json.load(open(out / 'manifest.json'))
+  assert m.pipeline == 'images' and m.label_key == 'label'
+  assert m.image['height'] == 28 and m.image['width'] == 28 and m.image['channels'] == 1
   for split, n in (('train', 200), ('eval', 200)):
-    c = m['splits'][split]
-    assert c['rows_read'] == c['rows_written'] + c['rows_rejected']
-    assert (c['rows_read'], c['rows_written'], c['rows_rejected']) == (n, n, 0)
-    assert c['rejected_by_kind'] == {}
-    shards = sorted(out.glob(c['files']))
-    assert len(shards) == c['num_shards'] == 1
-    assert c['bytes_written'] == sum(os.path.getsize(s) for s in shards)
-    assert c['bytes_per_image'] > 0
-    assert abs(c['bytes_per_image'] - c['bytes_written'] / n) <= 0.1
+    c = m.splits[split]
+    assert c.rows_read == c.rows_written + c.rows_rejected
+    assert (c.rows_read, c.rows_written, c.rows_rejected) == (n, n, 0)
+    assert c.rejected_by_kind == {}
+    shards = sorted(out.glob(c.files))
+    assert len(shards) == c.num_shards == 1
+    assert c.bytes_written == sum(os.path.getsize(s) for s in shards)
+    assert c.bytes_per_image > 0
+    assert abs(c.bytes_per_image - c.bytes_written / n) <= 0.1
     assert open(out / 'errors' / f'{split}.jsonl').read() == ''
   spec = tft.TFTransformOutput(str(out)).transformed_feature_spec()
   assert set(spec) == {'image_xf', 'image_mean_xf', 'image_std_xf', 'label_xf'}
@@ -242,8 +242,8 @@ def _check_rgb_run(tmp_path, made, height, width):
   out = tmp_path / 'out'
   m = run('--train', tmp_path / 'in', '--output', out, '--image-size', height, width,
           '--channels', 3)
-  assert (m['image']['height'], m['image']['width'], m['image']['channels']) == (height, width, 3)
-  assert m['splits']['train']['rows_written'] == len(made)
+  assert (m.image['height'], m.image['width'], m.image['channels']) == (height, width, 3)
+  assert m.splits['train'].rows_written == len(made)
   spec = tft.TFTransformOutput(str(out)).transformed_feature_spec()
   assert spec['image_xf'].shape == [height, width, 3]
   assert spec['image_mean_xf'].shape == [3] and spec['image_std_xf'].shape == [3]
@@ -329,14 +329,14 @@ def layouts(tmp_path_factory):
 
   half = len(items) // 2
   write_tfrecord(root / 'shards' / 'bytes.tfrecord',
-                 [example({'image/encoded': d, 'image/class/label': l.encode()})
-                  for l, d in items[:half]])
+                 [example({'image/encoded': d, 'image/class/label': label.encode()})
+                  for label, d in items[:half]])
   write_tfrecord(root / 'shards' / 'ints.tfrecord.gz',
-                 [example({'image/encoded': d, 'image/class/label': int(l)})
-                  for l, d in items[half:]], gzip=True)
+                 [example({'image/encoded': d, 'image/class/label': int(label)})
+                  for label, d in items[half:]], gzip=True)
   write_tfrecord(root / 'shards' / 'custom.tfrecords',
-                 [example({'png': d, 'y': int(l), 'image/encoded': b'not used'})
-                  for l, d in items])
+                 [example({'png': d, 'y': int(label), 'image/encoded': b'not used'})
+                  for label, d in items])
 
   shards = root / 'shards'
   inputs = {
@@ -351,7 +351,7 @@ def layouts(tmp_path_factory):
     out = root / f'out_{name}'
     manifest = run('--train', *args, '--output', out)
     results[name] = (out, manifest)
-  expected = collections.Counter((pil_pixels(d).tobytes(), l) for l, d in items)
+  expected = collections.Counter((pil_pixels(d).tobytes(), label) for label, d in items)
   return {'results': results, 'expected': expected,
           'stats': numpy_stats([pil_pixels(d) for _, d in items])}
 
@@ -359,8 +359,8 @@ def layouts(tmp_path_factory):
 @pytest.mark.parametrize('layout', ['folders', 'tar', 'tfrecord', 'tfrecord_custom_keys'])
 def test_layouts_give_the_same_examples(layouts, layout):
   out, manifest = layouts['results'][layout]
-  c = manifest['splits']['train']
-  assert (c['rows_read'], c['rows_written'], c['rows_rejected']) == (30, 30, 0)
+  c = manifest.splits['train']
+  assert (c.rows_read, c.rows_written, c.rows_rejected) == (30, 30, 0)
   got, parsed = labelled_pixels(out, 'train')
   assert got == layouts['expected']
   mean, std = layouts['stats']
@@ -460,7 +460,7 @@ def bad_run(bad_input):
 
 
 def _errors(bad_run):
-  return [json.loads(l) for l in open(bad_run['out'] / 'errors' / 'train.jsonl')]
+  return [json.loads(line) for line in open(bad_run['out'] / 'errors' / 'train.jsonl')]
 
 
 def test_bad_images_are_dead_lettered(bad_input, bad_run):
@@ -481,21 +481,21 @@ def test_bad_images_are_dead_lettered(bad_input, bad_run):
   assert '--max-image-bytes' in by_kind['too_large']['reason']
   assert by_kind['empty_file']['bytes'] == 0
 
-  c = bad_run['manifest']['splits']['train']
-  assert c['rows_rejected'] == len(errors) == 14
-  assert c['rows_read'] == c['rows_written'] + c['rows_rejected']
-  assert c['rejected_by_kind'] == dict(sorted(collections.Counter(
+  c = bad_run['manifest'].splits['train']
+  assert c.rows_rejected == len(errors) == 14
+  assert c.rows_read == c.rows_written + c.rows_rejected
+  assert c.rejected_by_kind == dict(sorted(collections.Counter(
       bad_input['expected'].values()).items()))
   got, _ = labelled_pixels(bad_run['out'], 'train')
-  assert c['rows_written'] == sum(got.values())
+  assert c.rows_written == sum(got.values())
   assert got == bad_input['good'] and sum(got.values()) == 44  # c2, before the cut, included
 
 
 def test_a_tar_cut_inside_a_member_keeps_the_samples_before_it(bad_input, bad_run):
   cut = [(e['key'], e['kind']) for e in _errors(bad_run) if e['file'] == bad_input['cut_tar']]
   assert cut == [('c3', 'truncated_shard')]
-  c = bad_run['manifest']['splits']['train']
-  assert (c['rows_read'], c['rows_written']) == (58, 44)
+  c = bad_run['manifest'].splits['train']
+  assert (c.rows_read, c.rows_written) == (58, 44)
   got, _ = labelled_pixels(bad_run['out'], 'train')
   assert got == bad_input['good']
 
@@ -515,8 +515,8 @@ def test_too_many_bad_images_fail_and_publish_nothing(bad_input, bad_run, tmp_pa
   with pytest.raises(UserError) as e:
     run(*bad_input['args'], '--output', out)  # the default --max-bad-rows 1%
   message = str(e.value)
-  c = bad_run['manifest']['splits']['train']  # the same input, let through
-  rejected, read = c['rows_rejected'], c['rows_read']
+  c = bad_run['manifest'].splits['train']  # the same input, let through
+  rejected, read = c.rows_rejected, c.rows_read
   assert '\n' not in message
   assert f'{rejected} of {read} images rejected' in message and 'nothing was published' in message
   errors_file = message.split('see ')[1].split(';')[0]
@@ -544,7 +544,7 @@ def tar_edge_run(tmp_path_factory):
   out = root / 'out'
   manifest = run('--train', root / '*.tar', '--output', out, '--max-image-bytes', 2000,
                  '--max-bad-rows', '100%')
-  errors = [json.loads(l) for l in open(out / 'errors' / 'train.jsonl')]
+  errors = [json.loads(line) for line in open(out / 'errors' / 'train.jsonl')]
   good = ((pil_pixels(coat).tobytes(), 'Coat'), (pil_pixels(bag).tobytes(), 'Bag'))
   return {'root': root, 'manifest': manifest, 'errors': errors, 'good': good, 'out': out}
 
@@ -563,9 +563,9 @@ def test_a_tar_cut_inside_a_header_is_a_truncated_shard(tar_edge_run):
   cut = [(e['key'], e['kind']) for e in tar_edge_run['errors']
          if e['file'].endswith('cut_header.tar')]
   assert [kind for _, kind in cut] == ['truncated_shard']
-  c = tar_edge_run['manifest']['splits']['train']
-  assert c['rows_read'] == c['rows_written'] + c['rows_rejected']
-  assert c['rejected_by_kind'] == {'too_large': 1, 'truncated_shard': 1}
+  c = tar_edge_run['manifest'].splits['train']
+  assert c.rows_read == c.rows_written + c.rows_rejected
+  assert c.rejected_by_kind == {'too_large': 1, 'truncated_shard': 1}
   got, _ = labelled_pixels(tar_edge_run['out'], 'train')
   ok, a = tar_edge_run['good']
   assert got in (collections.Counter([ok]), collections.Counter([ok, a]))
@@ -677,7 +677,7 @@ def test_predict_images_converts_and_refuses(trained):
   result = model.predict_images([encode(rgb, 'JPEG', quality=95)])  # RGB JPEG -> 1 channel
   assert result['probabilities'].shape == (1, 10)
   assert abs(result['probabilities'].sum() - 1) < 1e-5
-  with pytest.raises(serving.ServingError, match='as bytes'):
+  with pytest.raises(UserError, match='as bytes'):
     model.predict_images(['not bytes'])
 
 
@@ -724,11 +724,11 @@ def test_eval_fraction_is_by_content_and_deterministic(folder_run, tmp_path):
   for name, tree in (('a', folder_run['train_dir']), ('b', copy)):
     out = tmp_path / name
     manifest = run('--train', tree, '--eval-fraction', 0.2, '--output', out)
-    s = manifest['splits']
-    assert s['eval']['rows_written'] == len(to_eval)
-    assert s['train']['rows_written'] + s['eval']['rows_written'] == 200
-    assert s['train']['rows_read'] == s['train']['rows_written']
-    assert manifest['eval_fraction'] == 0.2
+    s = manifest.splits
+    assert s['eval'].rows_written == len(to_eval)
+    assert s['train'].rows_written + s['eval'].rows_written == 200
+    assert s['train'].rows_read == s['train'].rows_written
+    assert manifest.eval_fraction == 0.2
     train_pairs, _ = labelled_pixels(out, 'train')
     eval_pairs, _ = labelled_pixels(out, 'eval')
     assert {pixels for pixels, _ in eval_pairs} == to_eval

@@ -21,9 +21,9 @@ import pickle
 import pty
 import re
 import select
+import struct
 import subprocess
 import sys
-import struct
 import tarfile
 import tempfile
 import time
@@ -41,6 +41,7 @@ from tests.conftest import REPO
 from tests.helpers import read_split
 from tests.test_images import encode, png_chunk
 from transforms import contract as contract_lib
+from transforms import run_contract
 
 SETTINGS = dict(derandomize=True, database=None, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -524,11 +525,11 @@ def test_the_tabular_command_on_a_messy_csv(csv_format, tmp_path):
       timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   expected_rows, expected_errors = expected_of(messy.records, messy.lines)
-  counts = json.loads((out / 'manifest.json').read_text())['splits']['train']
-  assert (counts['rows_read'], counts['rows_written'], counts['rows_rejected']) == (
+  counts = run_contract.read_manifest(str(out)).splits['train']
+  assert (counts.rows_read, counts.rows_written, counts.rows_rejected) == (
       len(messy.records), len(expected_rows), len(expected_errors))
-  assert counts['rejected_by_kind'] == dict(collections.Counter(expected_errors.values()))
-  errors = [json.loads(l) for l in open(out / 'errors' / 'train.jsonl', encoding='utf-8')]
+  assert counts.rejected_by_kind == dict(collections.Counter(expected_errors.values()))
+  errors = [json.loads(line) for line in open(out / 'errors' / 'train.jsonl', encoding='utf-8')]
   assert {e['line']: e['kind'] for e in errors} == expected_errors
   got = read_split(str(out), 'train')
   assert sorted(zip(got['n_xf'].tolist(), got['x_xf'].tolist(), got['label_xf'].tolist())) == (
@@ -545,9 +546,9 @@ def test_the_tabular_command_on_a_messy_csv(csv_format, tmp_path):
   assert f'outputs in {out}:' in summary and f'{out}/train-*-of-00001.tfrecord.gz' in summary
   assert f'{out}/errors/train.jsonl' in summary and f'{out}/transform_fn' in summary
   assert '\r' not in proc.stderr and '\x1b' not in proc.stderr
-  progress = [l for l in proc.stderr.splitlines() if l.startswith('progress: ')]
+  progress = [line for line in proc.stderr.splitlines() if line.startswith('progress: ')]
   assert 1 <= len(progress) <= 4, progress
-  assert any(f'train {len(expected_rows)} rows' in l for l in progress), progress
+  assert any(f'train {len(expected_rows)} rows' in line for line in progress), progress
 
 
 def _run_in_terminal(command, timeout=300):
@@ -595,11 +596,11 @@ def test_the_image_command_on_a_terminal(tmp_path):
   assert status == 0, text[-3000:]
   assert re.search(r'\r(analyzing the train split|transforming and writing): train \d+ images',
                    text), text[-3000:]
-  counts = json.loads((out / 'manifest.json').read_text())['splits']['train']
+  counts = run_contract.read_manifest(str(out)).splits['train']
   expected = collections.Counter(s.kind for s in made if s.kind)
-  assert (counts['rows_read'], counts['rows_written']) == (len(made), 12)
-  assert counts['rejected_by_kind'] == dict(expected)
-  errors = [json.loads(l) for l in open(out / 'errors' / 'train.jsonl')]
+  assert (counts.rows_read, counts.rows_written) == (len(made), 12)
+  assert counts.rejected_by_kind == dict(expected)
+  errors = [json.loads(line) for line in open(out / 'errors' / 'train.jsonl')]
   assert {(e['file'], e['key']): e['kind'] for e in errors} == {
       name: s.kind for name, s in zip(names, made) if s.kind}
   summary = text[text.index('published '):]

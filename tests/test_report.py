@@ -20,10 +20,10 @@ from PIL import Image
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from pipelines import images, statistics, tabular
-from transforms.errors import UserError
 from tests.conftest import REPO
 from tests.helpers import read_adult_csv, read_split
 from transforms import census
+from transforms.errors import UserError
 
 SAMPLE = REPO / 'data' / 'fashion_mnist' / 'sample'
 CHROMIUM = next((shutil.which(n) for n in ('chromium', 'chromium-browser', 'google-chrome')
@@ -225,24 +225,23 @@ def adult_report(adult_sample, tmp_path_factory):
 
 def test_statistics_files_are_published_and_listed(adult_report):
   out, manifest = adult_report['out'], adult_report['manifest']
-  assert manifest == json.load(open(os.path.join(out, 'manifest.json')))
-  assert manifest['report'] == 'report.html'
-  listed = manifest['statistics']
+  assert manifest.to_dict() == json.load(open(os.path.join(out, 'manifest.json')))
+  assert manifest.report == 'report.html'
+  listed = manifest.statistics
   for split in ('train', 'eval'):
     for stage in ('raw', 'transformed'):
       assert os.path.isfile(os.path.join(out, listed['files'][split][stage]))
   summary = json.load(open(os.path.join(out, listed['summary'])))
   assert sorted(summary['features']['raw']['train']) == sorted(census.RAW_FEATURE_SPEC)
   assert not os.path.exists(os.path.join(out, '.staging'))
-  assert manifest['splits']['train']['rows_rejected'] == 2
+  assert manifest.splits['train'].rows_rejected == 2
 
 
 @pytest.mark.parametrize('split', ['train', 'eval'])
 def test_raw_statistics_equal_pandas(adult_report, split):
   frame = adult_report['raw'][split]
   dataset, features = load_statistics(adult_report['out'], split, 'raw')
-  assert dataset.num_examples == len(frame) == adult_report['manifest']['splits'][split][
-      'rows_written']
+  assert dataset.num_examples == len(frame) == adult_report['manifest'].splits[split].rows_written
   for key in census.NUMERIC_FEATURE_KEYS:
     s = features[key].num_stats
     values = frame[key].to_numpy(np.float64)
@@ -289,15 +288,15 @@ def test_transformed_statistics_equal_the_written_examples(adult_report):
 def test_page_numbers_are_the_manifest_and_the_statistics(adult_report):
   out, manifest, page = adult_report['out'], adult_report['manifest'], adult_report['page']
   shown = collections.Counter(kind for kind, _ in page.found)
-  for split, counts in manifest['splits'].items():
+  for split, counts in manifest.splits.items():
     for key in ('rows_read', 'rows_written', 'rows_rejected'):
       value, text = page.found[('manifest', f'{split}/{key}')]
-      assert int(value) == counts[key] and int(text.replace(',', '')) == counts[key]
-    for kind, count in counts['rejected_by_kind'].items():
+      assert int(value) == getattr(counts, key) == int(text.replace(',', ''))
+    for kind, count in counts.rejected_by_kind.items():
       assert int(page.found[('manifest', f'{split}/rejected/{kind}')][0]) == count
   assert page.found[('manifest', 'train/rejected/bad_number')][0] == '1'
   assert page.found[('manifest', 'train/rejected/missing_value')][0] == '1'
-  assert float(page.found[('manifest', 'elapsed_seconds')][0]) == manifest['elapsed_seconds']
+  assert float(page.found[('manifest', 'elapsed_seconds')][0]) == manifest.elapsed_seconds
 
   protos = {(split, stage): load_statistics(out, split, stage)[1]
             for split in ('train', 'eval') for stage in ('raw', 'transformed')}
@@ -344,13 +343,14 @@ def test_drift_measures_and_flags(adult_report):
     p = np.histogram(frames['train'][key], edges)[0] / len(frames['train'])
     q = np.histogram(frames['eval'][key], edges)[0] / len(frames['eval'])
     m = (p + q) / 2
-    kl = lambda a: np.sum(a[a > 0] * np.log2(a[a > 0] / m[a > 0]))  # noqa: E731
+    def kl(a, m=m):
+      return np.sum(a[a > 0] * np.log2(a[a > 0] / m[a > 0]))
     value = float(page.found[('drift', f'{key}/value')][0])
     assert math.isclose(value, 0.5 * kl(p) + 0.5 * kl(q), rel_tol=1e-9, abs_tol=1e-12), key
     assert page.found[('drift', f'{key}/drifting')][0] == str(value > 0.1)
   # The test file writes its labels `>50K.`: every label value is new, a drift the page flags.
   assert page.found[('drift', 'income_bracket/drifting')][0] == 'True'
-  assert adult_report['manifest']['statistics']['drifting_features'] == ['income_bracket']
+  assert adult_report['manifest'].statistics['drifting_features'] == ['income_bracket']
 
 
 def test_vocabularies_and_analyzer_constants(adult_report):
@@ -384,9 +384,10 @@ def test_vocabularies_and_analyzer_constants(adult_report):
 def test_dead_letter_examples(adult_report):
   with open(os.path.join(adult_report['out'], 'report.html'), encoding='utf-8') as f:
     text = f.read()
-  train_csv = adult_report['manifest']['inputs']['train'][0]
+  train_csv = adult_report['manifest'].inputs['train'][0]
   # Where (file:line), why and the record, of each kind.
-  assert f'{train_csv}:3001</span>: column &#x27;age&#x27;: &#x27;abc&#x27; is not a valid int64' in text
+  assert (f'{train_csv}:3001</span>: column &#x27;age&#x27;: &#x27;abc&#x27; '
+          'is not a valid int64') in text
   assert f'{train_csv}:3002</span>: column &#x27;age&#x27; is empty' in text
   assert '|1x3 Cross validator' in text
 

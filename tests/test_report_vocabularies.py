@@ -13,8 +13,14 @@ import pytest
 import tensorflow_transform as tft
 
 from pipelines import report, statistics, tabular
-from tests.test_report import (assert_not_blank, needs_chromium, page_numbers, screenshot,
-                               shown_matches)
+from pipelines.report import summary as report_summary
+from tests.test_report import (
+  assert_not_blank,
+  needs_chromium,
+  page_numbers,
+  screenshot,
+  shown_matches,
+)
 
 MODULE = '''
 import tensorflow as tf
@@ -152,7 +158,7 @@ def _ids_summary(ids):
 ])
 def test_oov_share_of_ids(size, ids, expected):
   summary = _ids_summary(ids)
-  assert report._oov_share_of_ids(summary, size) == expected  # pylint: disable=protected-access
+  assert report_summary._oov_share_of_ids(summary, size) == expected
 
 
 @needs_chromium

@@ -1,4 +1,5 @@
-"""What pipelines/common.py adds to Beam for speed, against Beam's own behaviour:
+"""What pipelines/runner/beam_patches.py and pipelines/sources/reading.py add to Beam for speed,
+against Beam's own behaviour:
 
 * ReadAhead runs a source DoFn in a thread of its own and must give exactly its outputs, in
   order, raise its errors, stay a bounded number of outputs ahead and stop with the stage;
@@ -185,7 +186,7 @@ def test_spill_stays_within_its_budget(tmp_path, monkeypatch):
 class _Stateful(beam.DoFn):
   COUNT = userstate.ReadModifyWriteStateSpec('count', beam.coders.VarIntCoder())
 
-  def process(self, kv, count=beam.DoFn.StateParam(COUNT)):
+  def process(self, kv, count=beam.DoFn.StateParam(COUNT)):  # noqa: B008  # Beam's state API
     yield kv
 
 
@@ -232,9 +233,9 @@ def test_pipelines_run_with_sizes_from_buffers(monkeypatch):
 
 
 def test_kept_option_views_read_and_write_the_same_options():
-  from apache_beam.options.pipeline_options import (DebugOptions, PipelineOptions,
-                                                    StandardOptions)
   import pickle
+
+  from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions, StandardOptions
   options, _ = launch.pipeline_options(['--runner=SomeRunner', '--experiments=a'])
   assert options.view_as(StandardOptions) is options.view_as(StandardOptions)
   options.view_as(StandardOptions).runner = 'Other'
@@ -334,6 +335,7 @@ def test_the_command_keeps_the_collector_off_its_long_lived_objects(tmp_path):
   import gc
   import subprocess
   import sys
+
   from pipelines import tabular  # noqa: F401  (imported, not run as a command)
   from tests import runs
   assert gc.isenabled() and not command._COMMAND
@@ -345,6 +347,7 @@ def test_the_command_keeps_the_collector_off_its_long_lived_objects(tmp_path):
   result = subprocess.run([sys.executable, '-c', code], cwd=runs.REPO, env=runs.command_env(),
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
-  line = [l for l in result.stdout.splitlines() if l.startswith('collector')][-1]
+  line = [out_line for out_line in result.stdout.splitlines()
+          if out_line.startswith('collector')][-1]
   _, enabled, frozen = line.split()
   assert enabled == 'True' and int(frozen) > 100_000, line

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from tests.conftest import REPO
 from tests.helpers import TENSORFLOW_ONLY
-from trainer import serve, serving, train
+from trainer import serve, served_model, serving, train
+from transforms.errors import UserError
 
 SAMPLE_TEST = REPO / 'data' / 'fashion_mnist' / 'sample' / 'test'
 MAX_BODY = 200_000
@@ -327,8 +328,8 @@ def test_a_taken_port_is_one_line_and_exit_2(trained):
   last = proc.stderr.strip().splitlines()[-1]
   assert re.fullmatch(r'error: --host 127\.0\.0\.1 --port \d+: cannot listen there \(Address '
                       r'already in use\); choose another port or host', last), proc.stderr
-  with pytest.raises(serving.ServingError, match='no numbered version'):
-    serve.ServedModel(str(REPO / 'data'))
+  with pytest.raises(UserError, match='no numbered version'):
+    served_model.ServedModel(str(REPO / 'data'))
 
 
 def test_help_says_loopback_only(capsys):
@@ -346,7 +347,7 @@ def test_help_says_loopback_only(capsys):
 def images(tmp_path_factory):
   """The image pipeline on the sample's 200 test PNGs, 2 training steps, served with TensorFlow
   alone."""
-  from pipelines import images as image_pipeline  # pylint: disable=import-outside-toplevel
+  from pipelines import images as image_pipeline
   root = tmp_path_factory.mktemp('serve_images')
   image_pipeline.run(['--train', str(SAMPLE_TEST), '--output', str(root / 'tft'),
                       '--image-size', '28', '28', '--channels', '1'])

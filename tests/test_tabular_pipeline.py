@@ -36,22 +36,23 @@ def adult_run(adult_sample, tmp_path_factory):
 
 def test_counts_add_up(adult_run):
   m = adult_run['manifest']
-  assert m == json.load(open(os.path.join(adult_run['out'], 'manifest.json')))
-  train, evaluate = m['splits']['train'], m['splits']['eval']
-  assert train['rows_read'] == train['rows_written'] == len(adult_run['train_raw']) == 3000
-  assert train['rows_rejected'] == 0
+  assert m.to_dict() == json.load(open(os.path.join(adult_run['out'], 'manifest.json')))
+  train, evaluate = m.splits['train'], m.splits['eval']
+  assert train.rows_read == train.rows_written == len(adult_run['train_raw']) == 3000
+  assert train.rows_rejected == 0
   # The test file's junk first line is a rejected row, not a lost one.
-  assert evaluate['rows_read'] == 1500
-  assert evaluate['rows_written'] == len(adult_run['eval_raw']) == 1499
-  assert evaluate['rejected_by_kind'] == {'field_count': 1}
-  errors = [json.loads(l) for l in open(os.path.join(adult_run['out'], 'errors', 'eval.jsonl'))]
+  assert evaluate.rows_read == 1500
+  assert evaluate.rows_written == len(adult_run['eval_raw']) == 1499
+  assert evaluate.rejected_by_kind == {'field_count': 1}
+  errors = [json.loads(line)
+            for line in open(os.path.join(adult_run['out'], 'errors', 'eval.jsonl'))]
   assert [(e['line'], e['kind'], e['raw']) for e in errors] == [
       (1, 'field_count', '|1x3 Cross validator')]
   # The TFRecords hold exactly the rows written.
   assert len(adult_run['train'][XF('age')]) == 3000
   assert len(adult_run['eval'][XF('age')]) == 1499
   assert len([f for f in os.listdir(adult_run['out']) if f.startswith('train-')]) == 2
-  assert m['versions']['tensorflow-transform'].startswith('1.21')
+  assert m.versions['tensorflow-transform'].startswith('1.21')
 
 
 @pytest.mark.parametrize('key', census.NUMERIC_FEATURE_KEYS)
@@ -79,7 +80,8 @@ def test_vocabularies_match_pandas(adult_run, key):
   # On train every present value is in the vocabulary: the OOV bucket holds exactly the `?`s.
   assert (ids == oov).sum() == adult_run['train_raw'][key].isna().sum()
   # The most frequent value gets id 0 on eval too.
-  assert (adult_run['eval'][XF(key)] == 0).sum() == (adult_run['eval_raw'][key] == expected[0]).sum()
+  assert ((adult_run['eval'][XF(key)] == 0).sum()
+          == (adult_run['eval_raw'][key] == expected[0]).sum())
 
 
 @pytest.mark.parametrize('key', sorted(census.BUCKET_FEATURE_KEYS))
@@ -112,7 +114,7 @@ def test_label(adult_run):
 def test_refuses_a_complete_output_from_the_command_line(adult_run):
   proc = subprocess.run(
       [sys.executable, '-m', 'pipelines.tabular', '--transforms', 'transforms.census',
-       '--train', adult_run['manifest']['inputs']['train'][0], '--output', adult_run['out']],
+       '--train', adult_run['manifest'].inputs['train'][0], '--output', adult_run['out']],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --output')
@@ -129,12 +131,12 @@ def test_eval_fraction_is_deterministic(adult_sample, tmp_path):
                             '--eval-fraction', '0.25', '--output', str(out)])
     runs.append((manifest, read_split(str(out), 'eval')))
   # Independent split rule: each row's own text, hashed.
-  lines = [l.decode().rstrip('\r\n') for l in open(train_csv, 'rb') if l.strip()]
-  to_eval = sum(int.from_bytes(hashlib.blake2b(l.encode(), digest_size=8).digest(), 'big') / 2**64
-                < 0.25 for l in lines)
+  lines = [line.decode().rstrip('\r\n') for line in open(train_csv, 'rb') if line.strip()]
+  to_eval = sum(int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), 'big')
+                / 2**64 < 0.25 for line in lines)
   for manifest, _ in runs:
-    assert manifest['splits']['eval']['rows_written'] == to_eval
-    assert manifest['splits']['train']['rows_written'] == len(lines) - to_eval
+    assert manifest.splits['eval'].rows_written == to_eval
+    assert manifest.splits['train'].rows_written == len(lines) - to_eval
   assert 0.2 < to_eval / len(lines) < 0.3
   first, second = runs[0][1], runs[1][1]
   for key in first:

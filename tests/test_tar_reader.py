@@ -91,7 +91,8 @@ def test_a_shard_without_end_blocks_is_truncated():
 def test_a_cut_inside_member_data_names_that_member():
   raw = _tar(tarfile.GNU_FORMAT, extra=False)
   members = list(image_files.tar_members(io.BytesIO(raw[:raw.index(b'q' * 5000) + 100]), 1 << 20))
-  assert [(n, k) for n, k, _, _ in members][-2:] == [('empty.png', 'file'), ('big.png', 'truncated')]
+  assert [(n, k) for n, k, _, _ in members][-2:] == [('empty.png', 'file'),
+                                                     ('big.png', 'truncated')]
 
 
 def test_webdataset_samples_from_a_gzipped_shard(tmp_path):
@@ -101,7 +102,7 @@ def test_webdataset_samples_from_a_gzipped_shard(tmp_path):
   path = tmp_path / 'shard.tar.gz'
   path.write_bytes(gzip.compress(raw))
   samples = list(image_files._tar_samples(str(path), image_files.ImageFormat()))
-  assert [(k, d, l, p and p[0]) for k, d, l, p in samples] == [
+  assert [(k, d, label, p and p[0]) for k, d, label, p in samples] == [
       ('s1', b'\x89PNG...', '7', None),
       ('s2', b'\xff\xd8\xff..', None, 'missing_label'),
       ('s3', None, None, 'missing_image'),

@@ -51,7 +51,7 @@ def sms(tmp_path_factory):
 
 
 def test_vocabulary_and_tfidf_match_plain_python(sms):
-  from transforms import sms_spam  # pylint: disable=import-outside-toplevel
+  from transforms import sms_spam
   docs = [tokens(r['text']) for r in sms['rows']['train']]
   counts = collections.Counter(t for d in docs for t in d)
   # TF Transform's order: by count, ties by the token's bytes, both descending; the top_k kept.
@@ -83,15 +83,16 @@ def test_the_model_learns_from_text(sms):
   served = serving.load_model(sms['path'])
   result = served.predict([{'text': r['text']} for r in sms['rows']['eval']])
   assert served.class_names == ('ham', 'spam')  # the label vocabulary names the classes
-  accuracy = np.mean([c == l for c, l in zip(result['classes'], labels)])
+  accuracy = np.mean([c == label for c, label in zip(result['classes'], labels)])
   assert accuracy == pytest.approx(sms['metrics']['accuracy'], abs=1e-6)
 
 
 def test_raw_text_serves_without_skew(sms):
   """serving_default and predict_raw on the raw messages == the trained model on the eval
   shards' TF-IDF features."""
-  from trainer import features as features_lib, train  # pylint: disable=import-outside-toplevel
-  from trainer import input as input_lib  # pylint: disable=import-outside-toplevel
+  from trainer import features as features_lib
+  from trainer import input as input_lib
+  from trainer import train
   p = train.plan(train.TrainConfig(sms['out'], str(sms['root'] / 'unused')))
   model = sms['model']
   used = {n: p.kinds[n] for n in model.input_names}
@@ -105,13 +106,13 @@ def test_raw_text_serves_without_skew(sms):
   served = serving.load_model(sms['path'])
   np.testing.assert_allclose(served.predict([{'text': t} for t in texts])['probabilities'][:, 1],
                              in_training, atol=1e-5)
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   raw = served.signatures['predict_raw'](text=tf.constant(texts[:50]))
   np.testing.assert_allclose(raw['probabilities'].numpy()[:, 1], in_training[:50], atol=1e-5)
 
 
 def test_text_over_http_tensorflow_only_and_batch_prediction(sms, tmp_path):
-  from tests.test_serve import ServerProcess, call  # pylint: disable=import-outside-toplevel
+  from tests.test_serve import ServerProcess, call
   base = os.path.dirname(sms['path'])
   server = ServerProcess(['--model', base], tmp_path / 'serve.log', tensorflow_only=True)
   try:

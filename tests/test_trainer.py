@@ -10,11 +10,10 @@ import pytest
 import tensorflow as tf
 
 from pipelines import tabular
-from transforms.errors import UserError
 from tests.conftest import REPO
 from tests.helpers import TENSORFLOW_ONLY, read_split
 from trainer import serving, task
-
+from transforms.errors import UserError
 
 # `trained` (the pipeline on the Adult sample, 30 training steps, the export) is in conftest.py.
 
@@ -45,7 +44,8 @@ def test_no_training_serving_skew(trained):
 
 
 def test_self_contained_and_tensorflow_only(trained, tmp_path):
-  """Serves after the pipeline output is deleted, in a process that cannot import TFT/tfx-bsl/Beam."""
+  """Serves after the pipeline output is deleted, in a process that cannot import
+  TFT/tfx-bsl/Beam."""
   shutil.copytree(trained['transformed'], tmp_path / 'backup')
   shutil.rmtree(os.path.join(trained['transformed'], 'transform_fn'))
   try:
@@ -96,11 +96,11 @@ def test_predict_raw_signature_matches_serving_default(trained):
 
 def test_bad_requests_and_inputs(trained, tmp_path):
   model = serving.load_model(trained['path'])
-  with pytest.raises(serving.ServingError, match="'age'"):
+  with pytest.raises(UserError, match="'age'"):
     model.predict([{'age': 'old'}])
-  with pytest.raises(serving.ServingError, match='unknown feature'):
+  with pytest.raises(UserError, match='unknown feature'):
     model.predict([{'agee': 39}])
-  with pytest.raises(serving.ServingError, match='age'):  # a FixedLen feature missing
+  with pytest.raises(UserError, match='age'):  # a FixedLen feature missing
     model.predict([{'workclass': 'Private'}])
   with pytest.raises(UserError, match='not a complete pipeline output'):
     task.run(['--transformed', str(tmp_path), '--model-dir', str(tmp_path / 'm')])
@@ -140,7 +140,7 @@ def test_mixed_precision_profile_and_logs(trained, tmp_path):
                              str(tmp_path), '--max-steps', '6', '--mixed-precision',
                              '--profile-steps', '2', '3'])
   assert model.layers[-1].dtype_policy.name == 'float32'  # float32 output layer
-  assert any(l.dtype_policy.name == 'mixed_float16' for l in model.layers)
+  assert any(layer.dtype_policy.name == 'mixed_float16' for layer in model.layers)
   out = tf.saved_model.load(path).signatures['serving_default'](
       examples=tf.constant(serving.to_examples(
           open(trained['test_csv']).read().splitlines()[1:3],

@@ -1,4 +1,5 @@
-"""pipelines/vocabulary.py: the per-batch token counting gives TFT's own vocabularies, byte for byte.
+"""pipelines/vocabulary.py: the per-batch token counting gives TFT's own vocabularies, byte for
+byte.
 
 Each case analyzes the same rows twice with TF Transform on Beam's in-process runner: once with
 TFT's registered VocabularyAccumulate implementation, once with ours, and compares every
@@ -29,7 +30,7 @@ def _rows():
   p = 1.0 / np.arange(1, 301)
   p /= p.sum()
   rows = []
-  for i in range(ROWS):
+  for _ in range(ROWS):
     k = int(rng.integers(0, 4))
     rows.append({
         'word': [words[j] for j in rng.choice(300, size=k, p=p)],
@@ -98,8 +99,8 @@ def test_the_files_are_the_counts_of_the_rows(vocabularies):
   rows, _, ours = vocabularies
   words = collections.Counter(w for r in rows for w in r['word'])
   cities = collections.Counter(r['city'] for r in rows)
-  by_count = lambda c: [k for k, _ in sorted(c.items(), key=lambda kv: (kv[1], kv[0]),
-                                             reverse=True)]
+  def by_count(c):
+    return [k for k, _ in sorted(c.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
   assert ours['word'].splitlines() == by_count(words)
   assert ours['city'].splitlines() == by_count(cities)
   assert ours['city_top'].splitlines() == by_count(cities)[:20]

@@ -17,47 +17,28 @@ pipeline's output directory once written.
 
 import json
 import os
-import re
 
 import tensorflow as tf
 
 from trainer import features as features_lib
-from trainer import heads
-
-_DTYPES = {'int64': tf.int64, 'float32': tf.float32, 'string': tf.string}
-
-
-def raw_serving_spec(manifest):
-  """Parse spec of raw Examples at serving: the label removed, defaults as the pipeline filled."""
-  spec = {}
-  for c in manifest['raw_columns']:
-    if c['name'] == manifest['label_key']:
-      continue
-    dtype = _DTYPES[c['dtype']]
-    if c['varlen']:
-      spec[c['name']] = tf.io.VarLenFeature(dtype)
-    else:
-      spec[c['name']] = tf.io.FixedLenFeature([], dtype, default_value=c['default'])
-  return spec
+from trainer import heads, serving
 
 
 def class_names(manifest, tft_output, task):
   """The names of class ids 0..n-1: LABEL_CLASSES, else a vocabulary named after the label."""
   vocabulary = None
-  if not manifest.get('label_classes'):
+  if not manifest.label_classes:
     try:
-      vocabulary = [v.decode() for v in tft_output.vocabulary_by_name(manifest['label_key'])]
+      vocabulary = [v.decode() for v in tft_output.vocabulary_by_name(manifest.label_key)]
     except (ValueError, KeyError, tf.errors.NotFoundError):
       pass
-  return heads.class_names_from(manifest.get('label_classes'), vocabulary, task.num_classes)
+  return heads.class_names_from(manifest.label_classes, vocabulary, task.num_classes)
 
 
 def next_version_dir(model_dir, name):
   """MODEL_DIR/name/<n+1>: a new version next to the existing ones, never one of them."""
   base = os.path.join(model_dir, name)
-  versions = [int(v) for v in (tf.io.gfile.listdir(base) if tf.io.gfile.exists(base) else [])
-              if re.fullmatch(r'\d+/?', v)]
-  return os.path.join(base, str(max(versions, default=0) + 1))
+  return os.path.join(base, str(max(serving.versions(base), default=0) + 1))
 
 
 class ServingModule(tf.Module):
@@ -127,21 +108,21 @@ def _not_in(values, excluded):
 
 def load_label_inverse(transformed_dir, manifest):
   """The inverse_label_fn the pipeline saved (DIR/label_inverse), or None."""
-  if not manifest.get('label_inverse'):
+  if not manifest.label_inverse:
     return None
-  return tf.saved_model.load(os.path.join(transformed_dir, manifest['label_inverse']))
+  return tf.saved_model.load(os.path.join(transformed_dir, manifest.label_inverse))
 
 
 def export(model, tft_output, manifest, label_key_xf, task, kinds, model_dir, name,
            transformed_dir):
   """Saves the serving SavedModel as a new version; returns its path. `kinds`: the
   features.Feature of each model input."""
-  raw_spec = raw_serving_spec(manifest)
-  binary = [c['name'] for c in manifest['raw_columns'] if c.get('binary')]
+  raw_spec = manifest.raw_feature_spec(with_label=False)  # as the pipeline parsed raw rows
+  binary = [c.name for c in manifest.raw_columns if c.binary]
   inverse = load_label_inverse(transformed_dir, manifest) if task.kind == heads.REGRESSION \
       else None
   module = ServingModule(model, tft_output.transform_features_layer(), raw_spec,
-                         manifest.get('na_values', []), label_key_xf, task, kinds, binary,
+                         manifest.na_values, label_key_xf, task, kinds, binary,
                          inverse)
 
   examples = tf.TensorSpec([None], tf.string, name='examples')
@@ -165,7 +146,7 @@ def export(model, tft_output, manifest, label_key_xf, task, kinds, model_dir, na
       'transform_features': transform_features,
       'predict_raw': predict_raw.get_concrete_function(column_specs),
   }
-  if manifest.get('image') and len(raw_spec) == 1 and binary:
+  if manifest.image and len(raw_spec) == 1 and binary:
     image_key = binary[0]
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
@@ -179,8 +160,8 @@ def export(model, tft_output, manifest, label_key_xf, task, kinds, model_dir, na
   # How raw CSV rows map to features, for serving helpers (TensorFlow Serving ignores assets.extra).
   tf.io.gfile.makedirs(os.path.join(path, 'assets.extra'))
   with tf.io.gfile.GFile(os.path.join(path, 'assets.extra', 'raw_format.json'), 'w') as f:
-    json.dump({'csv_columns': manifest.get('csv_columns'), 'na_values': manifest.get('na_values'),
-               'label_key': manifest['label_key'], 'binary': binary, 'task': task.kind,
+    json.dump({'csv_columns': manifest.csv_columns, 'na_values': manifest.na_values,
+               'label_key': manifest.label_key, 'binary': binary, 'task': task.kind,
                'classes': list(task.class_names),
                'required': sorted(n for n, spec in raw_spec.items()
                                   if isinstance(spec, tf.io.FixedLenFeature)

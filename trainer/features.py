@@ -56,9 +56,6 @@ class Feature:
     return self.kind in SPARSE_KINDS
 
 
-class FeatureError(UserError):
-  """A transformed feature the model cannot use (one line: feature, kind, what to do)."""
-
 
 def categorical_size(feature):
   """Number of ids of a categorical int schema feature, or None for a numeric one."""
@@ -90,12 +87,13 @@ def describe(spec):
       return f'variable-length {spec.dtype.name} (ragged)'
     return f'ragged {spec.dtype.name} with {len(spec.partitions) + 1} variable-length dimensions'
   if isinstance(spec, tf.io.SparseFeature):
-    return f'sparse {spec.dtype.name} {list(spec.size) if isinstance(spec.size, (list, tuple)) else [spec.size]}'
+    return (f'sparse {spec.dtype.name} '
+            f'{list(spec.size) if isinstance(spec.size, (list, tuple)) else [spec.size]}')
   return type(spec).__name__
 
 
 def _refuse(where, name, spec, why, what_to_do):
-  raise FeatureError(f'{where}: feature {name!r} ({describe(spec)}) {why}; {what_to_do}, or '
+  raise UserError(f'{where}: feature {name!r} ({describe(spec)}) {why}; {what_to_do}, or '
                      f'leave it out with --exclude-features {name}')
 
 
@@ -114,18 +112,18 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
   `weighted`: {ids feature: weights feature} (the dataset module's WEIGHTED_FEATURES).
   `statistics`: {feature: NumericStatistics of the train split}: features with NaN or infinite
   values are refused, and WEIGHTED ids whose schema has no domain (tft.tfidf records none) get
-  the largest id + 1 as their size. Raises FeatureError for what cannot be used.
+  the largest id + 1 as their size. Raises UserError for what cannot be used.
   """
   statistics = statistics or {}
   weighted = dict(weighted or {})
   unknown = sorted(set(exclude) - set(feature_spec))
   if unknown:
-    raise FeatureError(f'--exclude-features {unknown[0]}: the preprocessing_fn outputs no such '
+    raise UserError(f'--exclude-features {unknown[0]}: the preprocessing_fn outputs no such '
                        f'feature (it outputs {", ".join(sorted(feature_spec))})')
   for ids, weights in sorted(weighted.items()):
     for name in (ids, weights):
       if name not in feature_spec:
-        raise FeatureError(f'{where}: WEIGHTED_FEATURES names {name!r}, which the '
+        raise UserError(f'{where}: WEIGHTED_FEATURES names {name!r}, which the '
                            'preprocessing_fn does not output')
   by_name = schema_features(schema)
   weights_of = {w: i for i, w in weighted.items()}
@@ -154,7 +152,7 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
       else:
         result[name] = Feature(name, NUMBER, dtype, shape)
       if name in weighted or name in weights_of:
-        raise FeatureError(f'{where}: WEIGHTED_FEATURES pairs {name!r}, a dense feature; pairs '
+        raise UserError(f'{where}: WEIGHTED_FEATURES pairs {name!r}, a dense feature; pairs '
                            'are of variable-length ids and weights (tft.tfidf outputs)')
       continue
     if isinstance(spec, tf.io.RaggedFeature) and spec.partitions:
@@ -166,12 +164,12 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
               'variable-length dimension')
     if name in weights_of:
       if dtype != tf.float32:
-        raise FeatureError(f'{where}: WEIGHTED_FEATURES pairs {weights_of[name]!r} with '
+        raise UserError(f'{where}: WEIGHTED_FEATURES pairs {weights_of[name]!r} with '
                            f'{name!r}, which is {describe(spec)}; weights must be float32')
       result[name] = Feature(name, WEIGHTS, dtype)
     elif name in weighted:
       if dtype != tf.int64:
-        raise FeatureError(f'{where}: WEIGHTED_FEATURES pairs {name!r} ({describe(spec)}) with '
+        raise UserError(f'{where}: WEIGHTED_FEATURES pairs {name!r} ({describe(spec)}) with '
                            'weights; the ids must be int64')
       if size is None:  # tft.tfidf records no domain: the train split's largest id + 1, plus
         if name not in statistics:  # one row for any larger id seen later
@@ -191,7 +189,7 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
       _refuse(where, name, specs[name], f'is NaN or infinite {bad} times in the train split',
               'fix the preprocessing_fn (tf.math.log of values <= 0? a division by zero?)')
   if not any(f.kind not in (IMAGE_STATS, WEIGHTS) for f in result.values()):
-    raise FeatureError(f'{where}: no feature is left to learn from besides the label '
+    raise UserError(f'{where}: no feature is left to learn from besides the label '
                        f'{label_key!r}; the preprocessing_fn must output at least one feature')
   return result
 

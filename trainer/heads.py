@@ -20,6 +20,7 @@ import tensorflow as tf
 import tf_keras as keras  # Keras 2, as TF Transform's transform layer (tf.keras would be Keras 3)
 
 from trainer import features as features_lib
+from transforms.errors import UserError
 
 BINARY, MULTICLASS, REGRESSION = 'binary', 'multiclass', 'regression'
 TASKS = (BINARY, MULTICLASS, REGRESSION)
@@ -42,7 +43,7 @@ class Task:
 
 def resolve(schema, feature_spec, label_key, where, flag=None, label_classes=None,
             label_stats=None):
-  """The Task for the label feature; FeatureError (one line) where it cannot be learned.
+  """The Task for the label feature; UserError (one line) where it cannot be learned.
 
   `label_stats`: the label's NumericStatistics in the train split (trainer.statistics), or None.
   """
@@ -50,27 +51,27 @@ def resolve(schema, feature_spec, label_key, where, flag=None, label_classes=Non
   described = features_lib.describe(spec)
   told = f'--task {flag}: ' if flag else ''
   if not isinstance(spec, tf.io.FixedLenFeature) or tuple(spec.shape) not in ((), (1,)):
-    raise features_lib.FeatureError(
+    raise UserError(
         f'{where}: {told}the label {label_key!r} is {described}; a label is one value per row '
         '(a dense scalar): reduce it to one value in the preprocessing_fn')
   if spec.dtype == tf.string:
     if flag == REGRESSION:
-      raise features_lib.FeatureError(
+      raise UserError(
           f'{where}: --task regression: the label {label_key!r} holds strings; regression needs '
           'numbers: convert it with tf.strings.to_number in the preprocessing_fn')
-    raise features_lib.FeatureError(
+    raise UserError(
         f'{where}: {told}the label {label_key!r} holds strings; map it to class ids with '
         'tft.compute_and_apply_vocabulary (classification) or to numbers (regression) in the '
         'preprocessing_fn')
   bad = features_lib.non_finite(label_stats)
   if bad:
-    raise features_lib.FeatureError(
+    raise UserError(
         f'{where}: the label {label_key!r} is NaN or infinite in {bad} rows of the train split '
         '(tf.math.log of values <= 0? a division by zero?); fix the preprocessing_fn so that '
         'every label is a finite number')
   if spec.dtype.is_floating:
     if flag in (BINARY, MULTICLASS):
-      raise features_lib.FeatureError(
+      raise UserError(
           f'{where}: --task {flag}: the label {label_key!r} is {described}; classification needs '
           'integer class ids: cast it with tf.cast(label, tf.int64) in the preprocessing_fn, or '
           'use --task regression')
@@ -82,7 +83,7 @@ def resolve(schema, feature_spec, label_key, where, flag=None, label_classes=Non
     size = len(label_classes)
   if size is None:
     if flag is None:
-      raise features_lib.FeatureError(
+      raise UserError(
           f'{where}: the label {label_key!r} is {described} without a categorical domain, so the '
           'task is unclear: give --task binary, --task multiclass or --task regression (or map '
           'it with tft.compute_and_apply_vocabulary, or name its classes in LABEL_CLASSES)')
@@ -91,12 +92,12 @@ def resolve(schema, feature_spec, label_key, where, flag=None, label_classes=Non
     else:
       largest = int(label_stats.max) if label_stats is not None else None
       if largest is None:
-        raise features_lib.FeatureError(
+        raise UserError(
             f'{where}: --task multiclass: the label {label_key!r} has no domain and the run has '
             'no statistics to count its classes; map it with tft.compute_and_apply_vocabulary')
       size = largest + 1
   if flag == BINARY and size > 2:
-    raise features_lib.FeatureError(
+    raise UserError(
         f'{where}: --task binary: the label {label_key!r} has {size} classes (ids 0..{size - 1}); '
         'use --task multiclass')
   kind = MULTICLASS if flag == MULTICLASS or size > 2 else BINARY
@@ -104,7 +105,7 @@ def resolve(schema, feature_spec, label_key, where, flag=None, label_classes=Non
   if label_stats is not None:
     low, high = label_stats.min, label_stats.max
     if low < 0 or high > size - 1:
-      raise features_lib.FeatureError(
+      raise UserError(
           f'{where}: {told}the label {label_key!r} takes values {_number(low)}..{_number(high)} '
           f'in the train split, but a {kind} label is a class id in 0..{size - 1}; map it to '
           'class ids in the preprocessing_fn')

@@ -1,61 +1,44 @@
 """tf.data input over the TFRecord shards a pipeline published."""
 
-import json
 import os
 
 import tensorflow as tf
 
 from transforms.errors import UserError
 
-MANIFEST = 'manifest.json'
 LABEL_SUFFIX = '_xf'
 
-
-class InputError(UserError, ValueError):
-  """The --transformed directory is not a usable pipeline output (one line, for the user)."""
-
-
-def read_manifest(transformed_dir):
-  path = os.path.join(transformed_dir, MANIFEST)
-  if not tf.io.gfile.exists(path):
-    raise InputError(f'--transformed {transformed_dir} holds no {MANIFEST}: it is not a complete '
-                     'pipeline output; run python -m pipelines.tabular (or pipelines.images) '
-                     'first, or wait for it to finish')
-  with tf.io.gfile.GFile(path) as f:
-    manifest = json.load(f)
-  if not tf.io.gfile.exists(os.path.join(transformed_dir, 'transform_fn')):
-    raise InputError(f'--transformed {transformed_dir} has a manifest but no transform_fn/')
-  return manifest
 
 
 def transformed_label_key(manifest, feature_spec, where, flag=None):
   """The preprocessing_fn output that is the label: --label, else the dataset module's
   TRANSFORMED_LABEL_KEY, else `<LABEL_KEY>_xf`, else `<LABEL_KEY>` itself (a label passed
   through unchanged)."""
-  for declared, what in ((flag, '--label'), (manifest.get('transformed_label_key'),
+  for declared, what in ((flag, '--label'), (manifest.transformed_label_key,
                                              'TRANSFORMED_LABEL_KEY')):
     if declared:
       if declared not in feature_spec:
-        raise InputError(f'{where}: {what} {declared!r} is not an output of the preprocessing_fn '
+        raise UserError(f'{where}: {what} {declared!r} is not an output of the preprocessing_fn '
                          f'(it outputs {", ".join(sorted(feature_spec))})')
       return declared
-  raw = manifest['label_key']
+  raw = manifest.label_key
   for candidate in (raw + LABEL_SUFFIX, raw):
     if candidate in feature_spec:
       return candidate
-  raise InputError(f'{where}: the preprocessing_fn outputs no label: neither {raw + LABEL_SUFFIX!r} '
+  raise UserError(f'{where}: the preprocessing_fn outputs no label: neither {raw + LABEL_SUFFIX!r} '
                    f'nor {raw!r} (it outputs {", ".join(sorted(feature_spec))}); output one of '
                    'them, or name the label output in TRANSFORMED_LABEL_KEY')
 
 
 def split_files(transformed_dir, manifest, split):
-  if split not in manifest['splits']:
-    raise InputError(f'--transformed {transformed_dir} has no {split} split '
-                     f'(it has {", ".join(manifest["splits"])})')
-  files = tf.io.gfile.glob(os.path.join(transformed_dir, manifest['splits'][split]['files']))
-  if len(files) != manifest['splits'][split]['num_shards']:
-    raise InputError(f'--transformed {transformed_dir}: {split} should have '
-                     f'{manifest["splits"][split]["num_shards"]} shards, found {len(files)}')
+  if split not in manifest.splits:
+    raise UserError(f'--transformed {transformed_dir} has no {split} split '
+                     f'(it has {", ".join(manifest.splits)})')
+  entry = manifest.splits[split]
+  files = tf.io.gfile.glob(os.path.join(transformed_dir, entry.files))
+  if len(files) != entry.num_shards:
+    raise UserError(f'--transformed {transformed_dir}: {split} should have '
+                     f'{entry.num_shards} shards, found {len(files)}')
   return sorted(files)
 
 
@@ -116,8 +99,9 @@ def _augment(features, image_keys, augment, seed):
       height, width, channels = images.shape[1:]
       pad = max(1, round(0.1 * min(height, width)))
       padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode='SYMMETRIC')
-      images = tf.map_fn(lambda image: tf.image.random_crop(image, [height, width, channels]),
-                         padded)
+      images = tf.map_fn(
+          lambda image, h=height, w=width, c=channels: tf.image.random_crop(image, [h, w, c]),
+          padded)
     features[key] = images
   return features
 

@@ -9,7 +9,10 @@ Needs TensorFlow alone. Rows that cannot be encoded, and images that cannot be d
 reported with their line number or file (and, for images, kept in the output with the reason).
 """
 
-import argparse
+if __name__ == '__main__':  # the command: quiet start-up, before TensorFlow loads (command.start)
+  from transforms import command
+  command.start()
+
 import csv
 import os
 import sys
@@ -17,27 +20,34 @@ import sys
 import tensorflow as tf
 
 from trainer import serving
+from transforms import command
+from transforms.errors import UserError
 
 
 def run(argv=None):
-  p = argparse.ArgumentParser(prog='python -m trainer.predict', description=__doc__.split('\n')[0])
+  p = command.ArgumentParser(prog='python -m trainer.predict', description=__doc__.split('\n')[0])
   p.add_argument('--model', required=True, help='model base directory or one version directory')
   p.add_argument('--input', required=True, help='raw CSV file (header row, or the columns the '
                                                 'pipeline used)')
   p.add_argument('--output', required=True, help='CSV of predictions to write')
   p.add_argument('--limit', type=int, default=None, help='predict the first N rows only')
-  p.add_argument('--show', type=int, default=0, help='print the first N rows with their predictions')
+  p.add_argument('--show', type=int, default=0,
+                 help='print the first N rows with their predictions')
+  command.add_verbose_flag(p)
   args = p.parse_args(argv)
   model = serving.load_model(args.model)
   if model.is_image_model:
     return _predict_images(model, args)
-  with open(args.input, newline='') as f:
-    rows = [r for r in csv.reader(f) if r]
+  try:
+    with open(args.input, newline='') as f:
+      rows = [r for r in csv.reader(f) if r]
+  except OSError as e:
+    raise UserError(f'--input {args.input}: {e.strerror or e}') from None
   columns = model.csv_columns
   if rows and set(model.raw_types) <= {c.strip() for c in rows[0]}:
     columns, rows = [c.strip() for c in rows[0]], rows[1:]
   if not columns:
-    raise serving.ServingError(f'{args.input} has no header row and the model records no columns')
+    raise UserError(f'{args.input} has no header row and the model records no columns')
   good, lines = [], []
   # Columns the model does not take (ids, the label, extras) are ignored, as the pipeline does.
   kept = [i for i, c in enumerate(columns) if c in model.raw_types]
@@ -53,7 +63,11 @@ def run(argv=None):
   result = model.predict(good)  # {} when no row is left
   regression = model.task == 'regression'
   probs = result.get('probabilities')
-  with open(args.output, 'w', newline='') as f:
+  try:
+    f = open(args.output, 'w', newline='')
+  except OSError as e:
+    raise UserError(f'--output {args.output}: {e.strerror or e}') from None
+  with f:
     writer = csv.writer(f)
     if regression:
       writer.writerow(['row', 'prediction'])
@@ -91,7 +105,7 @@ def image_files(pattern):
   else:
     found = tf.io.gfile.glob(pattern)
   if not found:
-    raise serving.ServingError(f'--input {pattern}: no image files (.jpg, .jpeg, .png) found')
+    raise UserError(f'--input {pattern}: no image files (.jpg, .jpeg, .png) found')
   return sorted(found)
 
 
@@ -105,12 +119,12 @@ def _predict_images(model, args):
       result = model.predict_images(images)
       rows += [(f, result['classes'][i], result['probabilities'][i], '')
                for i, f in enumerate(chunk)]
-    except serving.ServingError:  # one bad image fails its batch: find it, keep the rest
+    except UserError:  # one bad image fails its batch: find it, keep the rest
       for f, image in zip(chunk, images):
         try:
           result = model.predict_images([image])
           rows.append((f, result['classes'][0], result['probabilities'][0], ''))
-        except serving.ServingError as e:
+        except UserError as e:
           print(f'warning: {f}: cannot be predicted: {e}', file=sys.stderr)
           rows.append((f, '', None, str(e)))
   n_classes = max((len(r[2]) for r in rows if r[2] is not None), default=0)
@@ -125,14 +139,13 @@ def _predict_images(model, args):
   return rows, files
 
 
-def main():
+def _command(argv):
   try:
-    result, lines = run(sys.argv[1:])
-  except serving.ServingError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _, lines = run(argv)
+  except UserError as e:  # the model, the input or a row: the user's to fix
+    raise UserError(str(e)) from e
   print(f'predicted {len(lines)} {"images" if lines and isinstance(lines[0], str) else "rows"}')
 
 
 if __name__ == '__main__':
-  main()
+  command.main(_command)

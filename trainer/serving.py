@@ -1,4 +1,5 @@
-"""Serving helpers that need TensorFlow alone (no TF Transform, tfx-bsl or Beam) for exported models.
+"""Serving helpers that need TensorFlow alone (no TF Transform, tfx-bsl or Beam) for exported
+models.
 
   from trainer import serving
   model = serving.load_model('out/models/census')            # newest version, or a version dir
@@ -20,20 +21,27 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from transforms import run_contract
+from transforms.errors import UserError
 
-class ServingError(ValueError):
-  """A request that does not fit the model's raw features (one line, for the caller)."""
+
+def versions(model_base):
+  """The version numbers of a TF Serving model base path: its numbered directories (object
+  stores list them with a trailing '/')."""
+  if not tf.io.gfile.isdir(model_base):
+    return []
+  return sorted(int(v.rstrip('/')) for v in tf.io.gfile.listdir(model_base)
+                if re.fullmatch(r'\d+/?', v))
 
 
 def newest_version(model_base):
   """A version directory, or the highest-numbered version under a TF Serving model base path."""
   if tf.io.gfile.exists(os.path.join(model_base, 'saved_model.pb')):
     return model_base
-  versions = [int(v.rstrip('/')) for v in tf.io.gfile.listdir(model_base)
-              if re.fullmatch(r'\d+/?', v)] if tf.io.gfile.isdir(model_base) else []
-  if not versions:
-    raise ServingError(f'{model_base} holds no SavedModel and no numbered version directory')
-  return os.path.join(model_base, str(max(versions)))
+  found = versions(model_base)
+  if not found:
+    raise UserError(f'{model_base} holds no SavedModel and no numbered version directory')
+  return os.path.join(model_base, str(found[-1]))
 
 
 def tf_error_detail(error):
@@ -76,7 +84,7 @@ def _feature(value, dtype, name):
                                                                    for v in values]))
     return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
   except (TypeError, ValueError):
-    raise ServingError(f'feature {name!r}: {value!r} is not a valid {dtype.name}') from None
+    raise UserError(f'feature {name!r}: {value!r} is not a valid {dtype.name}') from None
 
 
 def to_examples(rows, raw_types, csv_columns=None, na_values=(), required=(), label_key=None):
@@ -88,16 +96,16 @@ def to_examples(rows, raw_types, csv_columns=None, na_values=(), required=(), la
       continue
     if isinstance(row, str):
       if not csv_columns:
-        raise ServingError('CSV lines need the column names (csv_columns)')
+        raise UserError('CSV lines need the column names (csv_columns)')
       cells = next(csv.reader(io.StringIO(row)))
       if len(cells) != len(csv_columns):
-        raise ServingError(f'row {i}: {len(cells)} fields, expected {len(csv_columns)}')
+        raise UserError(f'row {i}: {len(cells)} fields, expected {len(csv_columns)}')
       row = {k: v for k, v in zip(csv_columns, cells) if k in raw_types}
     if not isinstance(row, dict):
-      raise ServingError(f'row {i}: expected a dict, a CSV line or serialized Example bytes')
+      raise UserError(f'row {i}: expected a dict, a CSV line or serialized Example bytes')
     unknown = sorted(set(row) - set(raw_types) - {label_key})
     if unknown:
-      raise ServingError(f'row {i}: unknown feature(s) {unknown}; the model takes '
+      raise UserError(f'row {i}: unknown feature(s) {unknown}; the model takes '
                          f'{sorted(raw_types)}')
     features = {}
     for name, dtype in raw_types.items():
@@ -108,11 +116,11 @@ def to_examples(rows, raw_types, csv_columns=None, na_values=(), required=(), la
         continue  # missing: the model's parse spec applies the default or reports it
       try:
         features[name] = _feature(value, dtype, name)
-      except ServingError as e:
-        raise ServingError(f'row {i}: {e}') from None
+      except UserError as e:
+        raise UserError(f'row {i}: {e}') from None
     lacking = [name for name in required if name not in features]
     if lacking:
-      raise ServingError(f'row {i}: missing required feature(s) {lacking}')
+      raise UserError(f'row {i}: missing required feature(s) {lacking}')
     out.append(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
   return out
 
@@ -153,9 +161,9 @@ class Model:
   def predict_images(self, images, batch_size=256):
     """Encoded JPEG/PNG images (bytes) -> predictions, through the predict_images signature."""
     if 'predict_images' not in self._loaded.signatures:
-      raise ServingError(f'{self.path} is not an image model (it has no predict_images signature)')
+      raise UserError(f'{self.path} is not an image model (it has no predict_images signature)')
     if not all(isinstance(i, bytes) for i in images):
-      raise ServingError('images must be the encoded JPEG or PNG file contents, as bytes')
+      raise UserError('images must be the encoded JPEG or PNG file contents, as bytes')
     return self._batched(self._loaded.signatures['predict_images'], 'image_bytes', list(images),
                          batch_size, 'images')
 
@@ -167,7 +175,7 @@ class Model:
       try:
         parts.append({k: v.numpy() for k, v in signature(**{argument: batch}).items()})
       except tf.errors.InvalidArgumentError as e:
-        raise ServingError(f'{what} {start}..{start + len(batch) - 1}: {tf_error_detail(e)}') \
+        raise UserError(f'{what} {start}..{start + len(batch) - 1}: {tf_error_detail(e)}') \
             from None
     result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if 'classes' in result:
@@ -194,19 +202,14 @@ class PipelineTransform:
   """
 
   def __init__(self, transformed_dir):
-    import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
-    with tf.io.gfile.GFile(os.path.join(transformed_dir, 'manifest.json')) as f:
-      manifest = json.load(f)
+    import tensorflow_transform as tft
+    manifest = run_contract.read_manifest(transformed_dir, flag='the pipeline output')
     self._output = tft.TFTransformOutput(transformed_dir)
-    self._spec = {}
-    for c in manifest['raw_columns']:
-      dtype = tf.as_dtype(c['dtype'])
-      self._spec[c['name']] = (tf.io.VarLenFeature(dtype) if c['varlen'] else
-                               tf.io.FixedLenFeature([], dtype, default_value=c['default']))
+    self._spec = manifest.raw_feature_spec()
     self.raw_types = {n: s.dtype for n, s in self._spec.items()}
-    self.csv_columns = manifest.get('csv_columns')
-    self.na_values = tuple(manifest.get('na_values') or ())
-    self.label_key = manifest['label_key']
+    self.csv_columns = manifest.csv_columns
+    self.na_values = tuple(manifest.na_values)
+    self.label_key = manifest.label_key
 
   def transform(self, rows):
     """Raw rows -> {transformed feature: numpy array}. Rows carry the label or none do."""

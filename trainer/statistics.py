@@ -11,7 +11,7 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 def numeric(transformed_dir, manifest, split='train', stage='transformed'):
   """{feature: NumericStatistics} of one split's raw or transformed features; {} where the run
   recorded none (an output written before statistics existed)."""
-  files = (manifest.get('statistics') or {}).get('files', {}).get(split, {})
+  files = (manifest.statistics or {}).get('files', {}).get(split, {})
   if stage not in files:
     return {}
   path = os.path.join(transformed_dir, files[stage])

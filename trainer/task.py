@@ -2,22 +2,22 @@
 
   python -m trainer.task --transformed out/adult --model-dir out/models
 
-The model lands in MODEL_DIR/<name>/<version>/ (TensorFlow Serving's layout; a new version each run).
+The model lands in MODEL_DIR/<name>/<version>/ (TensorFlow Serving's layout; a new version each
+run).
 """
 
-import argparse
-import logging
-import sys
+if __name__ == '__main__':  # the command: quiet start-up, before TensorFlow loads (command.start)
+  from transforms import command
+  command.start()
 
-from trainer import heads
+from trainer import heads, train
 from trainer import input as input_lib
-from trainer import train
-from transforms.errors import UserError
+from transforms import command
 
 
 def parse_args(argv):
   defaults = train.TrainConfig('', '')
-  p = argparse.ArgumentParser(prog='python -m trainer.task', description=__doc__.split('\n')[0])
+  p = command.ArgumentParser(prog='python -m trainer.task', description=__doc__.split('\n')[0])
   p.add_argument('--transformed', required=True, help='output directory of a pipeline run')
   p.add_argument('--model-dir', required=True, help='checkpoints, logs and exported versions')
   p.add_argument('--model-name', default=None, help='default: the dataset module name')
@@ -57,6 +57,7 @@ def parse_args(argv):
   model.add_argument('--combiner', choices=train.COMBINERS, default=defaults.combiner,
                      help='how a bag of ids (a multivalent feature) combines its embeddings '
                           f'(default {defaults.combiner}); weighted ids are summed by weight')
+  command.add_verbose_flag(p)
   args = p.parse_args(argv)
   for flag in ('epochs', 'batch_size', 'max_embedding_dim'):
     if getattr(args, flag) < 1:
@@ -83,18 +84,12 @@ def run(argv=None):
   return train.train_and_export(parse_args(argv))
 
 
-def main():
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)
-  try:
-    path, metrics, _ = run(sys.argv[1:])
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+def _command(argv):
+  path, metrics, _ = run(argv)
   print(f'exported {path}')
   if metrics:
     print('eval ' + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
 
 
 if __name__ == '__main__':
-  main()
+  command.main(_command)

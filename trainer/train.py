@@ -7,8 +7,8 @@ import re
 from typing import Optional, Tuple
 
 import tensorflow as tf
-import tf_keras as keras  # Keras 2, as TF Transform's transform layer (tf.keras would be Keras 3)
 import tensorflow_transform as tft
+import tf_keras as keras  # Keras 2, as TF Transform's transform layer (tf.keras would be Keras 3)
 
 from trainer import export as export_lib
 from trainer import features as features_lib
@@ -17,6 +17,8 @@ from trainer import input as input_lib
 from trainer import model as model_lib
 from trainer import statistics as statistics_lib
 from transforms import contract as contract_lib
+from transforms import run_contract
+from transforms.errors import UserError
 
 _LOG = logging.getLogger('trainer')
 
@@ -59,14 +61,14 @@ def _strategy(name):
 
 
 def model_name(manifest):
-  base = re.split(r'[./\\]', manifest['transforms'].removesuffix('.py'))[-1]
+  base = re.split(r'[./\\]', manifest.transforms.removesuffix('.py'))[-1]
   return re.sub(r'[^A-Za-z0-9_-]', '_', base) or 'model'
 
 
 @dataclasses.dataclass
 class Plan:
   """Everything decided before training starts: what the label and each feature are."""
-  manifest: dict
+  manifest: run_contract.Manifest
   tft_output: object
   feature_spec: dict
   label_key: str
@@ -79,21 +81,21 @@ def plan(config: TrainConfig):
   """Reads the pipeline output and decides task and feature kinds; raises a one-line UserError
   for anything the model could not make sense of, before any training."""
   where = f'--transformed {config.transformed_dir}'
-  manifest = input_lib.read_manifest(config.transformed_dir)
+  manifest = run_contract.read_manifest(config.transformed_dir)
   tft_output = tft.TFTransformOutput(config.transformed_dir)
   feature_spec = tft_output.transformed_feature_spec()
   label_key = input_lib.transformed_label_key(manifest, feature_spec, where, config.label)
   if label_key in config.exclude_features:
-    raise input_lib.InputError(f'--exclude-features {label_key}: that is the label')
+    raise UserError(f'--exclude-features {label_key}: that is the label')
   schema = tft_output.transformed_metadata.schema
   statistics = statistics_lib.numeric(config.transformed_dir, manifest)
   task = heads.resolve(schema, feature_spec, label_key, where, config.task,
-                       manifest.get('label_classes'), statistics.get(label_key))
+                       manifest.label_classes, statistics.get(label_key))
   kinds = features_lib.classify(schema, feature_spec, label_key, where,
-                                manifest.get('weighted_features'), config.exclude_features,
+                                manifest.weighted_features, config.exclude_features,
                                 statistics)
   if config.augment and not any(k.kind == features_lib.IMAGE for k in kinds.values()):
-    raise input_lib.InputError(f'--augment {" ".join(config.augment)}: the transformed data of '
+    raise UserError(f'--augment {" ".join(config.augment)}: the transformed data of '
                                f'{config.transformed_dir} has no image feature to augment')
   if task.is_classification:
     task = heads.with_class_names(task, export_lib.class_names(manifest, tft_output, task))
@@ -111,25 +113,25 @@ def build_model(config, p: Plan):
   module = contract_lib.import_module(config.model_module, flag='--model-module')
   build = getattr(module, BUILD_MODEL, None)
   if not callable(build):
-    raise input_lib.InputError(f'{where} defines no {BUILD_MODEL}(context); add one that returns '
+    raise UserError(f'{where} defines no {BUILD_MODEL}(context); add one that returns '
                                'a Keras model (see README, "Your own model")')
   try:
     model = build(ctx)
   except Exception as e:  # the user's code: where and what, not our stack
-    raise input_lib.InputError(f'{where}: {BUILD_MODEL}(context) failed: {type(e).__name__}: '
+    raise UserError(f'{where}: {BUILD_MODEL}(context) failed: {type(e).__name__}: '
                                f'{str(e).splitlines()[0] if str(e) else ""}') from e
   if not isinstance(model, keras.Model):
-    raise input_lib.InputError(f'{where}: {BUILD_MODEL}(context) returned '
+    raise UserError(f'{where}: {BUILD_MODEL}(context) returned '
                                f'{type(model).__name__}, not a Keras 2 model: build it with '
                                'tf_keras (import tf_keras as keras), as TF Transform\'s layer is')
   unknown = sorted(set(model.input_names) - set(ctx.inputs))
   if unknown:
-    raise input_lib.InputError(f'{where}: the model takes {unknown[0]!r}, which is not a '
+    raise UserError(f'{where}: the model takes {unknown[0]!r}, which is not a '
                                f'transformed feature it may use ({", ".join(sorted(ctx.inputs))})')
   width = heads.expected_output_width(p.task)
   shape = model.output_shape
   if isinstance(shape, list) or len(shape) != 2 or shape[-1] != width:
-    raise input_lib.InputError(
+    raise UserError(
         f'{where}: the model outputs shape {shape}; a {p.task.kind} model outputs [batch, '
         f'{width}] ({_OUTPUT_MEANING[p.task.kind]}); heads.head(context.task) builds one')
   return model
@@ -166,11 +168,11 @@ def train_and_export(config: TrainConfig):
   def dataset(split, shuffle):
     files = input_lib.split_files(config.transformed_dir, manifest, split)
     return input_lib.make_dataset(files, parse_spec, p.label_key, config.batch_size,
-                                  manifest['compression'], shuffle=shuffle, seed=config.seed,
+                                  manifest.compression, shuffle=shuffle, seed=config.seed,
                                   augment=config.augment, image_keys=image_keys, prepare=prepare)
 
   train_ds = dataset('train', shuffle=True)
-  eval_ds = dataset('eval', shuffle=False) if 'eval' in manifest['splits'] else None
+  eval_ds = dataset('eval', shuffle=False) if 'eval' in manifest.splits else None
   if config.max_steps:
     train_ds = train_ds.repeat().take(config.max_steps)
 
@@ -182,7 +184,7 @@ def train_and_export(config: TrainConfig):
           save_weights_only=True),
   ]
   _LOG.info('training on %s (%d examples): %s; features: %s', config.transformed_dir,
-            manifest['splits']['train']['rows_written'], heads.describe(p.task),
+            manifest.splits['train'].rows_written, heads.describe(p.task),
             ', '.join(f'{n} ({k.kind})' for n, k in sorted(used.items())))
   epochs = 1 if config.max_steps else config.epochs
   model.fit(train_ds, epochs=epochs, validation_data=eval_ds, callbacks=callbacks, verbose=2)

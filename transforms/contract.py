@@ -1,7 +1,8 @@
 """The dataset contract: loading and checking a module that describes one dataset.
 
 A dataset module defines, at module level:
-  RAW_FEATURE_SPEC  name -> tf.io.FixedLenFeature([], dtype[, default_value]) or tf.io.VarLenFeature(dtype)
+  RAW_FEATURE_SPEC  name -> tf.io.FixedLenFeature([], dtype[, default_value]) or
+                    tf.io.VarLenFeature(dtype)
   LABEL_KEY         the raw column holding the label
   preprocessing_fn  inputs -> transformed features (TF Transform)
   CSV_COLUMNS       optional: every column of the CSV files in order, for files without a header row
@@ -141,7 +142,7 @@ def import_module(module_or_file, flag='--transforms', pickle_by_value=False):
     if pickle_by_value:
       # Workers in other processes (multi-process runner, portable runner, Dataflow) cannot
       # import a module that lives at a path on this machine: pickle its functions by value.
-      from apache_beam.internal.cloudpickle import cloudpickle  # pylint: disable=import-outside-toplevel
+      from apache_beam.internal.cloudpickle import cloudpickle
       cloudpickle.register_pickle_by_value(module)
     return module
   try:
@@ -193,3 +194,44 @@ def load(module_or_file):
   classes = [str(c) for c in classes] if classes is not None else None
   return Contract(module_or_file, dict(spec), label, fn, columns, na_values, classes,
                   training_hints(module, where))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageContract:
+  """An image dataset module, loaded for the size and channels a run asks for."""
+  name: str  # what the user passed (module name or file path)
+  raw_feature_spec: Mapping[str, object]  # exactly 'image' and 'label', as the image reader gives
+  preprocessing_fn: Callable
+  size: tuple  # (height, width), or (None, None) for a fixed preprocessing_fn without DEFAULT_SIZE
+  channels: int
+  training: 'TrainingHints' = None
+
+
+def load_images(module_or_file, image_size=None, channels=None):
+  """Imports and checks an image dataset module (pipelines.images --transforms): either
+  make_preprocessing_fn(height, width, channels), called with `image_size` and `channels` (else the
+  module's DEFAULT_SIZE and DEFAULT_CHANNELS), or a fixed preprocessing_fn. Every problem is a
+  UserError naming what to fix."""
+  module = import_module(module_or_file, pickle_by_value=True)
+  where = f'--transforms {module_or_file}'
+  hints = training_hints(module, where)
+  spec = getattr(module, 'RAW_FEATURE_SPEC', None)
+  if not isinstance(spec, dict) or set(spec) != {'image', 'label'}:
+    raise UserError(f'{where}: an image module\'s RAW_FEATURE_SPEC must have exactly the '
+                    "features 'image' and 'label' (tf.string), which the image reader produces")
+  height, width = image_size or getattr(module, 'DEFAULT_SIZE', (None, None))
+  chosen_channels = channels or getattr(module, 'DEFAULT_CHANNELS', 3)
+  make = getattr(module, 'make_preprocessing_fn', None)
+  if callable(make):
+    if height is None:
+      raise UserError(f'{where} has no DEFAULT_SIZE: pass --image-size HEIGHT WIDTH')
+    fn = make(height, width, chosen_channels)
+  else:
+    fn = getattr(module, 'preprocessing_fn', None)
+    if not callable(fn):
+      raise UserError(f'{where} defines neither make_preprocessing_fn(height, width, '
+                      'channels) nor preprocessing_fn(inputs)')
+    if image_size or channels:
+      raise UserError(f'{where} has a fixed preprocessing_fn: --image-size and --channels '
+                      'need make_preprocessing_fn(height, width, channels)')
+  return ImageContract(module_or_file, dict(spec), fn, (height, width), chosen_channels, hints)

@@ -1,28 +1,160 @@
 """Patches of Beam internals that make its in-process runner and SDK workers faster (or, for lost
-workers, fail instead of hanging)."""
+workers, fail instead of hanging), all in one place, each behind a gate.
 
+They reach into Beam's private modules, which change from release to release without notice, so
+each is listed in PATCHES (at the end of this module) with what it replaces and the Beam
+versions (major.minor) it was written and tested against. A patch is applied only where the
+installed Beam is one of those versions and what it replaces is there; otherwise Beam runs as
+released for it, and the process logs one line naming what it skipped and why. Each patch's
+docstring gives its measured gain (benchmarks/RESULTS.md) and, where the fix could live in Beam
+itself, says how: each of them is a candidate to send upstream, after which it goes.
+
+Everything here can be switched off: with TFT_PIPELINES_BEAM_PATCHES=off (ENV) in the environment
+of the launching process, nothing of Beam is patched, the job's workers are not given this
+project's worker plugin, and TF Transform's own vocabulary counting runs (pipelines/vocabulary.py):
+the way to tell a bug of these patches from one of the pipeline, or to run on an untested Beam.
+The outputs are the same either way (tests/test_beam_patches.py), only slower.
+"""
+
+import collections
+import importlib
+import logging
+import os
 import weakref
-
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.sizes import buffer_bytes
 
-def install_worker_speedups():
-  """What speeds up the running of bundles, wherever an SDK worker runs them: in this process
-  (Beam's in-process runner) or in a worker process, which imports WORKER_PLUGIN to call this."""
-  _remember_dofn_specs()
-  _size_samples_from_buffers()
-  _size_cached_values_from_buffers()
-  _sample_states_briefly()
+_LOG = logging.getLogger('pipelines')
+
+ENV = 'TFT_PIPELINES_BEAM_PATCHES'
+_OFF = ('off', '0', 'false', 'no')
+
+
+def enabled():
+  """Whether this project's patches of Beam (and its TF Transform vocabulary counting) are
+  wanted: yes unless ENV is 'off' (or 0, false, no). Read each time it is asked, so that what
+  installs a patch (and the worker processes, which inherit the environment) sees the variable
+  as it is then. Logs one line, once per process, when they are off."""
+  off = os.environ.get(ENV, '').strip().lower() in _OFF
+  if off:
+    _log_once('off', logging.INFO, f'{ENV}={os.environ[ENV]}: Beam and TF Transform run as '
+              'released, without the patches of pipelines/runner/beam_patches.py')
+  return not off
+
+
+def install(*names):
+  """Applies the patches of PATCHES named, in this process, where they apply (applies); a
+  patch already applied is left as it is."""
+  for name in names:
+    if name in _APPLIED or not applies(name):
+      continue
+    try:
+      _BY_NAME[name].apply()
+    except Exception as e:  # Beam's internals moved under it
+      _log_once(f'failed {name}', logging.WARNING,
+                f'Beam patch {name} not applied, Beam runs as released there: {e!r}')
+      continue
+    _APPLIED.add(name)
+
+
+def applies(name):
+  """Whether the patch `name` of PATCHES is wanted (enabled) and fits the installed Beam."""
+  return enabled() and name in _fitting()
+
+
+def applied():
+  """The names of the patches applied in this process."""
+  return frozenset(_APPLIED)
 
 
 def keep_option_views():
+  """Where the pipeline's options are made (see _keep_option_views)."""
+  install('keep_option_views')
+
+
+def install_worker_speedups():
+  """What speeds up the running of bundles, wherever an SDK worker runs them: in this process
+  (Beam's in-process runner) or in a worker process, which imports the worker plugin
+  (pipelines/runner/worker_plugin.py) to call this."""
+  install('remember_dofn_specs', 'size_samples_from_buffers', 'size_cached_values_from_buffers',
+          'sample_states_briefly')
+
+
+def fail_instructions_of_lost_workers():
+  """Where the job service runs in this process (see _fail_instructions_of_lost_workers)."""
+  install('fail_instructions_of_lost_workers')
+
+
+Patch = collections.namedtuple('Patch', 'name targets tested apply')
+Patch.__doc__ = """One entry of PATCHES: `targets`, what it replaces or relies on in Beam
+('module:attribute.path'); `tested`, the Beam versions (major.minor) it was written and tested
+against; `apply`, what applies it (None: not a patch, an internal that launch.py uses)."""
+
+
+def gate(patches, beam_version):
+  """(names of the `patches` that fit Beam `beam_version` (its __version__), one line saying
+  which do not and why, or None where all fit)."""
+  version = '.'.join(beam_version.split('.')[:2])
+  fitting, untested, missing = [], collections.defaultdict(list), []
+  for patch in patches:
+    if version not in patch.tested:
+      untested[patch.tested].append(patch.name)
+      continue
+    absent = [t for t in patch.targets if not _exists(t)]
+    if absent:
+      missing.append(f'{patch.name} ({absent[0]} is not there)')
+    else:
+      fitting.append(patch.name)
+  skipped = [f'{", ".join(names)} (tested on {", ".join(tested)} only)'
+             for tested, names in untested.items()] + missing
+  if not skipped:
+    return fitting, None
+  return fitting, f'Beam {beam_version}: runs as released, not patched, for {"; ".join(skipped)}'
+
+
+def _exists(target):
+  module, _, path = target.partition(':')
+  try:
+    found = importlib.import_module(module)
+    for name in path.split('.') if path else ():
+      found = getattr(found, name)
+  except Exception:  # not importable or renamed: not there
+    return False
+  return True
+
+
+_FITTING = None  # the names of PATCHES that fit this process's Beam, once gate() has said
+_APPLIED = set()
+_LOGGED = set()
+
+
+def _fitting():
+  global _FITTING
+  if _FITTING is None:
+    import apache_beam
+    fitting, line = gate(PATCHES, apache_beam.__version__)
+    if line:
+      _log_once('gate', logging.WARNING, line)
+    _FITTING = frozenset(fitting)
+  return _FITTING
+
+
+def _log_once(key, level, line):
+  if key not in _LOGGED:
+    _LOGGED.add(key)
+    _LOG.log(level, line)
+
+
+def _keep_option_views():
   """Beam reads an option through a view (options.view_as(SomeOptions)), and builds each view
   anew: a fresh argparse parser with all that class's flags, parsed again. While the pipeline is
   built it does so for every transform applied, about 1,800 views for TF Transform's transforms,
-  about 0.7 s of every run's start-up (cProfile, benchmarks/RESULTS.md). A view holds nothing of
-  its own (its values live in the options' shared dictionary, which every view reads and
-  writes), so the first view of each class is kept for each options object and given again."""
+  about 0.7 s of every run's start-up: the pipeline's construction 3.5 s -> 2.1 s under cProfile
+  (benchmarks/RESULTS.md). A view holds nothing of its own (its values live in the options'
+  shared dictionary, which every view reads and writes), so the first view of each class is kept
+  for each options object and given again. Could live upstream: PipelineOptions.view_as could
+  cache its views per options object the same way."""
+  from apache_beam.options.pipeline_options import PipelineOptions
   if getattr(PipelineOptions, '_views_kept', False):
     return
   make_view = PipelineOptions.view_as
@@ -39,7 +171,7 @@ def keep_option_views():
     return view
 
   PipelineOptions.view_as = view_as
-  PipelineOptions._views_kept = True  # pylint: disable=protected-access
+  PipelineOptions._views_kept = True
 
 
 def _remember_dofn_specs():
@@ -47,9 +179,11 @@ def _remember_dofn_specs():
   for each DoFn: when the ParDo is made, when it is translated for the runner, and twice when
   the runner builds the stage that runs it. Each time it takes the signature of every method of
   the DoFn, about 30 of them. On TF Transform's hundreds of small transforms that was about 1.5 s
-  of every run's fixed cost (cProfile, benchmarks/RESULTS.md). The answer depends only on the
+  of every run's fixed cost (cProfile; with the read-ahead and larger batches of the same
+  change, 24.2 s -> 19.3 s at 1M rows, benchmarks/RESULTS.md). The answer depends only on the
   DoFn's methods, so it is kept for each DoFn object; a DoFn that cannot be a weak dictionary
-  key (it defines __eq__ without __hash__) is inspected each time, as before."""
+  key (it defines __eq__ without __hash__) is inspected each time, as before. Could live
+  upstream: the ParDo could inspect its DoFn once and carry the specs to the runner."""
   from apache_beam.transforms import userstate
   if getattr(userstate, '_specs_remembered', False):
     return
@@ -70,7 +204,7 @@ def _remember_dofn_specs():
     return set(specs[0]), set(specs[1])  # copies: callers own what they get
 
   userstate.get_dofn_specs = get_dofn_specs
-  userstate._specs_remembered = True  # pylint: disable=protected-access
+  userstate._specs_remembered = True
 
 
 class _SizeFromBuffers:
@@ -87,16 +221,22 @@ class _SizeFromBuffers:
       return self._coder_impl.get_estimated_size_and_observables(windowed_value, nested)
     return size, []
 
+  def __getattr__(self, name):  # whatever else the counter asks of the coder: the coder's
+    return getattr(self._coder_impl, name)
+
 
 def _size_samples_from_buffers():
   """Beam's SDK harness samples the elements each operation outputs and measures them for its
   MeanByteCount metrics by encoding them with the PCollection's coder. For this project's
   elements (RecordBatches of 65,536 rows, TF Transform's dicts of numpy arrays and tensors) the
   coder is pickle: the samples were pickled whole, over 1.4 GB of pickling in a 1M-row run and
-  about 2 s of the main thread's work under cProfile (benchmarks/RESULTS.md). Their size is
-  known without encoding: each operation built by this process's harness (the in-process runner,
-  or a worker process that imported WORKER_PLUGIN) measures them from their buffers. Where
-  Beam's internals differ from what this expects, nothing changes."""
+  about 2 s of the main thread's work under cProfile (paired wall time within the machine's
+  noise, benchmarks/RESULTS.md). Their size is known without encoding: each operation built by
+  this process's harness (the in-process runner, or a worker process that imported the worker
+  plugin) measures them from their buffers. Where Beam's operations differ from what this
+  expects, their own size sampling stays. Could live upstream: a coder could offer a cheap size
+  estimate (pickle's has none), or the harness could sample the sizes of large elements less
+  often."""
   from apache_beam.runners.worker import bundle_processor
   processor = bundle_processor.BundleProcessor
   if getattr(processor, '_sizes_from_buffers', False):
@@ -115,7 +255,7 @@ def _size_samples_from_buffers():
       pass
 
   processor.__init__ = __init__
-  processor._sizes_from_buffers = True  # pylint: disable=protected-access
+  processor._sizes_from_buffers = True
 
 
 def _size_cached_values_from_buffers():
@@ -123,9 +263,11 @@ def _size_cached_values_from_buffers():
   measured with objsize when each value enters it. Each such measurement also walks the globals
   of every loaded module (to leave them out), about 2 ms with TensorFlow loaded, and TF
   Transform's stages read about a hundred side inputs per run (saved model paths, analyzer
-  results, schemas). Values whose size _buffer_bytes knows (lists of strings, numbers, numpy
-  arrays, TF Transform's tensor bindings) are weighed by it; any other by objsize, as before.
-  The weight only decides what the cache evicts first."""
+  results, schemas): about 0.15 s a run (benchmarks/RESULTS.md). Values whose size
+  sizes.buffer_bytes knows (lists of strings, numbers, numpy arrays, TF Transform's tensor
+  bindings) are weighed by it; any other by objsize, as before. The weight only decides what the
+  cache evicts first. Could live upstream: get_deep_size could gather the module globals it
+  leaves out once, not for every value."""
   from apache_beam.runners.worker import statecache
   if getattr(statecache, '_sized_from_buffers', False):
     return
@@ -138,7 +280,7 @@ def _size_cached_values_from_buffers():
     return max(sum(sizes), 8)
 
   statecache.get_deep_size = get_deep_size
-  statecache._sized_from_buffers = True  # pylint: disable=protected-access
+  statecache._sized_from_buffers = True
 
 
 SAMPLING_PERIOD_MS = 20
@@ -153,7 +295,8 @@ def _sample_states_briefly():
   (reading, analysis, saved models) and some ninety short ones. A period of SAMPLING_PERIOD_MS
   caps that wait; the thread then wakes 50 times a second, a negligible cost, and the step
   timings are, if anything, more precise. Measured on the 1M-row benchmark: 0.25 to 0.4 s less
-  per run (benchmarks/RESULTS.md)."""
+  per run (benchmarks/RESULTS.md). Could live upstream: the sampler could wait on an event that
+  stopping it sets, so that joining it does not wait out its sleep."""
   from apache_beam.runners.worker import statesampler
   if getattr(statesampler, '_sampled_briefly', False):
     return
@@ -165,16 +308,19 @@ def _sample_states_briefly():
       super().__init__(prefix, counter_factory, sampling_period_ms)
 
   statesampler.StateSampler = StateSampler
-  statesampler._sampled_briefly = True  # pylint: disable=protected-access
+  statesampler._sampled_briefly = True
 
 
-def fail_instructions_of_lost_workers():
+def _fail_instructions_of_lost_workers():
   """Where the job service runs in this process (the default FnApiRunner, PortableRunner with
   --job_endpoint=embed), Beam waits for an SDK worker's answer to an instruction without a
   timeout. A worker process that dies (killed, out of memory) while the runner waits for such an
   answer, or before the runner's next instruction, hangs the job forever: the worker's control
   stream ends with an error that nothing passes on. Passed on here, the job fails and says why,
-  as Beam itself does for Docker workers that exit (DockerSdkWorkerHandler.watch_container)."""
+  as Beam itself does for Docker workers that exit (DockerSdkWorkerHandler.watch_container).
+  Not a speed-up: without it a lost worker hangs the job instead of failing it
+  (tests/test_distributed.py). Could live upstream: ControlConnection could fail its pending
+  and later instructions when its control stream ends."""
   from apache_beam.runners.portability.fn_api_runner import worker_handlers
   connection = worker_handlers.ControlConnection
   if getattr(connection, '_fails_when_lost', False):
@@ -202,3 +348,35 @@ def fail_instructions_of_lost_workers():
   connection._read = read_then_fail_the_rest
   connection.push = push_or_fail
   connection._fails_when_lost = True
+
+
+# Every patch of Beam in this project, and the one private Beam API that launch.py builds on.
+# 'plugins_for_local_workers' patches nothing: launch.py hands Beam's in-process runner an
+# ExtendedProvisionInfo of its own so that its multi-process workers import the worker plugin
+# (Beam gives them no pipeline options); 1M rows on 2 workers, 25.6 s -> 24.2 s (0.94x,
+# benchmarks/RESULTS.md). Could live upstream: the FnApiRunner could pass its pipeline options
+# to the worker processes it starts.
+PATCHES = (
+    Patch('keep_option_views', ('apache_beam.options.pipeline_options:PipelineOptions.view_as',),
+          ('2.77',), _keep_option_views),
+    Patch('remember_dofn_specs', ('apache_beam.transforms.userstate:get_dofn_specs',),
+          ('2.77',), _remember_dofn_specs),
+    Patch('size_samples_from_buffers',
+          ('apache_beam.runners.worker.bundle_processor:BundleProcessor.__init__',
+           'apache_beam.runners.worker.opcounters:OperationCounters'),
+          ('2.77',), _size_samples_from_buffers),
+    Patch('size_cached_values_from_buffers',
+          ('apache_beam.runners.worker.statecache:get_deep_size',),
+          ('2.77',), _size_cached_values_from_buffers),
+    Patch('sample_states_briefly', ('apache_beam.runners.worker.statesampler:StateSampler',),
+          ('2.77',), _sample_states_briefly),
+    Patch('fail_instructions_of_lost_workers',
+          ('apache_beam.runners.portability.fn_api_runner.worker_handlers:ControlConnection._read',
+           'apache_beam.runners.portability.fn_api_runner.worker_handlers:ControlConnection.push'),
+          ('2.77',), _fail_instructions_of_lost_workers),
+    Patch('plugins_for_local_workers',
+          ('apache_beam.runners.portability.fn_api_runner.fn_runner:ExtendedProvisionInfo',
+           'apache_beam.runners.job.utils:dict_to_struct'),
+          ('2.77',), None),
+)
+_BY_NAME = {patch.name: patch for patch in PATCHES}

@@ -65,7 +65,7 @@ def count_batches(batches, stage, split):
 
 def counts_here(pipeline):
   """Whether the pipeline's DoFns run in this process, so that its counts are visible here."""
-  from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=import-outside-toplevel
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
   mode = pipeline.options.get_all_options().get('direct_running_mode') or 'in_memory'
   return isinstance(pipeline.runner, FnApiRunner) and mode != 'multi_processing'
 

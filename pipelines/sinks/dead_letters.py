@@ -73,17 +73,17 @@ def _excerpt(letter):
   return None
 
 
-def dead_letter_lines(counts, errors_path, what='rows'):
-  """The dead-letter summary: per split with rejects, their count by reason, the first few of
-  each reason (where, why, an excerpt) and the file holding them all."""
+def dead_letter_lines(rejected, errors_path, what='rows'):
+  """The dead-letter summary from {split: {kind: count}}: per split with rejects, their count by
+  reason, the first few of each reason (where, why, an excerpt) and the file holding them all."""
   lines = []
-  for split, c in counts.items():
-    if not c['rows_rejected']:
+  for split, by_kind in rejected.items():
+    if not by_kind:
       continue
     path = errors_path(split)
-    lines.append(f'  {split}: {c["rows_rejected"]:,} {what} rejected, all of them in {path}')
-    examples = dead_letter_examples(path, c['rejected_by_kind'])
-    for kind, n in sorted(c['rejected_by_kind'].items(), key=lambda kv: (-kv[1], kv[0])):
+    lines.append(f'  {split}: {sum(by_kind.values()):,} {what} rejected, all of them in {path}')
+    examples = dead_letter_examples(path, by_kind)
+    for kind, n in sorted(by_kind.items(), key=lambda kv: (-kv[1], kv[0])):
       shown = len(examples.get(kind, []))
       lines.append(f'    {kind}: {n:,}' + (f' (first {shown})' if n > shown else ''))
       for letter in examples.get(kind, []):

@@ -6,6 +6,7 @@ import apache_beam as beam
 
 from pipelines.output_dir import write_text
 
+
 def _write_counts(path, rows_ok, written, rejected_by_kind):
   rejected = sum(rejected_by_kind.values())
   write_text(path, json.dumps({

@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from tfx_bsl.coders import example_coder
 
 from pipelines.output_dir import join, mkdirs
+from transforms.run_contract import shard_name
 
 GZIP_LEVEL = 1
 # Shards are compressed with ISA-L's deflate (python-isal) where it is installed (it is one of
@@ -62,11 +63,6 @@ def frame_records(records):
     append(record)
     append(pack_crc(_masked_crc32c(record)))
   return b''.join(parts)
-
-
-def shard_name(prefix, index, num_shards, compression):
-  suffix = '.tfrecord.gz' if compression == 'gzip' else '.tfrecord'
-  return f'{prefix}-{index:05d}-of-{num_shards:05d}{suffix}'
 
 
 class _WriteShardPartsFn(beam.DoFn):

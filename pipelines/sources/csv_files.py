@@ -1,4 +1,5 @@
-"""CSV files -> Arrow RecordBatches in TFXIO's layout, with malformed rows sent to a dead-letter output.
+"""CSV files -> Arrow RecordBatches in TFXIO's layout, with malformed rows sent to a dead-letter
+output.
 
 Why not tfx_bsl's CsvTFXIO: it reads line by line, cannot report the file and line of a bad row,
 and fails the whole job on the first one. Users' CSVs are messy, so this reader keeps the TFXIO
@@ -330,7 +331,8 @@ def block_to_record_batch(block, positions, fmt):
         nan = pc.fill_null(pc.is_nan(typed), False)
         missing = pc.or_(missing, nan)
         typed = pc.if_else(nan, pa.scalar(None, arrow_type), typed)
-        infinite = np.flatnonzero(pc.fill_null(pc.is_inf(typed), False).to_numpy(zero_copy_only=False))
+        infinite = np.flatnonzero(
+            pc.fill_null(pc.is_inf(typed), False).to_numpy(zero_copy_only=False))
         for i in infinite:
           if bad_reason[i] is None:
             bad_kind[i] = 'bad_number'

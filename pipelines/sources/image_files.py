@@ -40,8 +40,8 @@ TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
 TFRECORD_SUFFIXES = ('.tfrecord', '.tfrecords', '.tfrecord.gz', '.tfrecords.gz')
 FILES_PER_ELEMENT = 256  # class-folder files read by one Beam element
 _BATCH_BYTES = 64 << 20  # a RecordBatch is cut at this many image bytes, whatever its row count
-_PNG = b'\x89PNG\r\n\x1a\n'
-_JPEG = b'\xff\xd8\xff'
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+JPEG_SIGNATURE = b'\xff\xd8\xff'
 # JPEG start-of-frame markers (they carry the image size): C0-CF except DHT, JPG and DAC.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -154,11 +154,11 @@ def check_header(data, fmt):
     return 'empty_file', 'zero bytes'
   if len(data) > fmt.max_bytes:
     return 'too_large', f'{len(data):,} bytes, over --max-image-bytes {fmt.max_bytes:,}'
-  if data.startswith(_PNG):
+  if data.startswith(PNG_SIGNATURE):
     if len(data) < 24 or data[12:16] != b'IHDR':
       return 'corrupt_image', 'PNG without a valid IHDR header'
     width, height = struct.unpack('>II', data[16:24])
-  elif data.startswith(_JPEG):
+  elif data.startswith(JPEG_SIGNATURE):
     size = _jpeg_size(data)
     if size is None:
       return 'corrupt_image', 'JPEG without a readable frame header'
@@ -438,7 +438,8 @@ def _tfrecord_samples(path, fmt):
           value = features[fmt.label_key]
           values = list(value.int64_list.value) or list(value.bytes_list.value)
           if len(values) == 1:
-            label = values[0] if isinstance(values[0], int) else values[0].decode('utf-8', 'replace')
+            label = (values[0] if isinstance(values[0], int)
+                     else values[0].decode('utf-8', 'replace'))
             label = str(label).strip()
         if not label:
           yield key, image[0], None, ('missing_label', f'no single label under {fmt.label_key!r} '

@@ -15,7 +15,6 @@ import pyarrow as pa
 
 from pipelines.sizes import buffer_bytes
 
-
 # Side outputs of the sources' DoFns: dead-letter dicts, and rows carved out for the eval split.
 ERRORS_TAG = 'errors'
 EVAL_TAG = 'eval'
@@ -40,7 +39,7 @@ class Spill:
   same units to give again instead of parsing (and decoding) them a second time.
 
   The train split is read twice: once for TF Transform's analysis, then again for the transform
-  (see job.transform_and_write). Parsing the second time was about a seventh of the transform
+  (see stages.add_preprocessing). Parsing the second time was about a seventh of the transform
   pass's CPU (1M CSV rows), and that pass is CPU-bound on two cores. With a Spill, the first
   read (`writes`) also writes each unit's outputs to a directory of its own in DIRECTORY, on its
   read-ahead thread: RecordBatches as Arrow IPC streams (Arrow writes and reads them in C++,
@@ -144,7 +143,7 @@ class _SpillWriter:
         self._stream(tag, value.schema).write_batch(value)
       else:
         self._others.append((tag, value))
-    except Exception:  # pylint: disable=broad-except  # not kept: the unit is read again
+    except Exception:  # not kept: the unit is read again
       self.drop()
 
   def _stream(self, tag, schema):
@@ -162,7 +161,7 @@ class _SpillWriter:
         with open(os.path.join(self._partial, _SPILL_OTHERS), 'wb') as f:
           pickle.dump(self._others, f, protocol=pickle.HIGHEST_PROTOCOL)
       os.rename(self._partial, self._path)
-    except Exception:  # pylint: disable=broad-except  # a spill never fails the read
+    except Exception:  # a spill never fails the read
       self.drop()
 
   def _close(self):
@@ -231,7 +230,7 @@ class ReadAhead(beam.DoFn):
           if not put((None, output)):
             return
         put((None, self._END))
-      except BaseException as e:  # pylint: disable=broad-except  # raised in the stage
+      except BaseException as e:  # raised in the stage
         put((e, None))
 
     thread = threading.Thread(target=produce, name='read-ahead', daemon=True)

@@ -2,7 +2,6 @@
 scale under a name of its own (TRANSFORMED_LABEL_KEY), mapped back by inverse_label_fn, so the
 exported model serves magnitudes."""
 
-import tensorflow as tf
 
 from transforms import earthquakes
 from transforms.earthquakes import LABEL_KEY, RAW_FEATURE_SPEC, WEIGHTED_FEATURES  # noqa: F401

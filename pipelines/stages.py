@@ -1,0 +1,158 @@
+"""The stages of every pipeline's Beam graph, as named composite PTransforms, and the chain that
+joins them (`add_preprocessing`):
+
+  ReadTrain, ReadEval        a split's inputs -> Arrow RecordBatches and dead letters (ReadSplit)
+  ReadTrainForAnalysis       the train split again, for the analysis alone (see add_preprocessing)
+  AnalyzeTrain               TF Transform's analysis of the train split -> the transform graph
+  TransformAndWrite<Split>   the transform of a split -> its shards, dead letters and row counts
+  Statistics<Split>          the statistics of a split, raw and transformed
+
+A source is any PTransform factory `source(units, split, eval_fraction, spill)` whose output is
+(RecordBatches, carved eval RecordBatches or None, dead-letter dicts): sources/csv_files.ReadCsv,
+sources/image_files.ReadImages.
+"""
+
+import apache_beam as beam
+import tensorflow_transform.beam as tft_beam
+
+from pipelines import output_dir, statistics, vocabulary
+from pipelines.runner import progress
+from pipelines.sinks import dead_letters, row_counts, tfrecords
+from transforms.errors import UserError
+
+
+class ReadSplit(beam.PTransform):
+  """A split's work units -> (RecordBatches, carved eval RecordBatches or None, dead letters),
+  the RecordBatches counted for the progress line as rows of `stage` ('transform' or 'analyze';
+  the carved eval rows only by the transform's read, which is the one that uses them)."""
+
+  def __init__(self, source, units, split, eval_fraction=0.0, spill=None, stage='transform'):
+    super().__init__()
+    self._read = source(units, split, eval_fraction, spill)
+    self._split = split
+    self._stage = stage
+
+  def expand(self, pbegin):
+    rows, carved, errors = pbegin | 'Source' >> self._read
+    rows = progress.count_batches(rows, self._stage, self._split)
+    if carved is not None and self._stage == 'transform':
+      carved = progress.count_batches(carved, self._stage, 'eval')
+    return rows, carved, errors
+
+
+class AnalyzeTrain(beam.PTransform):
+  """The train split's RecordBatches -> TF Transform's transform_fn (also written to the staged
+  output's transform_fn/). TF Transform traces the preprocessing_fn while this is applied: a
+  function it cannot trace is a UserError of one line."""
+
+  def __init__(self, preprocessing_fn, adapter_config, out):
+    super().__init__()
+    self._fn = preprocessing_fn
+    self._adapter_config = adapter_config
+    self._out = out
+
+  def expand(self, batches):
+    vocabulary.install()
+    try:
+      transform_fn = ((batches, self._adapter_config)
+                      | 'Analyze' >> tft_beam.AnalyzeDataset(self._fn))
+    except Exception as e:  # the user's function (a wrong key, an op on the wrong type, ...)
+      raise UserError(traced_failure(e, self._out)) from e
+    _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(self._out.out)
+    return transform_fn
+
+
+def traced_failure(error, out):
+  """One line on a preprocessing_fn that TF Transform could not trace; the traceback is kept
+  in the staging area, as for a failed job."""
+  hint = ''
+  if 'invalid dtype' in str(error):
+    hint = ('; outputs must be int64, float32 or string tensors (tf.strings.length and '
+            'tf.argmax give int32, for one): cast them, e.g. tf.cast(x, tf.int64)')
+  return (f'the preprocessing_fn could not be traced: {type(error).__name__}: '
+          f'{output_dir.error_cause(error)}{hint}; {out.keep_traceback(error)}; '
+          'nothing was published')
+
+
+class TransformAndWriteSplit(beam.PTransform):
+  """(raw RecordBatches, dead letters) of one split -> its transformed RecordBatches; writes the
+  split's TFRecord shards, its dead letters and its row counts into the staged output."""
+
+  def __init__(self, split, transform_fn, adapter_config, out, num_shards, compression):
+    super().__init__()
+    self._split = split
+    self._transform_fn = transform_fn
+    self._adapter_config = adapter_config
+    self._out = out
+    self._num_shards = num_shards
+    self._compression = compression
+
+  def expand(self, raw_and_errors):
+    raw, errors = raw_and_errors
+    split, out = self._split, self._out
+    data, metadata = (((raw, self._adapter_config), self._transform_fn)
+                      | 'Transform' >> tft_beam.TransformDataset(output_record_batches=True))
+    written = data | 'WriteExamples' >> tfrecords.WriteExamples(
+        out.split_prefix(split), self._num_shards, self._compression,
+        output_dir.join(out.tmp, 'parts', split), metadata)
+    rejected = errors | 'WriteErrors' >> dead_letters.WriteErrors(out.errors_path(split))
+    rows_ok = (raw
+               | 'Rows' >> beam.Map(lambda batch: batch.num_rows)
+               | 'SumRows' >> beam.CombineGlobally(sum))
+    _ = (rows_ok, written, rejected) | 'Count' >> row_counts.WriteCounts(
+        output_dir.join(out.counts, f'{split}.json'))
+    return data
+
+
+class SplitStatistics(beam.PTransform):
+  """(raw RecordBatches, transformed RecordBatches) of one split -> its statistics files (and
+  sample rows) in the staged output; the report reads them."""
+
+  def __init__(self, split, out):
+    super().__init__()
+    self._split = split
+    self._out = out
+
+  def expand(self, raw_and_transformed):
+    for stage, batches in zip(statistics.STAGES, raw_and_transformed):
+      _ = batches | stage.capitalize() >> statistics.WriteStatistics(
+          f'{self._split}_{stage}', statistics.statistics_path(self._out.out, self._split, stage),
+          statistics.sample_path(self._out.staging, self._split, stage))
+    return beam.pvalue.PDone(raw_and_transformed[0].pipeline)
+
+
+def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, adapter_config,
+                      out, shards, compression, spill=None):
+  """Adds the whole job to `pipeline`: read every split, analyze the train split, transform and
+  write every split, and their statistics. `units`: {split: work units}; with eval_fraction, the
+  eval split is carved out of the train split's inputs. `shards`: {split: shard count}.
+
+  The train split is read twice: once for the analysis alone, and once for the transform. On
+  Beam's local runners a PCollection that two stages consume (analysis, then transform once the
+  analysis is done) is held in memory in full between them; reading the input twice keeps memory
+  flat whatever the data size, and costs less time than holding it
+  (benchmarks/tabular_pipeline.py). Where the workers share this machine's disk, the second read
+  does not parse again: it gives what the analysis's read spilled (`spill`: sources.reading.Spill,
+  see job.make_spill).
+  """
+  raw, errors = {}, {}
+  raw['train'], carved_eval, errors['train'] = pipeline | 'ReadTrain' >> ReadSplit(
+      source, units['train'], 'train', eval_fraction, spill and spill.replaying())
+  if eval_fraction:
+    raw['eval'] = carved_eval
+    errors['train'], errors['eval'] = (
+        errors['train'] | 'SplitErrors' >> beam.Partition(
+            lambda e, _: int(e['split'] == 'eval'), 2))
+  elif 'eval' in units:
+    raw['eval'], _, errors['eval'] = pipeline | 'ReadEval' >> ReadSplit(
+        source, units['eval'], 'eval')
+  # Only the rows and dead letters of the reads above are counted.
+  analyzed, _, _ = pipeline | 'ReadTrainForAnalysis' >> ReadSplit(
+      source, units['train'], 'train', eval_fraction, spill, stage='analyze')
+  transform_fn = analyzed | 'AnalyzeTrain' >> AnalyzeTrain(preprocessing_fn, adapter_config, out)
+  for split in raw:
+    name = split.capitalize()
+    transformed = ((raw[split], errors[split])
+                   | f'TransformAndWrite{name}' >> TransformAndWriteSplit(
+                       split, transform_fn, adapter_config, out, shards[split], compression))
+    _ = (raw[split], transformed) | f'Statistics{name}' >> SplitStatistics(split, out)
