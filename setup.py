@@ -30,7 +30,8 @@ setuptools.setup(
     package_data={'pipelines.report': ['templates/*']},
     python_requires='>=3.10,<3.13',
     install_requires=REQUIRED,
-    extras_require={'test': ['pytest>=8', 'pandas>=2', 'pillow',  # PIL: independent decodes
+    extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.5',  # two test processes (Makefile)
+                             'pandas>=2', 'pillow',  # PIL: independent decodes
                              'hypothesis>=6.100',  # tests/test_properties.py
                              'ruff>=0.6']},  # the linter (ruff.toml), run by `make test`
 )

@@ -11,7 +11,7 @@ import difflib
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import output_dir, report
+from pipelines import report
 from transforms.errors import UserError
 
 
@@ -66,18 +66,34 @@ def add_split_flags(parser, what, inputs_help):
   parser.add_argument('--num-shards', type=int, default=None,
                       help='TFRecord shards per split (default: one per 256 MiB of input)')
   parser.add_argument('--compression', choices=('gzip', 'none'), default='gzip')
-  parser.add_argument('--max-bad-rows', default='1%',
+  parser.add_argument('--max-bad-rows', default='1%', type=parse_max_bad_rows,
                       help=f'rejected {what} a split may have before the run fails: a count or a '
                            f'percentage of {what} read (default 1%%)')
   report.add_flags(parser)
 
 
 def check_split_flags(parser, args):
-  """Checks the flags of add_split_flags; sets args.max_bad_rows_limit."""
+  """Checks the flags of add_split_flags that depend on each other (args stays as parsed)."""
   if args.eval and args.eval_fraction:
     parser.error('give either --eval or --eval-fraction, not both')
   if not 0 <= args.eval_fraction < 1:
     parser.error(f'--eval-fraction {args.eval_fraction}: must be in [0, 1)')
   if args.num_shards is not None and args.num_shards < 1:
     parser.error(f'--num-shards {args.num_shards}: must be at least 1 (or leave it out)')
-  args.max_bad_rows_limit = output_dir.parse_max_bad_rows(args.max_bad_rows)
+
+
+def parse_max_bad_rows(text):
+  """'N' (a count) or 'P%' (a share of the rows read) -> (count or None, share or None)."""
+  try:
+    if text.endswith('%'):
+      share = float(text[:-1]) / 100
+      if not 0 <= share <= 1:
+        raise ValueError
+      return None, share
+    count = int(text)
+    if count < 0:
+      raise ValueError
+    return count, None
+  except ValueError:
+    raise UserError(f'--max-bad-rows {text!r}: give a count (e.g. 100) or a percentage of the '
+                    'rows read (e.g. 0.5%)') from None

@@ -102,7 +102,7 @@ def run(argv=None):
 
     stages.add_preprocessing(pipeline, source, units, args.eval_fraction, contract.preprocessing_fn,
                              adapter_config, out, shards, args.compression, spill)
-    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, what='images',
+    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, what='images',
                                spill=spill)
   if counts is None:
     return None

@@ -89,23 +89,6 @@ def package_versions():
   return versions
 
 
-def parse_max_bad_rows(text):
-  """'N' (a count) or 'P%' (a share of the rows read) -> (count or None, share or None)."""
-  try:
-    if text.endswith('%'):
-      share = float(text[:-1]) / 100
-      if not 0 <= share <= 1:
-        raise ValueError
-      return None, share
-    count = int(text)
-    if count < 0:
-      raise ValueError
-    return count, None
-  except ValueError:
-    raise UserError(f'--max-bad-rows {text!r}: give a count (e.g. 100) or a percentage of the '
-                    'rows read (e.g. 0.5%)') from None
-
-
 def auto_num_shards(input_bytes, bytes_per_shard=256 << 20):
   return max(1, min(1000, math.ceil(input_bytes / bytes_per_shard)))
 

@@ -21,7 +21,7 @@ from tfx_bsl.tfxio import tensor_representation_util
 
 from pipelines import flags, job, output_dir, stages
 from pipelines.runner import launch
-from pipelines.sources import csv_files
+from pipelines.sources import csv_files, csv_layout, csv_rows
 from transforms import command, run_contract
 from transforms import contract as contract_lib
 from transforms.errors import UserError
@@ -54,14 +54,14 @@ def _inspect(files, fmt, flag):
   """Checks every file ({path: size}, as matched) at launch; returns the work units (files,
   large ones cut in ranges) and the files' total bytes."""
   paths = list(files)
-  layouts = [csv_files.inspect_file(f, fmt) for f in paths]
+  layouts = [csv_layout.inspect_file(f, fmt) for f in paths]
   if all(layout is None for layout in layouts):
     raise UserError(f'{flag}: every matched file is empty or holds only a header row '
                            f'({", ".join(paths[:3])}{", ..." if len(paths) > 3 else ""}); give '
                            'files with data rows')
   units = []
   for path, layout in zip(paths, layouts):
-    units.extend(csv_files.plan_ranges(path, files[path], layout) if layout else [path])
+    units.extend(csv_layout.plan_ranges(path, files[path], layout) if layout else [path])
   return units, sum(files.values())
 
 
@@ -70,14 +70,14 @@ def run(argv=None):
   started = time.time()
   args, beam_args = parse_args(argv)
   contract = contract_lib.load(args.transforms)
-  fmt = csv_files.CsvFormat(
+  fmt = csv_layout.CsvFormat(
       columns=contract.columns,
       column_names=args.column_names or contract.csv_columns,
       na_values=contract.na_values,
       label_key=contract.label_key)
-  matched = {'train': csv_files.match_inputs(args.train, '--train')}
+  matched = {'train': csv_layout.match_inputs(args.train, '--train')}
   if args.eval:
-    matched['eval'] = csv_files.match_inputs(args.eval, '--eval')
+    matched['eval'] = csv_layout.match_inputs(args.eval, '--eval')
   inputs = {split: list(files) for split, files in matched.items()}
   units, input_bytes = {}, {}
   for split, files in matched.items():
@@ -90,7 +90,7 @@ def run(argv=None):
   label_inverse = job.save_label_inverse(out, contract.training.inverse_label_fn)
   schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)
   adapter_config = tfxio.TensorAdapterConfig(
-      csv_files.arrow_schema(fmt),
+      csv_rows.arrow_schema(fmt),
       tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
 
   pipeline = launch.make_pipeline(beam_args)
@@ -103,7 +103,7 @@ def run(argv=None):
     stages.add_preprocessing(pipeline, source, units, args.eval_fraction,
                              contract.preprocessing_fn, adapter_config, out, shards,
                              args.compression, spill)
-    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows_limit, spill=spill)
+    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, spill=spill)
   if counts is None:
     return None
 

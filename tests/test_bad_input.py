@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines import images, tabular
-from pipelines.sources import csv_files
+from pipelines.sources import csv_chunks, csv_files, csv_layout, csv_rows
 from tests.conftest import ADULT_TRAIN, REPO, head_lines
 from tests.helpers import read_split
 from transforms import census
@@ -169,7 +169,7 @@ def _run(tmp_path, *extra, train=None):
      'cannot read'),
     (lambda p: (p / 'header.csv').write_text(','.join(census.CSV_COLUMNS) + '\n\n') and None or
      str(p / 'header.csv'), r'every matched file is empty or holds only a header row \(.*\); give'),
-    (lambda p: (p / 'huge.csv').write_text('a' * (csv_files.FIELD_SIZE_LIMIT + 1)) and None or
+    (lambda p: (p / 'huge.csv').write_text('a' * (csv_layout.FIELD_SIZE_LIMIT + 1)) and None or
      str(p / 'huge.csv'), r'huge.csv: its first record is not readable CSV \(field larger'),
 ])
 def test_input_errors(tmp_path, make_input, expected):
@@ -312,20 +312,20 @@ def _read_csv(tmp_path, body, chunk, fast=True, max_chunk=None):
   module = tmp_path / 'contract.py'
   module.write_text(CONTRACT)
   contract = contract_lib.load(str(module))
-  fmt = csv_files.CsvFormat(columns=contract.columns, column_names=None)
+  fmt = csv_layout.CsvFormat(columns=contract.columns, column_names=None)
   path = tmp_path / 'data.csv'
   path.write_bytes(HEADER + body)
-  saved = (csv_files._fast_block, csv_files._FIRST_CHUNK, csv_files._CHUNK,
-           csv_files._MAX_CHUNK)
+  saved = (csv_rows.fast_block, csv_chunks._FIRST_CHUNK, csv_chunks._CHUNK,
+           csv_chunks._MAX_CHUNK)
   try:
     if not fast:
-      csv_files._fast_block = lambda *args: None
-    csv_files._FIRST_CHUNK = csv_files._CHUNK = chunk
-    csv_files._MAX_CHUNK = max_chunk or saved[3]
+      csv_rows.fast_block = lambda *args: None
+    csv_chunks._FIRST_CHUNK = csv_chunks._CHUNK = chunk
+    csv_chunks._MAX_CHUNK = max_chunk or saved[3]
     out = list(csv_files.ReadCsvFileFn(fmt, 'train').process(str(path)))
   finally:
-    (csv_files._fast_block, csv_files._FIRST_CHUNK, csv_files._CHUNK,
-     csv_files._MAX_CHUNK) = saved
+    (csv_rows.fast_block, csv_chunks._FIRST_CHUNK, csv_chunks._CHUNK,
+     csv_chunks._MAX_CHUNK) = saved
   rows = [(r['n'][0], r['city'][0].decode() if r['city'] else None)
           for o in out if isinstance(o, pa.RecordBatch) for r in o.to_pylist()]
   return rows, {o.value['line']: o.value['kind'] for o in out if not isinstance(o, pa.RecordBatch)}
@@ -343,7 +343,7 @@ FILLED = [(i, f'c{i}') for i in range(10, 40)]
     # "valid" row.
     (FILLER + b'3,"open\n4,d,x\n', FILLED, {32: 'malformed_csv'}),
     # A field over FIELD_SIZE_LIMIT was taken by the fast path (only the exact one rejected it).
-    (FILLER + b'5,' + b'a' * (csv_files.FIELD_SIZE_LIMIT + 1) + b',x\n6,e,x\n',
+    (FILLER + b'5,' + b'a' * (csv_layout.FIELD_SIZE_LIMIT + 1) + b',x\n6,e,x\n',
      FILLED + [(6, 'e')], {32: 'malformed_csv'}),
     # Bytes that are not UTF-8 in a column outside the contract: the fast path let them through.
     (FILLER + b'7,f,\xff\xfe\n', FILLED, {32: 'bad_encoding'}),
@@ -371,9 +371,9 @@ def test_a_stray_quote_keeps_a_file_in_one_range(tmp_path):
   path = tmp_path / 'stray.csv'
   path.write_bytes(HEADER + b'1,5\'10",x\n' + b'2,"two\nlines",y\n' * 200)
   size = os.path.getsize(path)
-  assert len(csv_files.plan_ranges(str(path), size, None, range_bytes=256)) == 1
+  assert len(csv_layout.plan_ranges(str(path), size, None, range_bytes=256)) == 1
   path.write_bytes(HEADER + b'1,5 ft,x\n' + b'2,"two\nlines",y\n' * 200)
-  assert len(csv_files.plan_ranges(str(path), size, None, range_bytes=256)) > 1
+  assert len(csv_layout.plan_ranges(str(path), size, None, range_bytes=256)) > 1
 
 
 def test_image_inputs_without_images(tmp_path):

@@ -24,7 +24,7 @@ from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
 from pipelines import tabular, vocabulary
 from pipelines.sinks import tfrecords
-from pipelines.sources import csv_files
+from pipelines.sources import csv_chunks, csv_files, csv_layout, csv_rows
 from tests.conftest import REPO
 from transforms import contract as contract_lib
 
@@ -66,14 +66,14 @@ MESSY_ROWS = [
 
 def _read(path, fmt, fast, chunk, eval_fraction=0.0):
   """(rows as Python dicts, dead letters) from ReadCsvFileFn, with or without the fast path."""
-  saved = (csv_files._fast_block, csv_files._FIRST_CHUNK, csv_files._CHUNK)
+  saved = (csv_rows.fast_block, csv_chunks._FIRST_CHUNK, csv_chunks._CHUNK)
   try:
     if not fast:
-      csv_files._fast_block = lambda *args: None
-    csv_files._FIRST_CHUNK = csv_files._CHUNK = chunk
+      csv_rows.fast_block = lambda *args: None
+    csv_chunks._FIRST_CHUNK = csv_chunks._CHUNK = chunk
     out = list(csv_files.ReadCsvFileFn(fmt, 'train', eval_fraction, 7).process(path))
   finally:
-    csv_files._fast_block, csv_files._FIRST_CHUNK, csv_files._CHUNK = saved
+    csv_rows.fast_block, csv_chunks._FIRST_CHUNK, csv_chunks._CHUNK = saved
   rows, errors = [], []
   for item in out:
     if isinstance(item, pa.RecordBatch):
@@ -90,7 +90,7 @@ def _messy_format(tmp_path):
   module = tmp_path / 'messy.py'
   module.write_text(MODULE)
   contract = contract_lib.load(str(module))
-  fmt = csv_files.CsvFormat(columns=contract.columns, column_names=None,
+  fmt = csv_layout.CsvFormat(columns=contract.columns, column_names=None,
                              na_values=contract.na_values)
   return fmt, tmp_path / 'messy.csv'
 
@@ -120,12 +120,12 @@ def test_the_fast_path_is_taken_on_clean_chunks(tmp_path, monkeypatch):
   path = tmp_path / 'clean.csv'
   synthetic.write_csv(str(path), 5000)
   contract = contract_lib.load(os.path.join(REPO, 'benchmarks', 'synthetic.py'))
-  fmt = csv_files.CsvFormat(columns=contract.columns, column_names=None)
+  fmt = csv_layout.CsvFormat(columns=contract.columns, column_names=None)
   taken = []
-  real = csv_files._fast_block
-  monkeypatch.setattr(csv_files, '_fast_block',
+  real = csv_rows.fast_block
+  monkeypatch.setattr(csv_rows, 'fast_block',
                       lambda *a: taken.append(real(*a)) or taken[-1])
-  monkeypatch.setattr(csv_files, '_FIRST_CHUNK', 4096)
+  monkeypatch.setattr(csv_chunks, '_FIRST_CHUNK', 4096)
   rows = list(csv_files.ReadCsvFileFn(fmt, 'train').process(str(path)))
   assert sum(r.num_rows for r in rows) == 5000
   assert taken and all(block is not None for block in taken)
@@ -262,8 +262,8 @@ def test_ranges_read_like_the_whole_file(tmp_path, range_bytes):
   as the same rows and dead letters, with the same line numbers, as the whole file."""
   fmt, path = _messy_format(tmp_path)
   path.write_bytes('\n'.join(MESSY_ROWS * 40).encode() + b'\n')
-  layout = csv_files.inspect_file(str(path), fmt)
-  ranges = csv_files.plan_ranges(str(path), path.stat().st_size, layout, range_bytes)
+  layout = csv_layout.inspect_file(str(path), fmt)
+  ranges = csv_layout.plan_ranges(str(path), path.stat().st_size, layout, range_bytes)
   assert len(ranges) >= min(8, path.stat().st_size // range_bytes)
   assert ranges[0].start == 0 and ranges[-1].end is None
   assert all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
@@ -283,5 +283,5 @@ def test_ranges_read_like_the_whole_file(tmp_path, range_bytes):
 def test_small_and_compressed_files_are_one_range(tmp_path):
   path = tmp_path / 'small.csv.gz'
   path.write_bytes(gzip.compress(b'a,b\n1,2\n' * 1000))
-  ranges = csv_files.plan_ranges(str(path), 10 << 30, None, 100)
+  ranges = csv_layout.plan_ranges(str(path), 10 << 30, None, 100)
   assert [(r.start, r.end) for r in ranges] == [(0, None)]

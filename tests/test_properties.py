@@ -36,7 +36,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.sources import csv_files, image_files
+from pipelines.sources import csv_chunks, csv_files, csv_layout, image_files
 from tests.conftest import REPO
 from tests.helpers import read_split
 from tests.test_images import encode, png_chunk
@@ -64,7 +64,7 @@ def preprocessing_fn(inputs):
           'label_xf': tf.cast(tf.equal(inputs['label'], 'yes'), tf.int64)}
 '''
 COLUMNS = ('n', 'x', 'city', 'note', 'label')
-LIMIT = csv_files.FIELD_SIZE_LIMIT
+LIMIT = csv_layout.FIELD_SIZE_LIMIT
 
 
 @pytest.fixture(scope='module')
@@ -72,7 +72,7 @@ def csv_format(tmp_path_factory):
   module = tmp_path_factory.mktemp('module') / 'messy_contract.py'
   module.write_text(MODULE)
   contract = contract_lib.load(str(module))
-  fmt = csv_files.CsvFormat(columns=contract.columns, column_names=contract.csv_columns,
+  fmt = csv_layout.CsvFormat(columns=contract.columns, column_names=contract.csv_columns,
                              na_values=contract.na_values)
   return fmt, str(module)
 
@@ -315,13 +315,13 @@ def check_csv_read(path, data, records, lines, rows, errors):
 def chunk_sizes(size):
   """The CSV reader's chunk sizes for a block (None: as they are); its DoFns run in this process
   (Beam's in-process runner), so the module's values are theirs."""
-  saved = csv_files._FIRST_CHUNK, csv_files._CHUNK
+  saved = csv_chunks._FIRST_CHUNK, csv_chunks._CHUNK
   if size is not None:
-    csv_files._FIRST_CHUNK = csv_files._CHUNK = size
+    csv_chunks._FIRST_CHUNK = csv_chunks._CHUNK = size
   try:
     yield
   finally:
-    csv_files._FIRST_CHUNK, csv_files._CHUNK = saved
+    csv_chunks._FIRST_CHUNK, csv_chunks._CHUNK = saved
 
 
 @settings(max_examples=45, **SETTINGS)
@@ -338,10 +338,10 @@ def test_messy_csvs_read_exactly(csv_format, csv, chunk, range_bytes, rows_per_b
     path = os.path.join(tmp, 'messy.csv')
     with open(path, 'wb') as f:
       f.write(data)
-    layout = csv_files.inspect_file(path, fmt)
+    layout = csv_layout.inspect_file(path, fmt)
     units = [path]
     if layout is not None and range_bytes:
-      units = csv_files.plan_ranges(path, len(data), layout, range_bytes=range_bytes)
+      units = csv_layout.plan_ranges(path, len(data), layout, range_bytes=range_bytes)
     with chunk_sizes(chunk):
       rows, errors = read_csv_with_beam(units, fmt, rows_per_batch, tmp)
     check_csv_read(path, data, records, lines, rows, errors)

@@ -19,13 +19,13 @@ from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
 from pipelines import output_dir, stages, statistics
-from pipelines.sources import csv_files
+from pipelines.sources import csv_files, csv_layout, csv_rows
 from transforms import contract as contract_lib
 from transforms.errors import UserError
 
 COLUMNS = (contract_lib.Column('x', 'float32', False, None),
            contract_lib.Column('color', 'string', False, ''))
-FORMAT = csv_files.CsvFormat(columns=COLUMNS, column_names=None)
+FORMAT = csv_layout.CsvFormat(columns=COLUMNS, column_names=None)
 SPEC = {'x': tf.io.FixedLenFeature([], tf.float32),
         'color': tf.io.FixedLenFeature([], tf.string)}
 X = [1.0, 2.0, 4.0, 8.0, 16.0, 3.0]
@@ -41,7 +41,7 @@ def _pipeline():
 def _adapter_config():
   schema = schema_utils.schema_from_feature_spec(SPEC)
   return tfxio.TensorAdapterConfig(
-      csv_files.arrow_schema(FORMAT),
+      csv_rows.arrow_schema(FORMAT),
       tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
 
 
@@ -49,7 +49,7 @@ def _batch(xs, colors):
   return pa.RecordBatch.from_arrays(
       [pa.array([[x] for x in xs], pa.large_list(pa.float32())),
        pa.array([[c.encode()] for c in colors], pa.large_list(pa.large_binary()))],
-      schema=csv_files.arrow_schema(FORMAT))
+      schema=csv_rows.arrow_schema(FORMAT))
 
 
 def _preprocessing_fn(inputs):

@@ -5,7 +5,7 @@ constants (bucket boundaries, z-score means and variances), dead letters and, fo
 sample images and per-channel statistics.
 
 Everything comes from what the run already produced: the manifest, the statistics files that
-pipelines/statistics.py computed inside the pipeline, the transform output and the first lines of
+pipelines/statistics/ computed inside the pipeline, the transform output and the first lines of
 the dead-letter files. Nothing re-reads the data, so a report costs the same for 1,000 rows as for
 1,000,000. The page is one self-contained file (inline CSS and SVG, images as base64 PNGs, no
 scripts), so it opens offline and can be mailed. Every number it shows carries its exact value in

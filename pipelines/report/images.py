@@ -1,5 +1,5 @@
 """Sample images of an image run for the report: raw ones as read and transformed ones as the
-model sees them, from the samples pipelines/statistics.py keeps, and the per-channel statistics
+model sees them, from the samples pipelines/statistics/ keeps, and the per-channel statistics
 the transform computed."""
 
 import numpy as np

@@ -4,6 +4,7 @@ statistics files; drift between train and eval; each vocabulary's size, top valu
 share of eval values out of it; the analyzer constants (pipelines/report/constants.py)."""
 
 from apache_beam.io.filesystems import FileSystems
+from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from pipelines import output_dir, statistics
 from pipelines.report.constants import bucket_boundaries
@@ -46,7 +47,7 @@ def ordered_splits(splits):
 
 def feature_summary(feature):
   """One FeatureNameStatistics -> a plain dict of the numbers the report shows."""
-  kind = statistics.Stats.Type.Name(feature.type)
+  kind = statistics_pb2.FeatureNameStatistics.Type.Name(feature.type)
   if feature.HasField('num_stats'):
     s = feature.num_stats
     common = s.common_stats

@@ -1,33 +1,6 @@
-"""Dataset statistics computed inside the Beam pipeline, per split, of the raw and the transformed
-RecordBatches; stored as tensorflow_metadata's DatasetFeatureStatisticsList (what TFDV and Facets
-read) in DIR/statistics/<split>_raw.pb and <split>_transformed.pb.
-
-TensorFlow Data Validation would be the natural library, but no release of it installs beside
-TF 2.21 / TFT 1.21, so this module computes the same kind of statistics with one CombineFn over
-RecordBatches. Every statistic is updated once per batch with vectorized numpy / Arrow / tfx_bsl
-calls over whole columns (never per row), and every accumulator has a bounded size:
-
-  numeric features  count, missing, values per row, min, max, zeros, NaN, mean and standard
-                    deviation (population, merged with Chan's formula: exact up to float64
-                    rounding), and an equal-width histogram (AlignedHistogram, below);
-  string features   count, missing, distinct values (tfx_bsl's KmvSketch), top values and their
-                    counts (tfx_bsl's MisraGriesSketch), average length, invalid UTF-8 count;
-                    features whose values are mostly not UTF-8 (encoded images) become BYTES
-                    statistics (distinct values, min/avg/max bytes).
-
-The histogram: equal-width bins need the value range, which one pass only knows at its end.
-tfx_bsl's QuantilesSketch would give quantiles to interpolate bins from, but costs 0.6 ms per 8,192
-values (measured: 15 times the rest of a numeric feature's statistics, 10% of a 1M-row run), and
-its interpolated counts are approximate. AlignedHistogram instead keeps exact counts in at most
-MAX_BINS bins whose width is a power of two and whose edges are multiples of the width: when values
-fall outside the range the bins cover, the width doubles and each pair of neighbouring bins merges
-into one, exactly. Two such histograms (two batches, two workers, train and eval) are brought to
-the larger width the same way, so every merge is exact and train and eval always have common bins
-for the drift measure. The median is interpolated within its bin (off by at most one bin width).
-
-Each CombineFn also keeps a uniform random sample of SAMPLE_ROWS rows (at most SAMPLE_BYTES), for
-the report's sample images; it is staged beside the run, not published.
-"""
+"""Each feature's statistics, accumulated once per RecordBatch with whole-column numpy / Arrow /
+tfx_bsl calls, the CombineFn that holds them for every feature of a split, and its uniform sample
+of rows (see the package docstring)."""
 
 import math
 
@@ -35,12 +8,11 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from tensorflow_metadata.proto.v0 import statistics_pb2
 from tfx_bsl import sketches
 
-MAX_BINS = 64
+from pipelines.statistics.histogram import FLOAT_MIN_EXPONENT, MAX_BINS, AlignedHistogram
+
 TOP_VALUES = 20  # StringStatistics.top_values; the rank histogram holds all that the sketch keeps
 # Misra-Gries counts are exact for a feature with at most this many distinct values, and lower
 # bounds (off by at most values / (MG_BUCKETS + 1)) beyond.
@@ -48,167 +20,12 @@ MG_BUCKETS = 1000
 KMV_BUCKETS = 1024  # KMV's distinct count is exact below this many distinct values
 SAMPLE_ROWS = 16
 SAMPLE_BYTES = 4 << 20
-STAGES = ('raw', 'transformed')
-_FLOAT_MIN_EXPONENT = -1000  # far above float64's subnormals, where ldexp stops being exact
 _BYTES_PLACEHOLDER = '__BYTES_VALUE__'
 _LARGE_PLACEHOLDER = '__LARGE_BYTES__'
 _LARGE_STRING = 1024  # longer values are counted under one placeholder by the top-values sketch
 _RNG = np.random.default_rng()  # the sample's priorities (thread-safe: the generator locks)
 
 Stats = statistics_pb2.FeatureNameStatistics
-
-
-def statistics_path(directory, split, stage):
-  return FileSystems.join(directory, 'statistics', f'{split}_{stage}.pb')
-
-
-def sample_path(staging, split, stage):
-  return FileSystems.join(staging, 'samples', f'{split}_{stage}.arrow')
-
-
-# ---- the histogram ---------------------------------------------------------------------------
-
-
-class AlignedHistogram:
-  """Exact counts in equal-width bins [k * 2**exponent, (k + 1) * 2**exponent) for k in
-  start .. start + len(counts) - 1; see the module docstring."""
-
-  __slots__ = ('exponent', 'start', 'counts')
-
-  def __init__(self, exponent, start, counts):
-    self.exponent = int(exponent)
-    self.start = int(start)
-    self.counts = np.asarray(counts, np.int64)
-
-  @staticmethod
-  def exponent_for(lo, hi, min_exponent, max_bins=MAX_BINS):
-    """The smallest exponent (at least min_exponent: 0 for integers, one integer per bin at
-    most) whose aligned bins cover [lo, hi] in at most max_bins bins."""
-    if hi > lo:
-      exponent = math.ceil(math.log2(hi / 2 - lo / 2)) + 1 - int(math.log2(max_bins))
-    else:  # one value: any width holds it; a narrow one leaves room for what merges bring
-      exponent = math.frexp(abs(lo))[1] - 10 if lo else -20
-    exponent = max(exponent, min_exponent)
-    while math.floor(math.ldexp(hi, -exponent)) - math.floor(math.ldexp(lo, -exponent)) >= max_bins:
-      exponent += 1
-    return exponent
-
-  def counts_at(self, exponent, start, length):
-    """This histogram's counts in the `length` bins of 2**exponent from bin `start` (a range
-    that holds all of them, at an exponent no smaller than this one's)."""
-    coarse = self.coarsen(exponent)
-    counts = np.zeros(length, np.int64)
-    counts[coarse.start - start:coarse.start - start + len(coarse.counts)] = coarse.counts
-    return counts
-
-  @property
-  def width(self):
-    return math.ldexp(1.0, self.exponent)
-
-  def edges(self):
-    """The len(counts) + 1 bin edges (exact: multiples of a power of two)."""
-    return [math.ldexp(k, self.exponent)
-            for k in range(self.start, self.start + len(self.counts) + 1)]
-
-  def coarsen(self, exponent):
-    """The same counts in bins 2**(exponent - self.exponent) times wider (floor division of the
-    bin index: neighbouring bins merge, nothing is split)."""
-    shift = exponent - self.exponent
-    if shift <= 0:
-      return self
-    index = (self.start + np.arange(len(self.counts), dtype=np.int64)) >> shift
-    start = self.start >> shift
-    counts = np.bincount(index - start, weights=self.counts).astype(np.int64)
-    return AlignedHistogram(exponent, start, counts)
-
-  @staticmethod
-  def common(histograms, max_bins=MAX_BINS):
-    """The histograms brought onto one set of bins: the widest width of them, doubled further
-    while the union of their ranges takes more than max_bins bins."""
-    exponent = max(h.exponent for h in histograms)
-    while True:
-      aligned = [h.coarsen(exponent) for h in histograms]
-      start = min(h.start for h in aligned)
-      stop = max(h.start + len(h.counts) for h in aligned)
-      if stop - start <= max_bins:
-        break
-      exponent += 1
-    return [AlignedHistogram(exponent, start, h.counts_at(exponent, start, stop - start))
-            for h in aligned]
-
-  def merge(self, other, max_bins=MAX_BINS):
-    a, b = AlignedHistogram.common([self, other], max_bins)
-    return AlignedHistogram(a.exponent, a.start, a.counts + b.counts)
-
-  @classmethod
-  def from_buckets(cls, buckets):
-    """Back from the (low, high, count) buckets of a histogram this class wrote (its edges are
-    multiples of a power of two)."""
-    low, high, _ = buckets[0]
-    _, exponent = math.frexp(high - low)
-    exponent -= 1  # frexp's mantissa is in [0.5, 1)
-    return cls(exponent, round(math.ldexp(low, -exponent)), [int(c) for _, _, c in buckets])
-
-  def to_proto(self, histogram):
-    edges = self.edges()
-    histogram.type = statistics_pb2.Histogram.STANDARD
-    for i, count in enumerate(self.counts):
-      histogram.buckets.add(low_value=edges[i], high_value=edges[i + 1], sample_count=int(count))
-
-  def median(self, integer, zeros=0, minimum=-math.inf, maximum=math.inf):
-    """The median, interpolated linearly within its bin (exact for one-integer-wide bins, the
-    nearest integer for wider bins of integers), within [minimum, maximum]. `zeros`, the exact
-    count of values equal to 0, makes it exact where the median is one of them in a bin that
-    0 bounds (count-like features, mostly 0: a capital gain).
-    """
-    total = int(self.counts.sum())
-    cumulative = np.cumsum(self.counts)
-    k = int(np.searchsorted(cumulative, total / 2))
-    before = int(cumulative[k - 1]) if k else 0
-    low = max(math.ldexp(self.start + k, self.exponent), minimum)
-    high = min(low + self.width, maximum)
-    if integer and self.exponent == 0:
-      return low
-    rank, count = total / 2 - before, int(self.counts[k])
-    # Bin edges are multiples of the width, so the zeros all lie in the bin that starts at 0,
-    # before its values in (0, high).
-    if zeros and low == 0 < high:
-      if rank <= zeros:
-        return 0.0
-      rank, count = rank - zeros, count - zeros
-    median = low + (high - low) * rank / count
-    return float(round(median)) if integer else median
-
-
-# ---- drift measures --------------------------------------------------------------------------
-
-
-def jensen_shannon(p_counts, q_counts):
-  """Jensen-Shannon divergence (base 2: 0 for equal distributions, 1 for disjoint ones) of two
-  count vectors over the same bins."""
-  p = np.asarray(p_counts, np.float64)
-  q = np.asarray(q_counts, np.float64)
-  if not p.sum() or not q.sum():
-    return None
-  p, q = p / p.sum(), q / q.sum()
-  m = (p + q) / 2
-
-  def kl(a):
-    nonzero = a > 0
-    return float(np.sum(a[nonzero] * np.log2(a[nonzero] / m[nonzero])))
-
-  return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
-
-
-def l_infinity(p_counts, p_total, q_counts, q_total):
-  """L-infinity distance of two categorical distributions: the largest difference, over every
-  value either side counted, between the value's shares of all values of each side."""
-  if not p_total or not q_total:
-    return None
-  values = set(p_counts) | set(q_counts)
-  return max((abs(p_counts.get(v, 0) / p_total - q_counts.get(v, 0) / q_total) for v in values),
-             default=0.0)
-
 
 # ---- the accumulators ------------------------------------------------------------------------
 
@@ -408,7 +225,7 @@ def _add_values(features, matrix):
   exponents, starts, lengths = [], [], []
   for f, feature in enumerate(features):
     lo, hi = low[f].item(), high[f].item()
-    min_exponent = 0 if feature.kind == 'int' else _FLOAT_MIN_EXPONENT
+    min_exponent = 0 if feature.kind == 'int' else FLOAT_MIN_EXPONENT
     if feature.histogram is not None:
       lo, hi = min(lo, feature.min), max(hi, feature.max)
       min_exponent = max(min_exponent, feature.histogram.exponent)
@@ -642,48 +459,4 @@ def _priorities(rows, acc):
   return priorities
 
 
-# ---- in the pipeline -------------------------------------------------------------------------
 
-
-def _write(result, stats_file, sample_file):
-  proto, sample = result
-  with FileSystems.create(stats_file, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-    f.write(proto)
-  if sample is not None:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, sample.schema) as writer:
-      writer.write_table(sample)
-    with FileSystems.create(sample_file, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-      f.write(sink.getvalue().to_pybytes())
-
-
-class WriteStatistics(beam.PTransform):
-  """RecordBatches (or TF Transform's (RecordBatch, passthrough) pairs) -> their statistics in
-  `stats_file`, and a few sample rows in `sample_file`."""
-
-  def __init__(self, name, stats_file, sample_file):
-    super().__init__()
-    self._name = name
-    self._stats_file = stats_file
-    self._sample_file = sample_file
-
-  def expand(self, batches):
-    return (batches
-            | 'Combine' >> beam.CombineGlobally(StatisticsFn(self._name))
-            | 'Write' >> beam.Map(_write, self._stats_file, self._sample_file))
-
-
-def read_statistics(path):
-  """A statistics file -> its DatasetFeatureStatistics (the one dataset it holds)."""
-  result = statistics_pb2.DatasetFeatureStatisticsList()
-  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-    result.ParseFromString(f.read())
-  return result.datasets[0]
-
-
-def read_sample(path):
-  """The sample rows staged by a run, or None."""
-  if not FileSystems.exists(path):
-    return None
-  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-    return pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
