@@ -143,16 +143,17 @@ def test_files_in_output_that_no_run_left_are_replaced_only_with_overwrite(tmp_p
 
 
 def test_a_failure_of_the_projects_own_code_is_an_internal_error(inputs, tmp_path, monkeypatch):
-  """A bug in the project's code (here: the shard writer handed a broken name function) is an
-  InternalError naming the file and line, not the user's fault; nothing is published."""
-  from pipelines.sinks import tfrecords
+  """A bug in the project's code (here: the CSV source handed a broken converter, so the job
+  fails at its first read) is an InternalError naming the file and line, not the user's fault;
+  nothing is published."""
+  from pipelines.sources import csv_rows
   from transforms.errors import InternalError
-  monkeypatch.setattr(tfrecords, 'shard_name', None)
+  monkeypatch.setattr(csv_rows, 'block_to_record_batch', None)
   out = tmp_path / 'out'
   with pytest.raises(InternalError) as e:
     tabular.run(runs.tabular_args(inputs, str(out)))
   message = str(e.value)
-  assert message.startswith('the pipeline failed in pipelines/sinks/tfrecords.py:'), message
+  assert message.startswith('the pipeline failed in pipelines/sources/csv_files.py:'), message
   assert 'TypeError' in message or 'not callable' in message, message
   assert '\n' not in message and message.endswith('nothing was published')
   assert os.path.isfile(message.split('full traceback in ')[1].split(';')[0])
