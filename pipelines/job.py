@@ -59,7 +59,7 @@ def check_remote_paths(beam_args, output, paths):
   local = [p for p in [output] + list(paths) if '://' not in p]
   if local:
     raise UserError(f'{local[0]}: DataflowRunner workers cannot read local paths; put '
-                           'inputs and --output on gs:// (or add --dry_run=True to only build)')
+                    'inputs and --output on gs:// (or add --dry_run=True to only build)')
 
 
 # What a bug of the project raises; a TensorFlow error, a file system's or a lost worker's is about
@@ -132,7 +132,7 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
     return None
   if state != PipelineState.DONE:
     raise UserError(f'the pipeline ended in state {state}; nothing was published '
-                           f'(staged files are in {out.staging})')
+                    f'(staged files are in {out.staging})')
   counts = {split: out.read_counts(split) for split in splits}
   for split, c in counts.items():
     if c['rows_read'] != c['rows_written'] + c['rows_rejected']:
@@ -140,11 +140,11 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
                          f'+ rejected {c["rows_rejected"]}; nothing was published')
   if not counts['train']['rows_read']:
     raise UserError(f'--train: no {what} were read from its inputs (files without '
-                           f'{what} in them?); give inputs with data; nothing was published')
+                    f'{what} in them?); give inputs with data; nothing was published')
   if 'eval' in counts and not counts['eval']['rows_read']:
     raise UserError(f'the eval split is empty: its --eval inputs hold no {what} (or '
-                           f'--eval-fraction carved none out of too few {what}); give inputs '
-                           'with data or a larger fraction; nothing was published')
+                    f'--eval-fraction carved none out of too few {what}); give inputs '
+                    'with data or a larger fraction; nothing was published')
   try:
     for split, c in counts.items():
       _check_bad_rows(split, c, max_bad_rows, out, what)
@@ -179,8 +179,8 @@ def save_label_inverse(out, inverse_label_fn):
     module.inverse.get_concrete_function()
   except Exception as e:  # the user's function: one line naming it
     raise UserError(f'inverse_label_fn(y) cannot be traced for a float32 [batch] y: '
-                           f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}; '
-                           'write it with TensorFlow ops (tf.exp(y), y * 1000.0, ...)') from e
+                    f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}; '
+                    'write it with TensorFlow ops (tf.exp(y), y * 1000.0, ...)') from e
   tf.saved_model.save(module, output_dir.join(out.out, run_contract.LABEL_INVERSE))
   return run_contract.LABEL_INVERSE
 

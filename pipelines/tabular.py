@@ -57,8 +57,8 @@ def _inspect(files, fmt, flag):
   layouts = [csv_layout.inspect_file(f, fmt) for f in paths]
   if all(layout is None for layout in layouts):
     raise UserError(f'{flag}: every matched file is empty or holds only a header row '
-                           f'({", ".join(paths[:3])}{", ..." if len(paths) > 3 else ""}); give '
-                           'files with data rows')
+                    f'({", ".join(paths[:3])}{", ..." if len(paths) > 3 else ""}); give '
+                    'files with data rows')
   units = []
   for path, layout in zip(paths, layouts):
     units.extend(csv_layout.plan_ranges(path, files[path], layout) if layout else [path])

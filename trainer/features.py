@@ -94,7 +94,7 @@ def describe(spec):
 
 def _refuse(where, name, spec, why, what_to_do):
   raise UserError(f'{where}: feature {name!r} ({describe(spec)}) {why}; {what_to_do}, or '
-                     f'leave it out with --exclude-features {name}')
+                  f'leave it out with --exclude-features {name}')
 
 
 def non_finite(stats):
@@ -119,12 +119,12 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
   unknown = sorted(set(exclude) - set(feature_spec))
   if unknown:
     raise UserError(f'--exclude-features {unknown[0]}: the preprocessing_fn outputs no such '
-                       f'feature (it outputs {", ".join(sorted(feature_spec))})')
+                    f'feature (it outputs {", ".join(sorted(feature_spec))})')
   for ids, weights in sorted(weighted.items()):
     for name in (ids, weights):
       if name not in feature_spec:
         raise UserError(f'{where}: WEIGHTED_FEATURES names {name!r}, which the '
-                           'preprocessing_fn does not output')
+                        'preprocessing_fn does not output')
   by_name = schema_features(schema)
   weights_of = {w: i for i, w in weighted.items()}
   specs = {n: s for n, s in feature_spec.items() if n != label_key and n not in exclude}
@@ -153,7 +153,7 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
         result[name] = Feature(name, NUMBER, dtype, shape)
       if name in weighted or name in weights_of:
         raise UserError(f'{where}: WEIGHTED_FEATURES pairs {name!r}, a dense feature; pairs '
-                           'are of variable-length ids and weights (tft.tfidf outputs)')
+                        'are of variable-length ids and weights (tft.tfidf outputs)')
       continue
     if isinstance(spec, tf.io.RaggedFeature) and spec.partitions:
       _refuse(where, name, spec, 'has more than one variable-length dimension', 'flatten it to '
@@ -165,12 +165,12 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
     if name in weights_of:
       if dtype != tf.float32:
         raise UserError(f'{where}: WEIGHTED_FEATURES pairs {weights_of[name]!r} with '
-                           f'{name!r}, which is {describe(spec)}; weights must be float32')
+                        f'{name!r}, which is {describe(spec)}; weights must be float32')
       result[name] = Feature(name, WEIGHTS, dtype)
     elif name in weighted:
       if dtype != tf.int64:
         raise UserError(f'{where}: WEIGHTED_FEATURES pairs {name!r} ({describe(spec)}) with '
-                           'weights; the ids must be int64')
+                        'weights; the ids must be int64')
       if size is None:  # tft.tfidf records no domain: the train split's largest id + 1, plus
         if name not in statistics:  # one row for any larger id seen later
           _refuse(where, name, spec, 'has no domain and no statistics', _WHAT_TO_DO['int_ids'])
@@ -190,7 +190,7 @@ def classify(schema, feature_spec, label_key, where, weighted=None, exclude=(),
               'fix the preprocessing_fn (tf.math.log of values <= 0? a division by zero?)')
   if not any(f.kind not in (IMAGE_STATS, WEIGHTS) for f in result.values()):
     raise UserError(f'{where}: no feature is left to learn from besides the label '
-                       f'{label_key!r}; the preprocessing_fn must output at least one feature')
+                    f'{label_key!r}; the preprocessing_fn must output at least one feature')
   return result
 
 

@@ -19,26 +19,26 @@ def transformed_label_key(manifest, feature_spec, where, flag=None):
     if declared:
       if declared not in feature_spec:
         raise UserError(f'{where}: {what} {declared!r} is not an output of the preprocessing_fn '
-                         f'(it outputs {", ".join(sorted(feature_spec))})')
+                        f'(it outputs {", ".join(sorted(feature_spec))})')
       return declared
   raw = manifest.label_key
   for candidate in (raw + LABEL_SUFFIX, raw):
     if candidate in feature_spec:
       return candidate
   raise UserError(f'{where}: the preprocessing_fn outputs no label: neither {raw + LABEL_SUFFIX!r} '
-                   f'nor {raw!r} (it outputs {", ".join(sorted(feature_spec))}); output one of '
-                   'them, or name the label output in TRANSFORMED_LABEL_KEY')
+                  f'nor {raw!r} (it outputs {", ".join(sorted(feature_spec))}); output one of '
+                  'them, or name the label output in TRANSFORMED_LABEL_KEY')
 
 
 def split_files(transformed_dir, manifest, split):
   if split not in manifest.splits:
     raise UserError(f'--transformed {transformed_dir} has no {split} split '
-                     f'(it has {", ".join(manifest.splits)})')
+                    f'(it has {", ".join(manifest.splits)})')
   entry = manifest.splits[split]
   files = tf.io.gfile.glob(os.path.join(transformed_dir, entry.files))
   if len(files) != entry.num_shards:
     raise UserError(f'--transformed {transformed_dir}: {split} should have '
-                     f'{entry.num_shards} shards, found {len(files)}')
+                    f'{entry.num_shards} shards, found {len(files)}')
   return sorted(files)
 
 

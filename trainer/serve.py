@@ -78,7 +78,7 @@ def serve(args, stop):
     server = Server((args.host, args.port), args.max_body_bytes, args.verbose)
   except OSError as e:
     raise UserError(f'--host {args.host} --port {args.port}: cannot listen there '
-                               f'({e.strerror or e}); choose another port or host') from None
+                    f'({e.strerror or e}); choose another port or host') from None
   try:
     served = ServedModel(args.model, args.model_name)
   except BaseException:

@@ -39,7 +39,7 @@ class ServedModel:
     version = os.path.basename(os.path.normpath(path))
     if not version.isdigit():
       raise UserError(f'--model {model_dir}: give the model\'s base directory, the one '
-                                 'that holds numbered version directories (1/, 2/, ...)')
+                      'that holds numbered version directories (1/, 2/, ...)')
     self.version = str(int(version))
     base = os.path.dirname(os.path.normpath(path))
     self.name = name or os.path.basename(base)

@@ -106,7 +106,7 @@ def to_examples(rows, raw_types, csv_columns=None, na_values=(), required=(), la
     unknown = sorted(set(row) - set(raw_types) - {label_key})
     if unknown:
       raise UserError(f'row {i}: unknown feature(s) {unknown}; the model takes '
-                         f'{sorted(raw_types)}')
+                      f'{sorted(raw_types)}')
     features = {}
     for name, dtype in raw_types.items():
       value = row.get(name)

@@ -96,7 +96,7 @@ def plan(config: TrainConfig):
                                 statistics)
   if config.augment and not any(k.kind == features_lib.IMAGE for k in kinds.values()):
     raise UserError(f'--augment {" ".join(config.augment)}: the transformed data of '
-                               f'{config.transformed_dir} has no image feature to augment')
+                    f'{config.transformed_dir} has no image feature to augment')
   if task.is_classification:
     task = heads.with_class_names(task, export_lib.class_names(manifest, tft_output, task))
   return Plan(manifest, tft_output, feature_spec, label_key, task, kinds, statistics)
@@ -114,20 +114,20 @@ def build_model(config, p: Plan):
   build = getattr(module, BUILD_MODEL, None)
   if not callable(build):
     raise UserError(f'{where} defines no {BUILD_MODEL}(context); add one that returns '
-                               'a Keras model (see README, "Your own model")')
+                    'a Keras model (see README, "Your own model")')
   try:
     model = build(ctx)
   except Exception as e:  # the user's code: where and what, not our stack
     raise UserError(f'{where}: {BUILD_MODEL}(context) failed: {type(e).__name__}: '
-                               f'{str(e).splitlines()[0] if str(e) else ""}') from e
+                    f'{str(e).splitlines()[0] if str(e) else ""}') from e
   if not isinstance(model, keras.Model):
     raise UserError(f'{where}: {BUILD_MODEL}(context) returned '
-                               f'{type(model).__name__}, not a Keras 2 model: build it with '
-                               'tf_keras (import tf_keras as keras), as TF Transform\'s layer is')
+                    f'{type(model).__name__}, not a Keras 2 model: build it with '
+                    'tf_keras (import tf_keras as keras), as TF Transform\'s layer is')
   unknown = sorted(set(model.input_names) - set(ctx.inputs))
   if unknown:
     raise UserError(f'{where}: the model takes {unknown[0]!r}, which is not a '
-                               f'transformed feature it may use ({", ".join(sorted(ctx.inputs))})')
+                    f'transformed feature it may use ({", ".join(sorted(ctx.inputs))})')
   width = heads.expected_output_width(p.task)
   shape = model.output_shape
   if isinstance(shape, list) or len(shape) != 2 or shape[-1] != width:

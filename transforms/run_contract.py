@@ -159,7 +159,7 @@ def read_manifest(directory, flag='--transformed'):
       manifest = Manifest.from_dict(json.load(f))
   except (ValueError, TypeError) as e:
     raise UserError(f'{flag} {directory}: {MANIFEST} is not a manifest this version '
-                             f'reads ({e}); run the pipeline again') from None
+                    f'reads ({e}); run the pipeline again') from None
   if not tf.io.gfile.exists(f'{directory.rstrip("/")}/{TRANSFORM_FN}'):
     raise UserError(f'{flag} {directory} has a manifest but no {TRANSFORM_FN}/')
   return manifest
