@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-input bench-images bench-serve clean
+.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ test: lint
 # bound, on 1M rows (3 runs each), then on 4M rows with 1 and 2 workers (about 30 minutes).
 bench: install
 	$(PY) benchmarks/tabular_pipeline.py --rows 1000000 --runs 3 --scale-rows 4000000 --scale-runs 1
+
+# Wide tables: the tabular pipeline at 30, 100, 300 and 1,000 columns on 100,000 rows, against
+# TF Transform's TFXIO pipeline at 300 columns (issue 15's targets; the longest benchmark).
+bench-wide: install
+	$(PY) benchmarks/wide_table.py --rows 100000 --widths 30,100,300,1000 --runs 3
 
 # The trainer's tf.data input against a plain TFRecordDataset + parse_example (issue: >= 0.8x).
 bench-input: install

@@ -16,11 +16,18 @@ LABEL_KEY = 'label'
 CSV_COLUMNS = FLOATS + STRINGS + [LABEL_KEY]
 NUM_BUCKETS = 10
 
-RAW_FEATURE_SPEC = {
-    **{f: tf.io.FixedLenFeature([], tf.float32) for f in FLOATS},
-    **{s: tf.io.FixedLenFeature([], tf.string) for s in STRINGS},
-    LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
-}
+
+
+def raw_feature_spec(floats, strings, label):
+  """float32 and string columns and an int64 label, one value each."""
+  return {
+      **{f: tf.io.FixedLenFeature([], tf.float32) for f in floats},
+      **{s: tf.io.FixedLenFeature([], tf.string) for s in strings},
+      label: tf.io.FixedLenFeature([], tf.int64),
+  }
+
+
+RAW_FEATURE_SPEC = raw_feature_spec(FLOATS, STRINGS, LABEL_KEY)
 
 
 def preprocessing_fn(inputs):

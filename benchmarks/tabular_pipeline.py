@@ -49,9 +49,9 @@ def _pipeline():
   return beam.Pipeline(runner=FnApiRunner())
 
 
-def _raw_schema():
+def _raw_schema(dataset=synthetic):
   from tensorflow_transform.tf_metadata import schema_utils
-  return schema_utils.schema_from_feature_spec(synthetic.RAW_FEATURE_SPEC)
+  return schema_utils.schema_from_feature_spec(dataset.RAW_FEATURE_SPEC)
 
 
 def tutorial(csv_path, out):
@@ -82,19 +82,21 @@ def tutorial(csv_path, out):
     _ = transform_fn | tft_beam.WriteTransformFn(out)
 
 
-def tfxio_path(csv_path, out):
-  """(b) TF Transform's recommended path: CsvTFXIO RecordBatches end to end into TFT."""
+def tfxio_path(csv_path, out, dataset=synthetic):
+  """(b) TF Transform's recommended path: CsvTFXIO RecordBatches end to end into TFT (on the
+  dataset module `dataset`: its CSV columns, raw feature spec and preprocessing_fn)."""
   import apache_beam as beam
   import tensorflow_transform.beam as tft_beam
   from tfx_bsl.public import tfxio
 
-  source = tfxio.CsvTFXIO(csv_path, column_names=synthetic.CSV_COLUMNS, schema=_raw_schema(),
-                          skip_header_lines=1, telemetry_descriptors=['benchmark'])
+  source = tfxio.CsvTFXIO(csv_path, column_names=dataset.CSV_COLUMNS,
+                          schema=_raw_schema(dataset), skip_header_lines=1,
+                          telemetry_descriptors=['benchmark'])
   with _pipeline() as p, _transform_context(os.path.join(out, 'tmp')):
     raw = p | source.BeamSource()
     transformed, transform_fn = (
         (raw, source.TensorAdapterConfig())
-        | tft_beam.AnalyzeAndTransformDataset(synthetic.preprocessing_fn,
+        | tft_beam.AnalyzeAndTransformDataset(dataset.preprocessing_fn,
                                               output_record_batches=True))
     _ = (transformed | tft_beam.EncodeTransformedDataset()
          | beam.io.WriteToTFRecord(os.path.join(out, 'train'), file_name_suffix='.tfrecord.gz'))
@@ -194,12 +196,19 @@ def timed(contender, csv_path, out, workers=None):
   else:
     command = [sys.executable, os.path.abspath(__file__), '--run', contender, '--csv', csv_path,
                '--out', out]
+  return timed_command(command, contender)
+
+
+def timed_command(command, name, env=None):
+  """(seconds, peak RSS in MiB, CPU seconds of all its processes) of `command` run as a whole
+  in a fresh process (with `env` added to the environment); exits naming `name` if it fails."""
   proc = subprocess.run([sys.executable, '-c', _TIMED] + command, capture_output=True, text=True,
-                        cwd=ROOT)  # (c)'s summary goes to stdout too: only RESULT lines are read
+                        cwd=ROOT, env={**os.environ, **(env or {})})
+  # (c)'s summary goes to stdout too: only RESULT lines are read
   line = [out_line for out_line in proc.stdout.splitlines()
           if out_line.startswith('RESULT')][-1].split()
   if line[1] != '0':
-    sys.exit(f'error: contender {contender} failed:\n{proc.stderr[-3000:]}')
+    sys.exit(f'error: contender {name} failed:\n{proc.stderr[-3000:]}')
   return float(line[2]), int(line[3]) / 1024, float(line[4])
 
 

@@ -37,6 +37,7 @@ from tensorflow_transform import analyzers as tft_analyzers
 from tensorflow_transform.beam import analyzer_impls
 from tensorflow_transform.beam import common as tft_beam_common
 
+from pipelines import vocabulary_packing
 from pipelines.runner import beam_patches
 
 _LOG = logging.getLogger('pipelines')
@@ -49,14 +50,16 @@ _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
 
 
 def unfit_reason(tft_version=None):
-  """Why the per-batch counting does not fit TF Transform `tft_version` (the installed one by
-  default): None where it does."""
+  """Why the per-batch counting and the packing (vocabulary_packing.py) do not fit TF Transform
+  `tft_version` (the installed one by default): None where they do."""
   tft_version = tft.__version__ if tft_version is None else tft_version
   if '.'.join(tft_version.split('.')[:2]) not in TESTED_TFT:
     return f'tested on TF Transform {", ".join(TESTED_TFT)} only'
   if _FREQUENCY is None or _TFT_IMPLEMENTATION is None:
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
             'beam.analyzer_impls._VocabularyAccumulateImpl')
+  if vocabulary_packing.missing():
+    return f'TF Transform has no {", ".join(vocabulary_packing.missing())}'
   return None
 
 
@@ -94,7 +97,9 @@ _STATE = {'ours': False, 'logged': False}
 
 
 def install():
-  """Makes TFT use the per-batch counting for the pipelines built after this call (idempotent).
+  """Makes TFT use the per-batch counting, and pack the frequency vocabularies of each phase
+  into one stage (pipelines/vocabulary_packing.py), for the pipelines built after this call
+  (idempotent).
   Not where the Beam patches are off (beam_patches.ENV) or where it does not fit the installed
   TF Transform (unfit_reason, logged once per process): TFT's own implementation then runs (put
   back if an earlier call had registered this one)."""
@@ -102,7 +107,9 @@ def install():
   if reason is None and beam_patches.enabled():
     _register(_BatchCountedVocabularyAccumulate)
     _STATE['ours'] = True
+    vocabulary_packing.set_enabled(True)
     return
+  vocabulary_packing.set_enabled(False)
   if reason is not None and not _STATE['logged']:
     _STATE['logged'] = True
     _LOG.warning('TF Transform %s: its own VocabularyAccumulate runs, not pipelines/vocabulary.py '
@@ -114,11 +121,12 @@ def install():
 
 @contextlib.contextmanager
 def tft_implementation():
-  """TFT's own implementation for the pipelines built within the block (to compare against);
-  after it, what install() chooses."""
+  """TFT's own implementation (its counting, one chain of stages per vocabulary) for the
+  pipelines built within the block (to compare against); after it, what install() chooses."""
   if _TFT_IMPLEMENTATION is not None:
     _register(_TFT_IMPLEMENTATION)
     _STATE['ours'] = False
+  vocabulary_packing.set_enabled(False)
   try:
     yield
   finally:

@@ -1,13 +1,19 @@
-"""pipelines/vocabulary.py: the per-batch token counting gives TFT's own vocabularies, byte for
-byte.
+"""pipelines/vocabulary.py and vocabulary_packing.py: the per-batch token counting, and every
+frequency vocabulary of a phase packed into one Beam stage, give TF Transform's own results on a
+small wide table.
 
-Each case analyzes the same rows twice with TF Transform on Beam's in-process runner: once with
-TFT's registered VocabularyAccumulate implementation, once with ours, and compares every
-vocabulary file; the counts are also checked against collections.Counter over the raw values.
+The same rows are analyzed and transformed twice with TF Transform on Beam's in-process runner:
+once as TF Transform runs by itself (pipelines.vocabulary.tft_implementation: its counting, one
+chain of stages per vocabulary), once as the pipelines run it (packed where it can be, counted
+per batch where it cannot). Compared: every vocabulary file byte for byte, the vocabulary sizes
+TF Transform binds into the graph, the transformed values (ids, z-scores with TFT's means and
+variances, quantile buckets), and the number of Beam transforms; the files are also checked
+against collections.Counter over the raw values.
 """
 
 import collections
 import os
+import pickle
 
 import apache_beam as beam
 import numpy as np
@@ -18,95 +24,164 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from pipelines import vocabulary
+from pipelines import vocabulary, vocabulary_packing
 
-ROWS = 3000
-
-
-def _rows():
-  rng = np.random.default_rng(7)
-  # Zipf-like tokens, so counts tie and differ; some rows have several tokens, some none.
-  words = [f'w{i}'.encode() for i in range(300)]
-  p = 1.0 / np.arange(1, 301)
-  p /= p.sum()
-  rows = []
-  for _ in range(ROWS):
-    k = int(rng.integers(0, 4))
-    rows.append({
-        'word': [words[j] for j in rng.choice(300, size=k, p=p)],
-        'city': words[int(rng.choice(300, p=p))],
-        'n': int(rng.integers(0, 50)),
-        'w': float(rng.random()),
-    })
-  return rows
-
+ROWS = 2000
+STRINGS = [f's{i}' for i in range(8)]
+FLOATS = ['f0']
 
 SPEC = {
-    'word': tf.io.VarLenFeature(tf.string),
-    'city': tf.io.FixedLenFeature([], tf.string),
+    **{s: tf.io.FixedLenFeature([], tf.string) for s in STRINGS},
+    **{f: tf.io.FixedLenFeature([], tf.float32) for f in FLOATS},
     'n': tf.io.FixedLenFeature([], tf.int64),
-    'w': tf.io.FixedLenFeature([], tf.float32),
+    'tags': tf.io.VarLenFeature(tf.string),
 }
 
 
+def _rows():
+  rng = np.random.default_rng(11)
+  rows = []
+  for _ in range(ROWS):
+    row = {s: f'{s}_{(int(rng.zipf(1.4)) * 31) % (20 + 40 * i)}'.encode()
+           for i, s in enumerate(STRINGS)}
+    row.update({f: float(rng.normal(3 * i, 1 + i)) for i, f in enumerate(FLOATS)})
+    row['n'] = int(rng.zipf(1.6)) % 300
+    row['tags'] = [f't{int(t)}'.encode() for t in rng.integers(0, 40, int(rng.integers(0, 4)))]
+    rows.append(row)
+  return rows
+
+
 def preprocessing_fn(inputs):
-  return {
-      'word': tft.compute_and_apply_vocabulary(inputs['word'], vocab_filename='word'),
-      'city': tft.compute_and_apply_vocabulary(inputs['city'], vocab_filename='city',
-                                               num_oov_buckets=1),
-      'city_top': tft.compute_and_apply_vocabulary(inputs['city'], top_k=20,
-                                                   vocab_filename='city_top'),
-      'city_min5': tft.compute_and_apply_vocabulary(inputs['city'], frequency_threshold=5,
-                                                    vocab_filename='city_min5'),
-      'n': tft.compute_and_apply_vocabulary(inputs['n'], vocab_filename='n'),
-      'city_freq': tft.compute_and_apply_vocabulary(
-          inputs['city'], vocab_filename='city_freq', store_frequency=False),
-      'city_weighted': tft.compute_and_apply_vocabulary(
-          inputs['city'], weights=inputs['w'], vocab_filename='city_weighted'),
-  }
+  out = {}
+  for s in STRINGS[:2]:  # the common case: ids with an OOV bucket
+    out[f'{s}_id'] = tft.compute_and_apply_vocabulary(inputs[s], num_oov_buckets=1,
+                                                      vocab_filename=s)
+  out['top'] = tft.compute_and_apply_vocabulary(inputs['s4'], top_k=7, vocab_filename='top')
+  out['min'] = tft.compute_and_apply_vocabulary(inputs['s5'], frequency_threshold=15,
+                                                vocab_filename='min')
+  # No token reaches the threshold: TF Transform's dummy entry, sizes of 1.
+  out['none'] = tft.compute_and_apply_vocabulary(inputs['s6'], frequency_threshold=10**6,
+                                                 vocab_filename='none')
+  _ = tft.vocabulary(inputs['s7'], store_frequency=True, vocab_filename='freq')
+  out['n_id'] = tft.compute_and_apply_vocabulary(inputs['n'], top_k=50, vocab_filename='n')
+  out['tags'] = tft.compute_and_apply_vocabulary(inputs['tags'], vocab_filename='tags')
+  # Not packed, in the same phase: weighted, key_fn coverage, TFRecord format.
+  out['weighted'] = tft.compute_and_apply_vocabulary(inputs['s0'], weights=inputs['f0'],
+                                                     vocab_filename='weighted')
+  out['coverage'] = tft.compute_and_apply_vocabulary(
+      inputs['s1'], top_k=3, key_fn=lambda token: token.split(b'_')[0], coverage_top_k=1,
+      vocab_filename='coverage')
+  out['record'] = tft.compute_and_apply_vocabulary(inputs['s2'], file_format='tfrecord_gzip',
+                                                   vocab_filename='record')
+  # A second phase: a vocabulary of strings made from an analyzer's result.
+  side = tf.where(inputs['f0'] > tft.mean(inputs['f0']), 'high', 'low')
+  out['side'] = tft.compute_and_apply_vocabulary(side, vocab_filename='side')
+  for f in FLOATS:
+    out[f'{f}_z'] = tft.scale_to_z_score(inputs[f])
+    out[f'{f}_q'] = tft.bucketize(inputs[f], 8)
+  for name in ('s1', 'none', 'side'):
+    out[f'{name}_size'] = tf.fill(tf.shape(inputs['n']),
+                                  tft.experimental.get_vocabulary_size_by_name(name))
+  return out
 
 
-def _analyze(rows, root):
+def _run(rows, root):
   metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(SPEC))
-  with beam.Pipeline(runner=FnApiRunner()) as p, tft_beam.Context(
-      temp_dir=os.path.join(root, 'tmp'), desired_batch_size=256):
-    transform_fn = ((p | beam.Create(rows, reshuffle=False), metadata)
-                    | tft_beam.AnalyzeDataset(preprocessing_fn))
+  pipeline = beam.Pipeline(runner=FnApiRunner())
+  with tft_beam.Context(temp_dir=os.path.join(root, 'tmp'), desired_batch_size=256):
+    (data, _), transform_fn = (
+        (pipeline | beam.Create(rows, reshuffle=False), metadata)
+        | tft_beam.AnalyzeAndTransformDataset(preprocessing_fn))
     _ = transform_fn | tft_beam.WriteTransformFn(root)
+    rows_path = os.path.join(root, 'rows.pickle')
+    _ = (data | beam.combiners.ToList()
+         | beam.Map(lambda rows: open(rows_path, 'wb').write(pickle.dumps(rows))))
+    proto = pipeline.to_runner_api()
+    pipeline.run().wait_until_finish()
   assets = os.path.join(root, 'transform_fn', 'assets')
-  return {name: open(os.path.join(assets, name), 'rb').read() for name in os.listdir(assets)}
+  files = {name: open(os.path.join(assets, name), 'rb').read() for name in os.listdir(assets)}
+  collected = pickle.loads(open(rows_path, 'rb').read())
+  columns = {key: np.array([np.asarray(row[key]).tolist() for row in collected], dtype=object)
+             for key in collected[0]}
+  return {'files': files, 'columns': columns, 'transforms': len(proto.components.transforms)}
 
 
 @pytest.fixture(scope='module')
-def vocabularies(tmp_path_factory):
+def runs(tmp_path_factory):
   rows = _rows()
   with vocabulary.tft_implementation():
-    tft_files = _analyze(rows, str(tmp_path_factory.mktemp('tft')))
+    theirs = _run(rows, str(tmp_path_factory.mktemp('tft')))
   vocabulary.install()
-  ours = _analyze(rows, str(tmp_path_factory.mktemp('ours')))
-  return rows, tft_files, ours
+  ours = _run(rows, str(tmp_path_factory.mktemp('packed')))
+  return rows, theirs, ours
 
 
-def test_the_same_vocabulary_files_as_tft(vocabularies):
-  _, tft_files, ours = vocabularies
-  assert sorted(ours) == sorted(tft_files) == sorted(
-      ['word', 'city', 'city_top', 'city_min5', 'n', 'city_freq', 'city_weighted'])
-  for name in tft_files:
-    assert ours[name] == tft_files[name], name
+def test_vocabulary_files_are_identical(runs):
+  _, theirs, ours = runs
+  assert sorted(ours['files']) == sorted(theirs['files'])
+  for name in theirs['files']:
+    assert ours['files'][name] == theirs['files'][name], name
+  assert ours['files']['none'] == b'49d0cd50-04bb-48c0-bc6f-5b575dce351a\n'
 
 
-def test_the_files_are_the_counts_of_the_rows(vocabularies):
-  rows, _, ours = vocabularies
-  words = collections.Counter(w for r in rows for w in r['word'])
-  cities = collections.Counter(r['city'] for r in rows)
-  def by_count(c):
-    return [k for k, _ in sorted(c.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
-  assert ours['word'].splitlines() == by_count(words)
-  assert ours['city'].splitlines() == by_count(cities)
-  assert ours['city_top'].splitlines() == by_count(cities)[:20]
-  assert ours['city_min5'].splitlines() == [k for k in by_count(cities) if cities[k] >= 5]
-  numbers = collections.Counter(str(r['n']).encode() for r in rows)
-  assert ours['n'].splitlines() == by_count(numbers)
+def test_files_are_the_counts_of_the_raw_values(runs):
+  rows, _, ours = runs
+  counts = collections.Counter(row['s1'] for row in rows)
+  expected = sorted(((c, t) for t, c in counts.items()), reverse=True)
+  assert ours['files']['s1'] == b''.join(t + b'\n' for _, t in expected)
+  freq = collections.Counter(row['s7'] for row in rows)
+  lines = ours['files']['freq'].splitlines()
+  assert {line.split(b' ', 1)[1]: int(line.split(b' ')[0]) for line in lines} == freq
+  numbers = collections.Counter(row['n'] for row in rows)
+  top = sorted(((c, str(n).encode()) for n, c in numbers.items()), reverse=True)[:50]
+  assert ours['files']['n'] == b''.join(t + b'\n' for _, t in top)
+  assert ours['columns']['s1_size'][0] == len(counts)
+  assert ours['columns']['none_size'][0] == 1
+
+
+def test_transformed_values_are_identical(runs):
+  _, theirs, ours = runs
+  assert sorted(ours['columns']) == sorted(theirs['columns'])
+  for key, values in theirs['columns'].items():
+    mine = ours['columns'][key]
+    if key.endswith('_z'):  # TFT's own means and variances, either way
+      np.testing.assert_allclose(mine.astype(float), values.astype(float), rtol=1e-6)
+    else:
+      assert mine.tolist() == values.tolist(), key
+
+
+def test_the_chains_are_packed(runs):
+  _, theirs, ours = runs
+  # 8 vocabularies packed in two phases; each TF Transform chain is a dozen transforms or more.
+  assert ours['transforms'] < theirs['transforms'] - 8 * 12, (
+      ours['transforms'], theirs['transforms'])
+
+
+def test_the_graph_rewrite_packs_what_it_can_and_leaves_the_rest():
+  spec = {'a': tf.TensorSpec([None], tf.string), 'b': tf.TensorSpec([None], tf.string)}
+
+  def fn(inputs):
+    return {'a': tft.compute_and_apply_vocabulary(inputs['a']),
+            'b': tft.compute_and_apply_vocabulary(inputs['b'], weights=tf.ones_like(
+                tf.strings.length(inputs['b']), tf.float32))}
+
+  from tensorflow_transform import impl_helper
+  from tensorflow_transform.beam import analysis_graph_builder
+  graph, structured_inputs, structured_outputs = impl_helper.trace_preprocessing_function(
+      fn, spec, use_tf_compat_v1=False)
+  vocabulary_packing.set_enabled(True)
+  root, _, _ = analysis_graph_builder.build(graph, structured_inputs, structured_outputs)
+  kinds = collections.Counter()
+  stack, seen = [root.parent_operation], set()
+  while stack:
+    op = stack.pop()
+    if id(op) not in seen:
+      seen.add(id(op))
+      kinds[type(op.operation_def).__name__] += 1
+      stack.extend(v.parent_operation for v in op.inputs)
+  assert kinds['PackedVocabularies'] == 1 and kinds['ExtractPackedVocabulary'] == 1
+  assert kinds['VocabularyAccumulate'] == 1  # the weighted one, TF Transform's own
+  assert kinds['VocabularyOrderAndWrite'] == 1
 
 
 def test_count_batch_counts_each_distinct_token_once():
@@ -114,3 +189,6 @@ def test_count_batch_counts_each_distinct_token_once():
   assert dict(vocabulary.count_batch((tokens,))) == {b'a': 3, b'b': 1, b'c': 1}
   assert dict(vocabulary.count_batch((np.array([3, 3, 1]),))) == {3: 2, 1: 1}
   assert dict(vocabulary.count_batch((np.array([], dtype=object),))) == {}
+  batch = {'x': np.array([b'a', b'a', b'b'], dtype=object), 'y': np.array([[1, 2], [2, 2]])}
+  assert sorted(vocabulary_packing.count_tokens(batch, ['x', 'y'])) == [
+      ((0, b'a'), 2), ((0, b'b'), 1), ((1, 1), 1), ((1, 2), 3)]

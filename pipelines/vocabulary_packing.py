@@ -1,0 +1,350 @@
+"""All the frequency vocabularies of an analysis phase in one Beam stage: TF Transform's files.
+
+TF Transform 1.21 packs its combiner analyzers (mean, variance, quantiles, ...) into one stage
+per phase, but gives every `tft.vocabulary` (and compute_and_apply_vocabulary) its own chain of
+Beam stages: VocabularyAccumulate -> VocabularyMerge -> VocabularyPrune -> VocabularyOrderAndWrite,
+two VocabularyCounts, a dozen stages in all, each paying the runner's fixed cost per stage and
+each holding its state until the job ends. On a table with 100 string columns that chain was
+about 150 s and 9 GB of a 216 s, 11 GB run (20,000 rows, one worker; benchmarks/wide_table.py);
+the cost is per vocabulary, hardly per row.
+
+This module rewrites TF Transform's analysis graph (the `nodes` graph that
+analysis_graph_builder.build returns, before it becomes Beam stages) so that the vocabulary
+chains reading the same phase's analyzer inputs become one PackedVocabularies operation: one
+pass counting each batch's tokens of every vocabulary at once, one CombinePerKey keyed by
+(vocabulary, token), one GroupByKey by vocabulary, and one DoFn that prunes, orders and writes
+each vocabulary file exactly as TF Transform's chain does:
+  - counts summed over all rows; frequency_threshold keeps count >= threshold; top_k keeps the
+    k largest (count, token) pairs;
+  - ordered by count, then token, both descending; numeric tokens written as their decimal text;
+  - an empty vocabulary gets TF Transform's dummy entry; store_frequency writes 'count token';
+  - the two sizes TF Transform binds into the graph (before and after pruning, at least 1).
+The vocabulary files, their paths, the transform graph and everything downstream are unchanged:
+tests/test_vocabulary.py compares the files byte for byte with TF Transform's own chain.
+
+Packed: the unweighted frequency vocabularies in the text format, without key_fn coverage,
+reserved tokens or fingerprint_shuffle, whose chain is used only as tft.vocabulary uses it.
+Every other vocabulary (weighted, mutual information, labels, tfrecord_gzip, ...) keeps TF
+Transform's chain, and nothing is packed where the analysis reads or writes an analyzer cache
+(the cache stores each vocabulary's accumulator under its own key).
+
+It builds on private parts of TF Transform 1.21 (analysis_graph_builder.build and the node
+types of analyzer_nodes and beam_nodes), so it is switched on by pipelines/vocabulary.install
+only where that module's counting is (the TF Transform versions it was tested with, and not
+where this project's Beam patches are off: pipelines/runner/beam_patches.py, ENV).
+Could live upstream: TF Transform's combiner_packing_util could pack vocabularies the same way.
+"""
+
+import collections
+import os
+import uuid
+from typing import Any, NamedTuple, Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from tensorflow_transform import analyzer_nodes, nodes
+from tensorflow_transform import analyzers as tft_analyzers
+from tensorflow_transform.beam import analysis_graph_builder, beam_nodes
+from tensorflow_transform.beam import common as tft_beam_common
+
+_ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
+_STATE = {'on': False}
+# The private names of TF Transform's this rewrite reads (vocabulary.unfit_reason checks them).
+NEEDS = ((analysis_graph_builder, 'build'), (beam_nodes, 'ExtractFromDict'),
+         (analyzer_nodes, 'VocabularyAccumulate'), (analyzer_nodes, 'VocabularyMerge'),
+         (analyzer_nodes, 'VocabularyPrune'), (analyzer_nodes, 'VocabularyCount'),
+         (analyzer_nodes, 'VocabularyOrderAndWrite'),
+         (tft_analyzers, 'get_empy_vocabulary_dummy_value'))
+
+
+def missing():
+  """The names of NEEDS that the installed TF Transform lacks."""
+  return [f'{module.__name__}.{name}' for module, name in NEEDS if not hasattr(module, name)]
+
+
+class VocabularySpec(NamedTuple):
+  """What one packed vocabulary needs, as plain data (it travels to the workers)."""
+  key: str  # its analyzer input in the phase's batches of analyzer inputs
+  input_dtype: str  # 'string' or 'int64'
+  frequency_threshold: float
+  top_k: Optional[int]
+  store_frequency: bool
+  vocab_filename: str
+
+
+class PackedVocabularies(
+    collections.namedtuple('PackedVocabularies', ['specs', 'label']), nodes.OperationDef):
+  """Batches of one phase's analyzer inputs -> (index of a spec, (path, unpruned size, pruned
+  size)) for every spec; writes each vocabulary file."""
+  __slots__ = ()
+
+
+class ExtractPackedVocabulary(
+    collections.namedtuple('ExtractPackedVocabulary', ['index', 'label']), nodes.OperationDef):
+  """PackedVocabularies' output -> its spec `index`'s file path, unpruned and pruned sizes: the
+  three singletons TF Transform's chain gives (VocabularyOrderAndWrite and two VocabularyCount)."""
+  __slots__ = ()
+
+  @property
+  def num_outputs(self):
+    return 3
+
+
+def set_enabled(on):
+  """Packs the vocabularies of the analyses built after this call (on) or not; the first call
+  that turns it on puts the rewrite into analysis_graph_builder.build."""
+  _STATE['on'] = bool(on)
+  if on and analysis_graph_builder.build is _ORIGINAL_BUILD:
+    analysis_graph_builder.build = _build_and_pack
+
+
+def _build_and_pack(*args, **kwargs):
+  root, cache, side_effects = _ORIGINAL_BUILD(*args, **kwargs)
+  if not _STATE['on'] or cache:  # an analyzer cache keys each vocabulary's accumulator
+    return root, cache, side_effects
+  root, *side_effects = pack((root, *side_effects))
+  return root, cache, side_effects
+
+
+# ---- the graph rewrite ----------------------------------------------------------------------
+
+
+def _key(value_node):
+  return id(value_node.parent_operation), value_node.value_index
+
+
+def _operations(leaves):
+  """Every operation the leaves depend on, and who consumes each value: (ops, consumers)."""
+  ops, consumers = {}, collections.defaultdict(list)
+  stack = [leaf.parent_operation for leaf in leaves]
+  while stack:
+    op = stack.pop()
+    if id(op) in ops:
+      continue
+    ops[id(op)] = op
+    for value in op.inputs:
+      consumers[_key(value)].append(op)
+      stack.append(value.parent_operation)
+  return ops, consumers
+
+
+def _only(ops, kind):
+  return len(ops) == 1 and isinstance(ops[0].operation_def, kind)
+
+
+def _next_and_counts(consumers, op, kind):
+  """(the one consumer of `op`'s output of type `kind`, the VocabularyCounts of it) when those
+  are all its consumers; (None, None) otherwise."""
+  after = consumers[_key(op.outputs[0])]
+  nexts = [c for c in after if isinstance(c.operation_def, kind)]
+  counts = [c for c in after if isinstance(c.operation_def, analyzer_nodes.VocabularyCount)]
+  if len(nexts) != 1 or len(nexts) + len(counts) != len(after):
+    return None, None
+  return nexts[0], counts
+
+
+def _chain(accumulate, consumers):
+  """The packable vocabulary chain that starts at VocabularyAccumulate `accumulate`, as
+  (batches ValueNode, spec, {replaced value key: output index}); None if it is not one."""
+  frequency = getattr(getattr(tft_analyzers, '_VocabOrderingType', None), 'FREQUENCY', None)
+  acc = accumulate.operation_def
+  if frequency is None or acc.vocab_ordering_type != frequency or len(accumulate.inputs) != 1:
+    return None
+  extract = accumulate.inputs[0].parent_operation
+  if not isinstance(extract.operation_def, beam_nodes.ExtractFromDict):
+    return None
+  keys = extract.operation_def.keys
+  if isinstance(keys, tuple):
+    if len(keys) != 1:
+      return None
+    (keys,) = keys
+  merges = consumers[_key(accumulate.outputs[0])]
+  if not _only(merges, analyzer_nodes.VocabularyMerge):
+    return None
+  (merge,) = merges
+  if merge.operation_def.vocab_ordering_type != frequency:
+    return None
+  prune, merge_counts = _next_and_counts(consumers, merge, analyzer_nodes.VocabularyPrune)
+  if prune is None:
+    return None
+  p = prune.operation_def
+  if (p.key_fn is not None or (p.top_k is not None and p.top_k < 0) or
+      p.frequency_threshold is None or p.frequency_threshold < 0):
+    return None  # TF Transform's own chain, and its own errors for negative values
+  write, prune_counts = _next_and_counts(consumers, prune,
+                                         analyzer_nodes.VocabularyOrderAndWrite)
+  if write is None:
+    return None
+  w = write.operation_def
+  if len(write.inputs) != 1 or w.fingerprint_shuffle or w.file_format != 'text':
+    return None
+  spec = VocabularySpec(keys, str(w.input_dtype), p.frequency_threshold, p.top_k,
+                        bool(w.store_frequency), w.vocab_filename)
+  replaced = {_key(write.outputs[0]): 0}
+  replaced.update({_key(op.outputs[0]): 1 for op in merge_counts})
+  replaced.update({_key(op.outputs[0]): 2 for op in prune_counts})
+  return extract.inputs[0], spec, replaced, w.label
+
+
+def pack(leaves):
+  """The graph under `leaves` (ValueNodes) with its packable vocabulary chains packed, one
+  PackedVocabularies per phase's batches; returns the new leaves, in order."""
+  ops, consumers = _operations(leaves)
+  groups = collections.defaultdict(list)  # batches key -> [(spec, replaced, label)]
+  batches_of = {}
+  for op in ops.values():
+    if isinstance(op.operation_def, analyzer_nodes.VocabularyAccumulate):
+      chain = _chain(op, consumers)
+      if chain is not None:
+        batches, spec, replaced, label = chain
+        groups[_key(batches)].append((spec, replaced, label))
+        batches_of[_key(batches)] = batches
+  if not groups:
+    return tuple(leaves)
+  for chains in groups.values():  # a deterministic order: the graph walk's is not
+    chains.sort(key=lambda chain: chain[2])
+
+  replacement = {}  # replaced value key -> (batches key, index in its group, output index)
+  for group, chains in groups.items():
+    for index, (_, replaced, _) in enumerate(chains):
+      for key, output in replaced.items():
+        replacement[key] = (group, index, output)
+
+  rebuilt_ops, packed, extracted = {}, {}, {}
+
+  def value(node):
+    key = _key(node)
+    if key in replacement:
+      group, index, output = replacement[key]
+      return extracted_outputs(group, index)[output]
+    op = rebuild(node.parent_operation)
+    return node if op is node.parent_operation else op.outputs[node.value_index]
+
+  def rebuild(op):
+    if id(op) not in rebuilt_ops:
+      inputs = tuple(value(node) for node in op.inputs)
+      same = all(a is b for a, b in zip(inputs, op.inputs))
+      rebuilt_ops[id(op)] = op if same else nodes.OperationNode(op.operation_def, inputs)
+    return rebuilt_ops[id(op)]
+
+  def extracted_outputs(group, index):
+    if (group, index) not in extracted:
+      if group not in packed:
+        batches = batches_of[group]
+        label = batches.parent_operation.operation_def.label
+        packed[group] = nodes.apply_operation(
+            PackedVocabularies, value(batches),
+            specs=tuple(spec for spec, _, _ in groups[group]),
+            label=f'PackedVocabularies[{label}]')
+      name = groups[group][index][2].replace('VocabularyOrderAndWrite', 'PackedVocabulary', 1)
+      extracted[group, index] = nodes.apply_multi_output_operation(
+          ExtractPackedVocabulary, packed[group], index=index, label=name)
+    return extracted[group, index]
+
+  return tuple(value(leaf) for leaf in leaves)
+
+
+# ---- the Beam stages ------------------------------------------------------------------------
+
+
+def count_tokens(batch, keys):
+  """((vocabulary index, token), count) for each distinct token of each vocabulary in one batch
+  of analyzer inputs (a dict of arrays, as TF Transform's ApplySavedModel gives)."""
+  for index, key in enumerate(keys):
+    tokens = np.asarray(batch[key]).ravel().tolist()
+    for token, count in collections.Counter(tokens).items():
+      yield (index, token), count
+
+
+def order_and_prune(spec, counts):
+  """One vocabulary's (count, token) pairs -> (entries in file order, unpruned size, pruned
+  size), as TF Transform's VocabularyMerge, VocabularyPrune and VocabularyOrderAndWrite."""
+  unpruned = max(len(counts), 1)
+  if spec.frequency_threshold > 0:
+    counts = [pair for pair in counts if pair[0] >= spec.frequency_threshold]
+  if spec.input_dtype != 'string':  # numeric tokens: their text (tf.compat.as_str_any)
+    counts = [(count, str(token).encode()) for count, token in counts]
+  counts.sort(reverse=True)
+  if spec.top_k is not None:
+    counts = counts[:spec.top_k]
+  if not counts:
+    counts = [tft_analyzers.get_empy_vocabulary_dummy_value(spec.input_dtype)]
+  return counts, unpruned, len(counts)
+
+
+def vocabulary_lines(spec, counts):
+  if spec.store_frequency:
+    return b''.join(b'%d %s\n' % (count, token) for count, token in counts)
+  return b''.join(token + b'\n' for _, token in counts)
+
+
+class _WriteVocabularies(beam.DoFn):
+  """(index, its (count, token) pairs and None markers) -> (index, (path, unpruned, pruned));
+  writes the file under a temporary name, then renames it, so a retried bundle rewrites it."""
+
+  def __init__(self, specs, temp_dir):
+    self._specs = specs
+    self._temp_dir = temp_dir
+
+  def process(self, element):
+    index, pairs = element
+    spec = self._specs[index]
+    counts, unpruned, pruned = order_and_prune(spec, [p for p in pairs if p is not None])
+    path = os.path.join(self._temp_dir, spec.vocab_filename)
+    partial = f'{path}.incomplete-{uuid.uuid4().hex}'
+    with FileSystems.create(partial) as f:
+      f.write(vocabulary_lines(spec, counts))
+    if FileSystems.exists(path):
+      FileSystems.delete([path])
+    FileSystems.rename([partial], [path])
+    yield index, (np.array(path), np.int64(unpruned), np.int64(pruned))
+
+
+class _PackedVocabulariesImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._specs = operation.specs
+    self._temp_dir = extra_args.base_temp_dir
+
+  def expand(self, inputs):
+    (batches,) = inputs
+    specs = self._specs
+    keys = [spec.key for spec in specs]
+    counted = (batches
+               | 'CountTokensPerBatch' >> beam.FlatMap(count_tokens, keys).with_output_types(Any)
+               | 'SumPerToken' >> beam.CombinePerKey(sum).with_input_types(Any)
+               .with_output_types(Any)
+               | 'ByVocabulary' >> beam.MapTuple(
+                   lambda key, count: (key[0], (count, key[1]))).with_output_types(Any))
+    # One None per vocabulary, so that a vocabulary without a single token is written too.
+    every = (batches.pipeline
+             | 'EveryVocabulary' >> beam.Create([(i, None) for i in range(len(specs))])
+             .with_output_types(Any))
+    return ((counted, every)
+            | 'Together' >> beam.Flatten().with_output_types(Any)
+            | 'GroupByVocabulary' >> beam.GroupByKey().with_input_types(Any)
+            .with_output_types(Any)
+            | 'OrderPruneAndWrite' >> beam.ParDo(_WriteVocabularies(specs, self._temp_dir))
+            .with_output_types(Any))
+
+
+class _ExtractPackedVocabularyImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._index = operation.index
+
+  def expand(self, inputs):
+    (packed,) = inputs
+    index = self._index
+    mine = (packed
+            | 'Select' >> beam.FlatMap(
+                lambda kv: [kv[1]] if kv[0] == index else []).with_output_types(Any))
+    return tuple(mine | name >> beam.Map(lambda outputs, i=i: outputs[i]).with_output_types(Any)
+                 for i, name in enumerate(('Path', 'UnprunedSize', 'PrunedSize')))
+
+
+tft_beam_common.register_ptransform(PackedVocabularies)(_PackedVocabulariesImpl)
+tft_beam_common.register_ptransform(ExtractPackedVocabulary)(_ExtractPackedVocabularyImpl)
