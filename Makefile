@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-input bench-images bench-serve clean
+.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-small bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,10 @@ bench: install
 # TF Transform's TFXIO pipeline at 300 columns (issue 15's targets; the longest benchmark).
 bench-wide: install
 	$(PY) benchmarks/wide_table.py --rows 100000 --widths 30,100,300,1000 --runs 3
+
+# Small runs: a 1,000-row census run against importing TensorFlow, TF Transform and Beam.
+bench-small: install
+	$(PY) benchmarks/small_run.py --rows 1000 --runs 5
 
 # The trainer's tf.data input against a plain TFRecordDataset + parse_example (issue: >= 0.8x).
 bench-input: install

@@ -92,18 +92,23 @@ def run(argv=None):
       image_files.arrow_schema(),
       tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
 
-  pipeline = launch.make_pipeline(beam_args)
-  with tft_beam.Context(temp_dir=out.tmp, desired_batch_size=args.images_per_batch):
-    spill = job.make_spill(pipeline, out)
+  def source(units, split, eval_fraction, spill):
+    return image_files.ReadImages(units, fmt, split, eval_fraction, args.images_per_batch,
+                                  spill=spill)
 
-    def source(units, split, eval_fraction, spill):
-      return image_files.ReadImages(units, fmt, split, eval_fraction, args.images_per_batch,
-                                    spill=spill)
+  def build_job(graph_mode):
+    pipeline = launch.make_pipeline(beam_args)
+    with tft_beam.Context(temp_dir=out.tmp, desired_batch_size=args.images_per_batch,
+                          force_tf_compat_v1=graph_mode):
+      spill = job.make_spill(pipeline, out)
+      stages.add_preprocessing(pipeline, source, units, args.eval_fraction,
+                               contract.preprocessing_fn, adapter_config, out, shards,
+                               args.compression, spill)
+    return pipeline, spill
 
-    stages.add_preprocessing(pipeline, source, units, args.eval_fraction, contract.preprocessing_fn,
-                             adapter_config, out, shards, args.compression, spill)
-    counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, what='images',
-                               spill=spill)
+  pipeline, spill = stages.build(build_job, args.graph_mode)
+  counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, what='images',
+                             spill=spill)
   if counts is None:
     return None
 

@@ -137,7 +137,7 @@ def killed_worker(inputs, worker_pool, portable, tmp_path_factory):
   args = runs.tabular_args(inputs, out, *_portable(port))
   proc = runs.start_cli(args, root / 'log.txt')
   try:
-    runs.wait_for(lambda: runs.staged_files(str(out), 'tmp/tftransform_tmp/beam-temp-*/*'), proc,
+    runs.wait_for(lambda: runs.staged_files(str(out), 'tmp/tftransform_tmp/*'), proc,
                   240, 'SDK worker at work')
     workers = _children(pool.pid)
     for pid in workers:

@@ -204,7 +204,9 @@ class PipelineTransform:
   def __init__(self, transformed_dir):
     import tensorflow_transform as tft
     manifest = run_contract.read_manifest(transformed_dir, flag='the pipeline output')
-    self._output = tft.TFTransformOutput(transformed_dir)
+    # TF Transform's Keras layer reads a TF2 transform graph and a TF1 one (--graph-mode)
+    # alike, eagerly; transform_raw_features reads a TF1 one only inside a tf.compat.v1 graph.
+    self._layer = tft.TFTransformOutput(transformed_dir).transform_features_layer()
     self._spec = manifest.raw_feature_spec()
     self.raw_types = {n: s.dtype for n, s in self._spec.items()}
     self.csv_columns = manifest.csv_columns
@@ -220,7 +222,7 @@ class PipelineTransform:
                for e in examples):
       spec.pop(self.label_key)
     raw = tf.io.parse_example(tf.constant(examples), spec)
-    outputs = self._output.transform_raw_features(raw, drop_unused_features=True)
+    outputs = self._layer(raw)
     return {k: to_numpy(v) for k, v in outputs.items()}
 
 

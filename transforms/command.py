@@ -259,11 +259,29 @@ def start(argv=None):
   _configure_logging()
 
 
+# Library warnings about what the pipelines chose on purpose: TF Transform's graph mode (see
+# pipelines/stages.build) and the TF1 SavedModel it writes (deprecated TF1 helpers, TF Transform's
+# own graph collections that a TF1 MetaGraph cannot hold). Hidden unless --verbose.
+BENIGN_LOG_RECORDS = (
+    r'Tensorflow Transform is running in tf\.compat\.v1 mode',
+    r'From .*: build_tensor_info \(from tensorflow\.python\.saved_model\.utils_impl\) is '
+    r'deprecated',
+    r'Issue encountered when serializing tft_',
+)
+_BENIGN_RECORD = re.compile('|'.join(BENIGN_LOG_RECORDS))
+
+
+def _not_benign(record):
+  return _VERBOSE or not _BENIGN_RECORD.match(record.getMessage())
+
+
 def _configure_logging():
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   for name in LIBRARY_LOGGERS:
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO if _VERBOSE else logging.WARNING)
+    if _not_benign not in logger.filters:
+      logger.addFilter(_not_benign)
     # TensorFlow's logger adds a handler of its own when it is made before the root has one (a
     # module that imported TensorFlow before start): every line twice, with the root's.
     for handler in list(logger.handlers):

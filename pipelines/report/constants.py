@@ -35,6 +35,8 @@ def _analyzer_constants(path):
   with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     model.ParseFromString(f.read())
   graph = model.meta_graphs[0]
+  if 'transform_signature' in graph.signature_def:  # TF Transform's graph mode: a TF1 graph
+    return _graph_mode_constants(graph)
   objects = graph.object_graph_def
   constants = {n.name: n.attr['value'].tensor for n in graph.graph_def.node if n.op == 'Const'}
   functions = {f.signature.name: f for f in graph.graph_def.library.function}
@@ -88,6 +90,54 @@ def _analyzer_constants(path):
     if found:
       result[feature] = found
   return result
+
+
+def _graph_mode_constants(graph):
+  """analyzer_constants of a TF1 transform graph (TF Transform's graph mode): the analyzers'
+  results are Const nodes outside the `transform/` scope the preprocessing_fn's own ops are
+  imported under; each is labelled after the op that reads it (as _constant_label names TF2's
+  captures: `bucketize/apply_buckets`, `scale_to_z_score/sub_y`)."""
+  nodes = {n.name: n for n in graph.graph_def.node}
+  result = {}
+  for feature, info in sorted(graph.signature_def['transform_signature'].outputs.items()):
+    which = info.WhichOneof('encoding')
+    if which == 'name':
+      starts = [info.name]
+    elif which == 'coo_sparse':
+      starts = [info.coo_sparse.values_tensor_name, info.coo_sparse.indices_tensor_name]
+    else:  # a composite tensor (ragged): its components
+      starts = [c.name for c in info.composite_tensor.components]
+    found, stack, seen = {}, [s.split(':')[0] for s in starts], set()
+    while stack:
+      name = stack.pop()
+      if name in seen or name not in nodes:
+        continue
+      seen.add(name)
+      inputs = [i for i in nodes[name].input if i[0] != '^']
+      for position, source in enumerate(inputs):
+        source = source.split(':')[0]
+        node = nodes.get(source)
+        if node is not None and node.op == 'Const' and not source.startswith('transform/'):
+          found[_reader_label(name, position)] = _tensor_values(node.attr['value'].tensor)
+        else:
+          stack.append(source)
+    found = {k: v for k, v in sorted(found.items()) if v is not None}
+    if found:
+      result[feature] = found
+  return result
+
+
+def _reader_label(reader, position):
+  """The label of a constant read by op `reader` (`transform/scale_to_z_score/sub`) as its
+  input `position`: `scale_to_z_score/sub_y`; under an apply_buckets scope,
+  `bucketize/apply_buckets`."""
+  path = reader.split('/')
+  if path[0] == 'transform':
+    path = path[1:]
+  if 'apply_buckets' in path:
+    return '/'.join(path[:path.index('apply_buckets') + 1])
+  op = path[-1].split('_')[0].lower()
+  return '/'.join(path[:-1] + [f'{op}_{"xyz"[min(position, 2)]}'])
 
 
 def _flat_components(value):

@@ -11,9 +11,10 @@ itself, says how: each of them is a candidate to send upstream, after which it g
 
 Everything here can be switched off: with TFT_PIPELINES_BEAM_PATCHES=off (ENV) in the environment
 of the launching process, nothing of Beam is patched, the job's workers are not given this
-project's worker plugin, and TF Transform's own vocabulary counting runs (pipelines/vocabulary.py):
-the way to tell a bug of these patches from one of the pipeline, or to run on an untested Beam.
-The outputs are the same either way (tests/test_beam_patches.py), only slower.
+project's worker plugin, and TF Transform's own vocabulary counting and chains of stages run
+(pipelines/vocabulary.py, vocabulary_packing.py): the way to tell a bug of these patches from one
+of the pipeline, or to run on an untested Beam. The outputs are the same either way
+(tests/test_beam_patches.py), only slower.
 """
 
 import collections
@@ -31,10 +32,10 @@ _OFF = ('off', '0', 'false', 'no')
 
 
 def enabled():
-  """Whether this project's patches of Beam (and its TF Transform vocabulary counting) are
-  wanted: yes unless ENV is 'off' (or 0, false, no). Read each time it is asked, so that what
-  installs a patch (and the worker processes, which inherit the environment) sees the variable
-  as it is then. Logs one line, once per process, when they are off."""
+  """Whether this project's patches of Beam (and its TF Transform vocabulary counting and
+  packing) are wanted: yes unless ENV is 'off' (or 0, false, no). Read each time it is asked, so
+  that what installs a patch (and the worker processes, which inherit the environment) sees the
+  variable as it is then. Logs one line, once per process, when they are off."""
   off = os.environ.get(ENV, '').strip().lower() in _OFF
   if off:
     _log_once('off', logging.INFO, f'{ENV}={os.environ[ENV]}: Beam and TF Transform run as '
