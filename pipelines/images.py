@@ -14,14 +14,12 @@ if __name__ == '__main__':  # the command: quiet start-up, no collections while 
 import dataclasses
 import time
 
-import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import flags, job, output_dir, stages
-from pipelines.runner import launch
+from pipelines import flags, job, output_dir
 from pipelines.sources import image_files
 from transforms import command, run_contract
 from transforms import contract as contract_lib
@@ -96,17 +94,8 @@ def run(argv=None):
     return image_files.ReadImages(units, fmt, split, eval_fraction, args.images_per_batch,
                                   spill=spill)
 
-  def build_job(graph_mode):
-    pipeline = launch.make_pipeline(beam_args)
-    with tft_beam.Context(temp_dir=out.tmp, desired_batch_size=args.images_per_batch,
-                          force_tf_compat_v1=graph_mode):
-      spill = job.make_spill(pipeline, out)
-      stages.add_preprocessing(pipeline, source, units, args.eval_fraction,
-                               contract.preprocessing_fn, adapter_config, out, shards,
-                               args.compression, spill)
-    return pipeline, spill
-
-  pipeline, spill = stages.build(build_job, args.graph_mode)
+  pipeline, spill = job.build(beam_args, out, source, units, args, contract.preprocessing_fn,
+                              adapter_config, shards, desired_batch_size=args.images_per_batch)
   counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, what='images',
                              spill=spill)
   if counts is None:

@@ -11,11 +11,12 @@ import tempfile
 import time
 import traceback
 
+import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines import output_dir, report
+from pipelines import output_dir, report, stages
 from pipelines.runner import launch, progress
 from pipelines.sinks import dead_letters
 from pipelines.sources import reading
@@ -31,6 +32,23 @@ def plan_splits(args, input_bytes):
   if args.eval_fraction:
     input_bytes = dict(input_bytes, eval=input_bytes['train'] * args.eval_fraction)
   return splits, {s: args.num_shards or output_dir.auto_num_shards(input_bytes[s]) for s in splits}
+
+
+def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config, shards,
+          **context):
+  """The whole job in a new pipeline of `beam_args` (stages.add_preprocessing, in a
+  tft_beam.Context with `context` and out's temp dir), traced as --graph-mode asks
+  (stages.build). Returns (pipeline, spill)."""
+
+  def build_job(graph_mode):
+    pipeline = launch.make_pipeline(beam_args)
+    with tft_beam.Context(temp_dir=out.tmp, force_tf_compat_v1=graph_mode, **context):
+      spill = make_spill(pipeline, out)
+      stages.add_preprocessing(pipeline, source, units, args.eval_fraction, preprocessing_fn,
+                               adapter_config, out, shards, args.compression, spill)
+    return pipeline, spill
+
+  return stages.build(build_job, args.graph_mode)
 
 
 def make_spill(pipeline, out):

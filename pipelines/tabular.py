@@ -14,13 +14,11 @@ if __name__ == '__main__':  # the command: quiet start-up, no collections while 
 import logging
 import time
 
-import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import flags, job, output_dir, stages
-from pipelines.runner import launch
+from pipelines import flags, job, output_dir
 from pipelines.sources import csv_files, csv_layout, csv_rows
 from transforms import command, run_contract
 from transforms import contract as contract_lib
@@ -96,16 +94,8 @@ def run(argv=None):
   def source(units, split, eval_fraction, spill):
     return csv_files.ReadCsv(units, fmt, split, eval_fraction, args.rows_per_batch, spill=spill)
 
-  def build_job(graph_mode):
-    pipeline = launch.make_pipeline(beam_args)
-    with tft_beam.Context(temp_dir=out.tmp, force_tf_compat_v1=graph_mode):
-      spill = job.make_spill(pipeline, out)
-      stages.add_preprocessing(pipeline, source, units, args.eval_fraction,
-                               contract.preprocessing_fn, adapter_config, out, shards,
-                               args.compression, spill)
-    return pipeline, spill
-
-  pipeline, spill = stages.build(build_job, args.graph_mode)
+  pipeline, spill = job.build(beam_args, out, source, units, args, contract.preprocessing_fn,
+                              adapter_config, shards)
   counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, spill=spill)
   if counts is None:
     return None
