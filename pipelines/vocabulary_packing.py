@@ -4,9 +4,9 @@ TF Transform 1.21 packs its combiner analyzers (mean, variance, quantiles, ...) 
 per phase, but gives every `tft.vocabulary` (and compute_and_apply_vocabulary) its own chain of
 Beam stages: VocabularyAccumulate -> VocabularyMerge -> VocabularyPrune -> VocabularyOrderAndWrite,
 two VocabularyCounts, a dozen stages in all, each paying the runner's fixed cost per stage and
-each holding its state until the job ends. On a table with 100 string columns that chain was
-about 150 s and 9 GB of a 216 s, 11 GB run (20,000 rows, one worker; benchmarks/wide_table.py);
-the cost is per vocabulary, hardly per row.
+each holding its state until the job ends; the cost is per vocabulary, hardly per row. Packed,
+a 300-column table with 100 vocabularies (benchmarks/wide.py, 20,000 rows, one worker) ran in
+186 s and 3.3 GB peak RSS instead of 216 s and 11.2 GB (benchmarks/RESULTS.md).
 
 This module rewrites TF Transform's analysis graph (the `nodes` graph that
 analysis_graph_builder.build returns, before it becomes Beam stages) so that the vocabulary
