@@ -30,16 +30,21 @@ def raw_feature_spec(floats, strings, label):
 RAW_FEATURE_SPEC = raw_feature_spec(FLOATS, STRINGS, LABEL_KEY)
 
 
-def preprocessing_fn(inputs):
-  outputs = {}
-  for name in FLOATS:
-    outputs[f'{name}_z'] = tft.scale_to_z_score(inputs[name])
+def preprocess(inputs, floats, bucketized, strings, label):
+  """The benchmarks' preprocessing: a z-score of each of `floats`, NUM_BUCKETS quantile buckets
+  of each of `bucketized`, a vocabulary with one OOV bucket of each of `strings`, the label."""
+  outputs = {f'{name}_z': tft.scale_to_z_score(inputs[name]) for name in floats}
+  for name in bucketized:
     outputs[f'{name}_bucket'] = tft.bucketize(inputs[name], NUM_BUCKETS)
-  for name in STRINGS:
+  for name in strings:
     outputs[f'{name}_id'] = tft.compute_and_apply_vocabulary(
         inputs[name], num_oov_buckets=1, vocab_filename=name)
-  outputs[LABEL_KEY] = inputs[LABEL_KEY]
+  outputs[label] = inputs[label]
   return outputs
+
+
+def preprocessing_fn(inputs):
+  return preprocess(inputs, FLOATS, FLOATS, STRINGS, LABEL_KEY)
 
 
 def write_csv(path, rows, seed=0, chunk=250_000):

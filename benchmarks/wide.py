@@ -10,7 +10,6 @@ import os
 import sys
 
 import numpy as np
-import tensorflow_transform as tft
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic
@@ -25,22 +24,13 @@ STRINGS = [f's{i}' for i in range(NUM_STRINGS)]
 MAX_CARDINALITY = 2000
 LABEL_KEY = 'label'
 CSV_COLUMNS = FLOATS + STRINGS + [LABEL_KEY]
-NUM_BUCKETS = 10
+NUM_BUCKETS = synthetic.NUM_BUCKETS
 
 RAW_FEATURE_SPEC = synthetic.raw_feature_spec(FLOATS, STRINGS, LABEL_KEY)
 
 
 def preprocessing_fn(inputs):
-  outputs = {}
-  for name in FLOATS:
-    outputs[f'{name}_z'] = tft.scale_to_z_score(inputs[name])
-  for name in BUCKETIZED:
-    outputs[f'{name}_bucket'] = tft.bucketize(inputs[name], NUM_BUCKETS)
-  for name in STRINGS:
-    outputs[f'{name}_id'] = tft.compute_and_apply_vocabulary(
-        inputs[name], num_oov_buckets=1, vocab_filename=name)
-  outputs[LABEL_KEY] = inputs[LABEL_KEY]
-  return outputs
+  return synthetic.preprocess(inputs, FLOATS, BUCKETIZED, STRINGS, LABEL_KEY)
 
 
 def cardinality(index):

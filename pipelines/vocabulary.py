@@ -25,7 +25,6 @@ are switched off (pipelines/runner/beam_patches.py, ENV); TFT's own implementati
 Could live upstream: TFT's VocabularyAccumulate could count each batch's tokens itself.
 """
 
-import collections
 import contextlib
 import logging
 from typing import Any
@@ -33,7 +32,6 @@ from typing import Any
 import apache_beam as beam
 import tensorflow_transform as tft
 from tensorflow_transform import analyzer_nodes
-from tensorflow_transform import analyzers as tft_analyzers
 from tensorflow_transform.beam import analyzer_impls
 from tensorflow_transform.beam import common as tft_beam_common
 
@@ -45,7 +43,6 @@ _LOG = logging.getLogger('pipelines')
 # What this was written and tested against: TF Transform's versions (major.minor), and the
 # private names of TFT's that it builds on (their absence, or another TFT, leaves TFT's own).
 TESTED_TFT = ('1.21',)
-_FREQUENCY = getattr(getattr(tft_analyzers, '_VocabOrderingType', None), 'FREQUENCY', None)
 _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
 
 
@@ -55,18 +52,19 @@ def unfit_reason(tft_version=None):
   tft_version = tft.__version__ if tft_version is None else tft_version
   if '.'.join(tft_version.split('.')[:2]) not in TESTED_TFT:
     return f'tested on TF Transform {", ".join(TESTED_TFT)} only'
-  if _FREQUENCY is None or _TFT_IMPLEMENTATION is None:
+  if vocabulary_packing.FREQUENCY is None or _TFT_IMPLEMENTATION is None:
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
             'beam.analyzer_impls._VocabularyAccumulateImpl')
-  if vocabulary_packing.missing():
-    return f'TF Transform has no {", ".join(vocabulary_packing.missing())}'
+  missing = vocabulary_packing.missing()
+  if missing:
+    return f'TF Transform has no {", ".join(missing)}'
   return None
 
 
 def count_batch(batch_values):
   """(token, count) for each distinct token of one batch; TFT hands the tokens as a 1-D array."""
   (tokens,) = batch_values
-  return collections.Counter(tokens.ravel().tolist()).items()
+  return vocabulary_packing.token_counts(tokens)
 
 
 class _BatchCountedVocabularyAccumulate(beam.PTransform):
@@ -74,7 +72,7 @@ class _BatchCountedVocabularyAccumulate(beam.PTransform):
 
   def __init__(self, operation, extra_args):
     super().__init__()
-    self._frequency = operation.vocab_ordering_type == _FREQUENCY
+    self._frequency = operation.vocab_ordering_type == vocabulary_packing.FREQUENCY
     self._tft = _TFT_IMPLEMENTATION(operation, extra_args)
 
   def expand(self, inputs):

@@ -49,6 +49,9 @@ from tensorflow_transform.beam import analysis_graph_builder, beam_nodes
 from tensorflow_transform.beam import common as tft_beam_common
 
 _ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
+# TF Transform's ordering type of the frequency vocabularies (private; pipelines/vocabulary.py
+# reads it from here too).
+FREQUENCY = getattr(getattr(tft_analyzers, '_VocabOrderingType', None), 'FREQUENCY', None)
 _STATE = {'on': False}
 # The private names of TF Transform's this rewrite reads (vocabulary.unfit_reason checks them).
 NEEDS = ((analysis_graph_builder, 'build'), (beam_nodes, 'ExtractFromDict'),
@@ -147,9 +150,8 @@ def _next_and_counts(consumers, op, kind):
 def _chain(accumulate, consumers):
   """The packable vocabulary chain that starts at VocabularyAccumulate `accumulate`, as
   (batches ValueNode, spec, {replaced value key: output index}); None if it is not one."""
-  frequency = getattr(getattr(tft_analyzers, '_VocabOrderingType', None), 'FREQUENCY', None)
   acc = accumulate.operation_def
-  if frequency is None or acc.vocab_ordering_type != frequency or len(accumulate.inputs) != 1:
+  if FREQUENCY is None or acc.vocab_ordering_type != FREQUENCY or len(accumulate.inputs) != 1:
     return None
   extract = accumulate.inputs[0].parent_operation
   if not isinstance(extract.operation_def, beam_nodes.ExtractFromDict):
@@ -163,7 +165,7 @@ def _chain(accumulate, consumers):
   if not _only(merges, analyzer_nodes.VocabularyMerge):
     return None
   (merge,) = merges
-  if merge.operation_def.vocab_ordering_type != frequency:
+  if merge.operation_def.vocab_ordering_type != FREQUENCY:
     return None
   prune, merge_counts = _next_and_counts(consumers, merge, analyzer_nodes.VocabularyPrune)
   if prune is None:
@@ -248,12 +250,17 @@ def pack(leaves):
 # ---- the Beam stages ------------------------------------------------------------------------
 
 
+def token_counts(tokens):
+  """(token, count) for each distinct token of an array of them, counted at once by the
+  C-implemented collections.Counter."""
+  return collections.Counter(np.asarray(tokens).ravel().tolist()).items()
+
+
 def count_tokens(batch, keys):
   """((vocabulary index, token), count) for each distinct token of each vocabulary in one batch
   of analyzer inputs (a dict of arrays, as TF Transform's ApplySavedModel gives)."""
   for index, key in enumerate(keys):
-    tokens = np.asarray(batch[key]).ravel().tolist()
-    for token, count in collections.Counter(tokens).items():
+    for token, count in token_counts(batch[key]):
       yield (index, token), count
 
 
