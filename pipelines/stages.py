@@ -12,8 +12,6 @@ A source is any PTransform factory `source(units, split, eval_fraction, spill)` 
 sources/image_files.ReadImages.
 """
 
-import logging
-
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 
@@ -21,8 +19,6 @@ from pipelines import output_dir, statistics, vocabulary
 from pipelines.runner import progress
 from pipelines.sinks import dead_letters, row_counts, tfrecords
 from transforms.errors import UserError
-
-_LOG = logging.getLogger('pipelines')
 
 
 class TraceError(UserError):
@@ -127,34 +123,6 @@ class SplitStatistics(beam.PTransform):
           f'{self._split}_{stage}', statistics.statistics_path(self._out.out, self._split, stage),
           statistics.sample_path(self._out.staging, self._split, stage))
     return beam.pvalue.PDone(raw_and_transformed[0].pipeline)
-
-
-def build(build_job, graph_mode=False):
-  """Builds the job with `build_job(graph_mode)`, which adds it (add_preprocessing) inside a
-  tft_beam.Context(force_tf_compat_v1=graph_mode); returns what build_job returns.
-
-  With `graph_mode` (--graph-mode), the preprocessing_fn is traced in TF Transform's graph mode
-  (tf.compat.v1), and with TF2 behaviours (tf.function) where graph mode cannot trace it
-  (TF2-only APIs such as tft.make_and_track_object): the job is then built again. Both give the
-  same outputs, floats to within their last bit or two (tests/test_tabular_pipeline.py). With
-  TF2 behaviours, TF Transform traces the function four times (to build the analysis, twice
-  more to write the transform graph, once for its metadata) and saves and loads each phase's
-  SavedModel through tf.function; graph mode traces it once and copies graphs. A 1,000-row
-  census run took 20.8 s with TF2 behaviours and 14.4 s in graph mode here, one trace of a
-  300-column preprocessing_fn 10.5 s against 6.0 s (benchmarks/RESULTS.md). Graph mode is not
-  the default because its transform graph is a TF1 SavedModel: the trainer, the exported model,
-  trainer.serving and TFTransformOutput.transform_features_layer read it as they read a TF2
-  one, but TFTransformOutput.transform_raw_features reads it only inside a tf.compat.v1 graph,
-  not eagerly. Where graph mode cannot trace the function and TF2 cannot either, TF2's error is
-  the one reported.
-  """
-  if graph_mode:
-    try:
-      return build_job(True)
-    except TraceError as e:
-      _LOG.info('the preprocessing_fn does not trace in graph mode, tracing it with TF2 '
-                'behaviours: %s', e)
-  return build_job(False)
 
 
 def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, adapter_config,

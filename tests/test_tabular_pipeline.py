@@ -125,7 +125,7 @@ def test_refuses_a_complete_output_from_the_command_line(adult_run):
 
 def test_eval_fraction_is_deterministic_with_tf2_and_in_graph_mode(adult_sample, tmp_path):
   """The same command twice, the second tracing the preprocessing_fn in TF Transform's graph
-  mode: the same split of the rows, and the same result (pipelines.stages.build)."""
+  mode: the same split of the rows, and the same result (pipelines.job.build)."""
   train_csv, _ = adult_sample
   runs = []
   for name, extra in (('a', []), ('b', ['--graph-mode'])):

@@ -260,7 +260,7 @@ def start(argv=None):
 
 
 # Library warnings about what the pipelines chose on purpose: TF Transform's graph mode (see
-# pipelines/stages.build) and the TF1 SavedModel it writes (deprecated TF1 helpers, TF Transform's
+# pipelines/job.build) and the TF1 SavedModel it writes (deprecated TF1 helpers, TF Transform's
 # own graph collections that a TF1 MetaGraph cannot hold). Hidden unless --verbose.
 BENIGN_LOG_RECORDS = (
     r'Tensorflow Transform is running in tf\.compat\.v1 mode',
