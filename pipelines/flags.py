@@ -69,10 +69,12 @@ def add_split_flags(parser, what, inputs_help):
   parser.add_argument('--max-bad-rows', default='1%', type=parse_max_bad_rows,
                       help=f'rejected {what} a split may have before the run fails: a count or a '
                            f'percentage of {what} read (default 1%%)')
-  parser.add_argument('--graph-mode', action='store_true',
-                      help='trace the preprocessing_fn in TF Transform\'s graph mode '
-                           '(tf.compat.v1): a faster analysis, the same outputs, a TF1 transform '
-                           'graph (a function that needs TF2 behaviours still gets them)')
+  parser.add_argument('--tracing', choices=('graph', 'tf2'), default='graph',
+                      help='how TF Transform traces the preprocessing_fn: graph (default: its '
+                           'graph mode, tf.compat.v1, once; a function that needs TF2 '
+                           'behaviours gets them) or tf2 (TF2 behaviours, tf.function, four '
+                           'times: slower). The outputs and the transform graph\'s format are '
+                           'the same either way')
   report.add_flags(parser)
 
 

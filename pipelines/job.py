@@ -39,20 +39,18 @@ def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config,
   """The whole job in a new pipeline of `beam_args` (stages.add_preprocessing, in a
   tft_beam.Context with `context` and out's temp dir). Returns (pipeline, spill).
 
-  With --graph-mode (args.graph_mode), the preprocessing_fn is traced in TF Transform's graph mode
+  By default (--tracing graph), the preprocessing_fn is traced in TF Transform's graph mode
   (tf.compat.v1), and with TF2 behaviours (tf.function) where graph mode cannot trace it
-  (TF2-only APIs such as tft.make_and_track_object): the job is then built again. Both give the
-  same outputs, floats to within their last bit or two (tests/test_tabular_pipeline.py). With
-  TF2 behaviours, TF Transform traces the function four times (to build the analysis, twice
-  more to write the transform graph, once for its metadata) and saves and loads each phase's
-  SavedModel through tf.function; graph mode traces it once and copies graphs. A 1,000-row
-  census run took 20.8 s with TF2 behaviours and 14.4 s in graph mode here, one trace of a
-  300-column preprocessing_fn 10.5 s against 6.0 s (benchmarks/RESULTS.md). Graph mode is not
-  the default because its transform graph is a TF1 SavedModel: the trainer, the exported model,
-  trainer.serving and TFTransformOutput.transform_features_layer read it as they read a TF2
-  one, but TFTransformOutput.transform_raw_features reads it only inside a tf.compat.v1 graph,
-  not eagerly. Where graph mode cannot trace the function and TF2 cannot either, TF2's error is
-  the one reported.
+  (TF2-only APIs such as tft.make_and_track_object): the job is then built again; --tracing tf2
+  asks for TF2 behaviours at once. Both give the same outputs, floats to within their last bit
+  or two (tests/test_tabular_pipeline.py). With TF2 behaviours, TF Transform traces the function
+  four times (to build the analysis, twice more to write the transform graph, once for its
+  metadata) and saves and loads each phase's SavedModel through tf.function; graph mode traces
+  it once and copies graphs. A 1,000-row census run took 20.8 s with TF2 behaviours and 14.4 s
+  in graph mode here, one trace of a 300-column preprocessing_fn 10.5 s against 6.0 s
+  (benchmarks/RESULTS.md). Graph mode's transform graph, a TF1 SavedModel, is rewritten as a
+  TF2 one (pipelines/transform_graph), so that readers get the format TF2 behaviours give. Where
+  graph mode cannot trace the function and TF2 cannot either, TF2's error is the one reported.
   """
 
   def build_job(graph_mode):
@@ -63,7 +61,7 @@ def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config,
                                adapter_config, out, shards, args.compression, spill)
     return pipeline, spill
 
-  if args.graph_mode:
+  if args.tracing == 'graph':
     try:
       return build_job(True)
     except stages.TraceError as e:

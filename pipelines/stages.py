@@ -4,6 +4,7 @@ joins them (`add_preprocessing`):
   ReadTrain, ReadEval        a split's inputs -> Arrow RecordBatches and dead letters (ReadSplit)
   ReadTrainForAnalysis       the train split again, for the analysis alone (see add_preprocessing)
   AnalyzeTrain               TF Transform's analysis of the train split -> the transform graph
+                             (written as a TF2 SavedModel in graph mode too: transform_graph)
   TransformAndWrite<Split>   the transform of a split -> its shards, dead letters and row counts
   Statistics<Split>          the statistics of a split, raw and transformed
 
@@ -15,7 +16,7 @@ sources/image_files.ReadImages.
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 
-from pipelines import output_dir, statistics, vocabulary
+from pipelines import output_dir, statistics, transform_graph, vocabulary
 from pipelines.runner import progress
 from pipelines.sinks import dead_letters, row_counts, tfrecords
 from transforms.errors import UserError
@@ -62,8 +63,17 @@ class AnalyzeTrain(beam.PTransform):
                       | 'Analyze' >> tft_beam.AnalyzeDataset(self._fn))
     except Exception as e:  # the user's function (a wrong key, an op on the wrong type, ...)
       raise TraceError(traced_failure(e, self._out)) from e
-    _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(self._out.out)
+    written = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(self._out.out)
+    if tft_beam.Context.get_use_tf_compat_v1():  # graph mode wrote a TF1 graph
+      _ = written | 'RewriteAsTF2' >> beam.Map(_rewrite_as_tf2, self._out.out,
+                                               self._adapter_config)
     return transform_fn
+
+
+def _rewrite_as_tf2(unused_done, directory, adapter_config):
+  from tfx_bsl.tfxio import tensor_adapter
+  transform_graph.rewrite_as_tf2(
+      directory, tensor_adapter.TensorAdapter(adapter_config).OriginalTypeSpecs())
 
 
 def traced_failure(error, out):

@@ -123,26 +123,35 @@ def test_refuses_a_complete_output_from_the_command_line(adult_run):
   assert 'Traceback' not in proc.stderr
 
 
-def test_eval_fraction_is_deterministic_with_tf2_and_in_graph_mode(adult_sample, tmp_path):
-  """The same command twice, the second tracing the preprocessing_fn in TF Transform's graph
-  mode: the same split of the rows, and the same result (pipelines.job.build)."""
+@pytest.fixture(scope='module')
+def both_tracings(adult_sample, tmp_path_factory):
+  """The same command twice: tracing the preprocessing_fn in TF Transform's graph mode (the
+  default) and with TF2 behaviours (--tracing tf2)."""
   train_csv, _ = adult_sample
-  runs = []
-  for name, extra in (('a', []), ('b', ['--graph-mode'])):
-    out = tmp_path / name
+  root = tmp_path_factory.mktemp('tracings')
+  runs = {}
+  for name, extra in (('tf2', ['--tracing', 'tf2']), ('graph', [])):
+    out = str(root / name)
     manifest = tabular.run(['--transforms', 'transforms.census', '--train', str(train_csv),
-                            '--eval-fraction', '0.25', '--output', str(out), *extra])
-    runs.append((manifest, read_split(str(out), 'eval'), read_split(str(out), 'train')))
+                            '--eval-fraction', '0.25', '--output', out, *extra])
+    runs[name] = (out, manifest, read_split(out, 'eval'), read_split(out, 'train'))
+  return train_csv, runs
+
+
+def test_eval_fraction_is_deterministic_with_tf2_and_in_graph_mode(both_tracings):
+  """The same split of the rows, and the same result, whichever the tracing
+  (pipelines.job.build)."""
+  train_csv, runs = both_tracings
   # Independent split rule: each row's own text, hashed.
   lines = [line.decode().rstrip('\r\n') for line in open(train_csv, 'rb') if line.strip()]
   to_eval = sum(int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), 'big')
                 / 2**64 < 0.25 for line in lines)
-  for manifest, _, _ in runs:
+  for _, manifest, _, _ in runs.values():
     assert manifest.splits['eval'].rows_written == to_eval
     assert manifest.splits['train'].rows_written == len(lines) - to_eval
   assert 0.2 < to_eval / len(lines) < 0.3
-  for split in (1, 2):
-    first, second = runs[0][split], runs[1][split]
+  for split in (2, 3):
+    first, second = runs['tf2'][split], runs['graph'][split]
     assert sorted(first) == sorted(second)
     for key in first:
       a, b = np.sort(first[key], axis=0), np.sort(second[key], axis=0)
@@ -150,7 +159,53 @@ def test_eval_fraction_is_deterministic_with_tf2_and_in_graph_mode(adult_sample,
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
       else:
         np.testing.assert_array_equal(a, b)
-  assert vocabularies(str(tmp_path / 'a')) == vocabularies(str(tmp_path / 'b'))
+  assert vocabularies(runs['tf2'][0]) == vocabularies(runs['graph'][0])
+
+
+def _raw_features(rows, spec):
+  """pandas rows as the tensors TF Transform's reader gives the preprocessing_fn."""
+  import tensorflow as tf
+  raw = {}
+  for name, feature in spec.items():
+    if feature.dtype == tf.string:
+      values = tf.constant(rows[name].fillna('').astype(str).to_numpy().astype(bytes))
+    else:
+      values = tf.constant(rows[name].to_numpy(), feature.dtype)
+    if isinstance(feature, tf.io.VarLenFeature):
+      values = tf.sparse.from_dense(tf.reshape(values, [-1, 1]))
+    raw[name] = values
+  return raw
+
+
+def test_graph_mode_writes_the_tf2_transform_graph_that_tf2_behaviours_write(both_tracings):
+  """Graph mode's TF1 graph is rewritten as a TF2 one (pipelines/transform_graph): TF Transform
+  applies it eagerly, as it applies TF2 behaviours' graph, to the same values; and without the
+  label (as serving has it), it gives every output that does not need the label."""
+  import tensorflow as tf
+
+  from pipelines import transform_graph
+  train_csv, runs = both_tracings
+  outputs = {name: tft.TFTransformOutput(run[0]) for name, run in runs.items()}
+  for output in outputs.values():
+    assert transform_graph.tf1_meta_graph(output.transform_savedmodel_dir) is None
+  rows = read_adult_csv(train_csv).head(300)
+  spec = runs['tf2'][1].raw_feature_spec()
+  for drop in ((), (census.LABEL_KEY,)):
+    raw = _raw_features(rows, {k: v for k, v in spec.items() if k not in drop})
+    got = {name: output.transform_raw_features(raw) for name, output in outputs.items()}
+    assert sorted(got['graph']) == sorted(got['tf2'])
+    assert (XF(census.LABEL_KEY) in got['graph']) == (not drop)
+    assert len(got['graph']) >= 10
+    for key, expected in got['tf2'].items():
+      actual = got['graph'][key]
+      if isinstance(expected, tf.SparseTensor):
+        expected, actual = tf.sparse.to_dense(expected), tf.sparse.to_dense(actual)
+      expected, actual = expected.numpy(), actual.numpy()
+      assert expected.dtype == actual.dtype and expected.shape == actual.shape, key
+      if expected.dtype.kind == 'f':
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+      else:
+        np.testing.assert_array_equal(actual, expected)
 
 
 TF2_ONLY = """
@@ -172,12 +227,13 @@ def preprocessing_fn(inputs):
 
 
 def test_graph_mode_traces_a_function_that_needs_tf2_with_tf2(tmp_path):
+  """The default, graph mode, cannot trace a TF2-only function: it is traced with TF2."""
   module = tmp_path / 'tf2_only.py'
   module.write_text(TF2_ONLY)
   data = tmp_path / 'rows.csv'
   data.write_text('x,label\n' + ''.join(f'{x},{x % 2}\n' for x in range(5, 25)))
   manifest = tabular.run(['--transforms', str(module), '--train', str(data),
-                          '--output', str(tmp_path / 'out'), '--graph-mode'])
+                          '--output', str(tmp_path / 'out')])
   assert manifest.splits['train'].rows_written == 20
   values = read_split(str(tmp_path / 'out'), 'train')['x_xf'].ravel()
   assert sorted(values.tolist()) == [x + 20 - 5 for x in range(5, 25)]

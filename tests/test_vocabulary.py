@@ -88,8 +88,8 @@ def preprocessing_fn(inputs):
 def _run(rows, root):
   metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(SPEC))
   pipeline = beam.Pipeline(runner=FnApiRunner())
-  # Graph mode (--graph-mode) traces the function once: the same analysis graph, a faster test;
-  # the pipelines' runs elsewhere in the suite pack vocabularies with TF2 behaviours.
+  # Graph mode (the pipelines' default tracing) traces the function once: the same analysis
+  # graph, a faster test.
   with tft_beam.Context(temp_dir=os.path.join(root, 'tmp'), desired_batch_size=256,
                         force_tf_compat_v1=True):
     (data, _), transform_fn = (

@@ -204,8 +204,8 @@ class PipelineTransform:
   def __init__(self, transformed_dir):
     import tensorflow_transform as tft
     manifest = run_contract.read_manifest(transformed_dir, flag='the pipeline output')
-    # TF Transform's Keras layer reads a TF2 transform graph and a TF1 one (--graph-mode)
-    # alike, eagerly; transform_raw_features reads a TF1 one only inside a tf.compat.v1 graph.
+    # TF Transform's Keras layer reads a TF2 transform graph and a TF1 one alike, eagerly (the
+    # pipelines write TF2 ones; transform_raw_features reads a TF1 one only in a v1 graph).
     self._layer = tft.TFTransformOutput(transformed_dir).transform_features_layer()
     self._spec = manifest.raw_feature_spec()
     self.raw_types = {n: s.dtype for n, s in self._spec.items()}

@@ -44,6 +44,13 @@ GLOG = r'[IWEF]\d{4} [\d:.]+ +\d+ [\w.-]+:\d+\] '
 BENIGN = (
     # absl's notice before its logging is set up; the lines it announces are judged by themselves
     r'WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$',
+    # TF Transform's graph mode applies a transform graph in a TF1 session: once the SavedModel's
+    # own initializer has filled the tables, it asks for tf.compat.v1.tables_initializer(), which
+    # marks the table initializers as control dependencies (an attribute for TensorFlow's
+    # bookkeeping); TensorFlow notes that the mark comes after the session ran them. Nothing is
+    # run again or changed.
+    GLOG + r"Operation '\{name:'[\w/.-]*InitializeTable\w*' .* was changed by setting "
+           r'attribute after it was run by a session\.',
 )
 # While C++ INFO lines are hidden (TF_CPP_MIN_LOG_LEVEL >= 1, which start() sets unless the user
 # set it): the INFO lines TensorFlow writes before its logging reads that variable (cudart_stub's
@@ -261,11 +268,15 @@ def start(argv=None):
 
 # Library warnings about what the pipelines chose on purpose: TF Transform's graph mode (see
 # pipelines/job.build) and the TF1 SavedModel it writes (deprecated TF1 helpers, TF Transform's
-# own graph collections that a TF1 MetaGraph cannot hold). Hidden unless --verbose.
+# own graph collections that a TF1 MetaGraph cannot hold; on loading it to rewrite it as a TF2
+# one, pipelines/transform_graph, its vocabulary files' collection, which a TF2 load keeps as
+# assets). Hidden unless --verbose.
 BENIGN_LOG_RECORDS = (
     r'Tensorflow Transform is running in tf\.compat\.v1 mode',
-    r'From .*: build_tensor_info \(from tensorflow\.python\.saved_model\.utils_impl\) is '
-    r'deprecated',
+    r'From .*: (build|get)_tensor_(info|from_tensor_info) \(from '
+    r'tensorflow\.python\.saved_model\.utils_impl\) is deprecated',
+    r'Expected binary or unicode string, got type_url: "type\.googleapis\.com/'
+    r'tensorflow\.AssetFileDef"',
     r'Issue encountered when serializing tft_',
 )
 _BENIGN_RECORD = re.compile('|'.join(BENIGN_LOG_RECORDS))

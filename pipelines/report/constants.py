@@ -8,7 +8,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from tensorflow.core.protobuf import saved_model_pb2
 
-from pipelines import output_dir
+from pipelines import output_dir, transform_graph
 
 _LOG = logging.getLogger('pipelines')
 
@@ -71,16 +71,25 @@ def _analyzer_constants(path):
   widths = [_flat_components(outputs_spec[f]) for f in features]
   if sum(widths) != len(inner.signature.output_arg):
     raise ValueError('outputs do not match the signature')
-  result, flat = {}, iter(inner.signature.output_arg)
+  result, flat, bodies = {}, iter(inner.signature.output_arg), {}
   for feature, width in zip(features, widths):
     found, stack, seen = {}, [inner.ret[next(flat).name] for _ in range(width)], set()
     while stack:
-      name = stack.pop().split(':')[0]
-      if name in seen:
+      ref = stack.pop()
+      name = ref.split(':')[0]
+      body = _tf1_body(nodes.get(name), functions)
+      key = ref if body is not None else name  # a call's outputs are walked one by one
+      if key in seen:
         continue
-      seen.add(name)
+      seen.add(key)
       if name in inner_captured:
         found[_constant_label(name)] = _tensor_values(inner_captured[name])
+      elif body is not None:  # a graph-mode graph (pipelines/transform_graph): a pruned body
+        index = int(ref.split(':')[2]) if ref.count(':') == 2 else 0
+        if body.signature.name not in bodies:
+          bodies[body.signature.name] = {n.name: n for n in body.node_def}
+        found.update(_tf1_constants(bodies[body.signature.name],
+                                    [body.ret[body.signature.output_arg[index].name]]))
       elif name in nodes:
         stack.extend(i for i in nodes[name].input if i[0] != '^')
     # Lookup defaults (-1 for a missing vocabulary entry) are constants of the graph, not
@@ -93,38 +102,48 @@ def _analyzer_constants(path):
 
 
 def _graph_mode_constants(graph):
-  """analyzer_constants of a TF1 transform graph (TF Transform's graph mode): the analyzers'
-  results are Const nodes outside the `transform/` scope the preprocessing_fn's own ops are
-  imported under; each is labelled after the op that reads it (as _constant_label names TF2's
-  captures: `bucketize/apply_buckets`, `scale_to_z_score/sub_y`)."""
+  """analyzer_constants of a TF1 transform graph (TF Transform's graph mode, as it writes it)."""
   nodes = {n.name: n for n in graph.graph_def.node}
   result = {}
   for feature, info in sorted(graph.signature_def['transform_signature'].outputs.items()):
-    which = info.WhichOneof('encoding')
-    if which == 'name':
-      starts = [info.name]
-    elif which == 'coo_sparse':
-      starts = [info.coo_sparse.values_tensor_name, info.coo_sparse.indices_tensor_name]
-    else:  # a composite tensor (ragged): its components
-      starts = [c.name for c in info.composite_tensor.components]
-    found, stack, seen = {}, [s.split(':')[0] for s in starts], set()
-    while stack:
-      name = stack.pop()
-      if name in seen or name not in nodes:
-        continue
-      seen.add(name)
-      inputs = [i for i in nodes[name].input if i[0] != '^']
-      for position, source in enumerate(inputs):
-        source = source.split(':')[0]
-        node = nodes.get(source)
-        if node is not None and node.op == 'Const' and not source.startswith('transform/'):
-          found[_reader_label(name, position)] = _tensor_values(node.attr['value'].tensor)
-        else:
-          stack.append(source)
-    found = {k: v for k, v in sorted(found.items()) if v is not None}
+    found = _tf1_constants(nodes, transform_graph.components(info))
     if found:
       result[feature] = found
   return result
+
+
+def _tf1_body(node, functions):
+  """The function a call node of a TF2 graph calls, where it is a graph-mode graph's pruned
+  body (its ops under TF Transform's `transform/` scope); None otherwise."""
+  if node is None or node.op not in ('StatefulPartitionedCall', 'PartitionedCall'):
+    return None
+  body = functions.get(node.attr['f'].func.name)
+  if body is None or not any(n.name.startswith('transform/') for n in body.node_def):
+    return None
+  return body
+
+
+def _tf1_constants(nodes, starts):
+  """{label: values} of the analyzer results that the tensors `starts` of a graph-mode graph
+  (`nodes`: {name: NodeDef}) depend on. The results are Const nodes outside the `transform/`
+  scope the preprocessing_fn's own ops are imported under; each is labelled after the op that
+  reads it (as _constant_label names TF2's captures: `bucketize/apply_buckets`,
+  `scale_to_z_score/sub_y`)."""
+  found, stack, seen = {}, [s.split(':')[0] for s in starts], set()
+  while stack:
+    name = stack.pop()
+    if name in seen or name not in nodes:
+      continue
+    seen.add(name)
+    inputs = [i for i in nodes[name].input if i[0] != '^']
+    for position, source in enumerate(inputs):
+      source = source.split(':')[0]
+      node = nodes.get(source)
+      if node is not None and node.op == 'Const' and not source.startswith('transform/'):
+        found[_reader_label(name, position)] = _tensor_values(node.attr['value'].tensor)
+      else:
+        stack.append(source)
+  return {k: v for k, v in sorted(found.items()) if v is not None}
 
 
 def _reader_label(reader, position):

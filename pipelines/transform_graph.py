@@ -1,0 +1,125 @@
+"""The transform graph of a graph-mode analysis, rewritten as the TF2 SavedModel that TF
+Transform writes with TF2 behaviours, so that every reader of DIR/transform_fn gets the format
+it expects.
+
+TF Transform's graph mode (force_tf_compat_v1) traces the preprocessing_fn once, where TF2
+behaviours trace it four times (pipelines/job.build), but it writes a TF1 SavedModel, which
+TFTransformOutput.transform_raw_features applies only inside a tf.compat.v1 graph, not eagerly
+as a TF2 user calls it. `rewrite_as_tf2` replaces it with a TF2 SavedModel of the same graph:
+
+- loaded with tf.saved_model.load (a TF1 SavedModel loads as an object with its graph, its
+  tables' initializer, its assets and `prune(feeds, fetches)`);
+- the outputs grouped by the raw inputs they depend on (data edges only), each group pruned
+  into its own function: TF Transform's TF2 loader finds which inputs an output needs by
+  walking the function's ops back to its inputs, and drops the outputs whose inputs a caller
+  does not feed (a serving request has no label). One function of every input would make every
+  output need every input;
+- a tf.function over those, with TF Transform's name for it (`transform_fn`) and the
+  TensorAdapter's original TypeSpecs as its input signature, as TF Transform's TF2 export has,
+  saved with the loaded object (its tables, their vocabulary files as assets, its variables).
+
+Values are the TF1 graph's own ops: the transformed shards (written by the TF1 graph) and this
+graph agree exactly (tests/test_tabular_pipeline.py). The new graph is written beside the old
+one and renamed into place; a failure leaves the TF1 graph (and publishes nothing). Public APIs
+only: tf.saved_model, tf.compat.v1.saved_model.utils, the SavedModel protos.
+
+No Beam here: stages.AnalyzeTrain calls it once TF Transform has written the transform graph.
+"""
+
+import collections
+import os
+
+# TF Transform's names for a transform graph: the TF1 SavedModel's tag and signature, and the
+# attribute its TF2 loader reads the transform function from.
+TF1_TAG = 'transform'
+TF1_SIGNATURE = 'transform_signature'
+FUNCTION = 'transform_fn'
+
+
+def tf1_meta_graph(saved_model_dir):
+  """The MetaGraphDef of TF Transform's TF1 SavedModel in `saved_model_dir`, or None for
+  another (a TF2 one, tagged 'serve')."""
+  import tensorflow as tf
+  from tensorflow.core.protobuf import saved_model_pb2
+
+  saved_model = saved_model_pb2.SavedModel()
+  with tf.io.gfile.GFile(os.path.join(saved_model_dir, 'saved_model.pb'), 'rb') as f:
+    saved_model.ParseFromString(f.read())
+  return next((m for m in saved_model.meta_graphs if TF1_TAG in m.meta_info_def.tags), None)
+
+
+def components(info):
+  """The tensor names of a signature's TensorInfo: one for a tensor, (indices, values, dense
+  shape) for a SparseTensor, the components of another composite (a RaggedTensor)."""
+  which = info.WhichOneof('encoding')
+  if which == 'name':
+    return [info.name]
+  if which == 'coo_sparse':
+    c = info.coo_sparse
+    return [c.indices_tensor_name, c.values_tensor_name, c.dense_shape_tensor_name]
+  return [c.name for c in info.composite_tensor.components]
+
+
+def input_groups(meta_graph):
+  """{tuple of raw inputs: [outputs that depend on exactly those]} of the TF1 signature, by the
+  data edges of its graph (a control dependency makes no output need an input)."""
+  signature = meta_graph.signature_def[TF1_SIGNATURE]
+  sources = {n.name: [i.split(':')[0] for i in n.input if not i.startswith('^')]
+             for n in meta_graph.graph_def.node}
+  feature_of = {name.split(':')[0]: feature for feature, info in signature.inputs.items()
+                for name in components(info)}
+  groups = collections.defaultdict(list)
+  for output, info in sorted(signature.outputs.items()):
+    needed, stack, seen = set(), [n.split(':')[0] for n in components(info)], set()
+    while stack:
+      node = stack.pop()
+      if node in seen:
+        continue
+      seen.add(node)
+      if node in feature_of:
+        needed.add(feature_of[node])
+      else:
+        stack.extend(sources.get(node, ()))
+    groups[tuple(sorted(needed))].append(output)
+  return dict(groups)
+
+
+def rewrite_as_tf2(output_dir, type_specs):
+  """Replaces output_dir/transform_fn, a TF1 SavedModel that TF Transform wrote, by the same
+  transform as a TF2 SavedModel taking `type_specs` ({raw feature: batched tf.TypeSpec}, the
+  TensorAdapter's original ones). Does nothing when it already is a TF2 one."""
+  import tensorflow as tf
+
+  final = output_dir.rstrip('/') + '/transform_fn'
+  meta_graph = tf1_meta_graph(final)
+  if meta_graph is None:
+    return
+  signature = meta_graph.signature_def[TF1_SIGNATURE]
+  loaded = tf.saved_model.load(final, tags=[TF1_TAG])
+  tensor = tf.compat.v1.saved_model.utils.get_tensor_from_tensor_info
+  pruned = []
+  for inputs, outputs in sorted(input_groups(meta_graph).items()):
+    feeds = [t for name in inputs for t in tf.nest.flatten(
+        tensor(signature.inputs[name], loaded.graph), expand_composites=True)]
+    fetches = {name: tensor(signature.outputs[name], loaded.graph) for name in outputs}
+    pruned.append((inputs, loaded.prune(feeds, fetches)))
+
+  @tf.function(input_signature=[dict(type_specs)])
+  def transform(features):
+    result = {}
+    for inputs, function in pruned:
+      result.update(function(*[t for name in inputs for t in tf.nest.flatten(
+          features[name], expand_composites=True)]))
+    return result
+
+  module = tf.Module()
+  module.loaded = loaded  # its tables' initializer, vocabulary assets and variables
+  setattr(module, FUNCTION, transform.get_concrete_function())
+  staged, old = final + '.tf2', final + '.tf1'
+  for path in (staged, old):
+    if tf.io.gfile.exists(path):
+      tf.io.gfile.rmtree(path)
+  tf.saved_model.save(module, staged)
+  tf.io.gfile.rename(final, old)
+  tf.io.gfile.rename(staged, final)
+  tf.io.gfile.rmtree(old)
