@@ -34,7 +34,7 @@ if sys.argv[1] == 'mismatch':
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.transforms import userstate
 from apache_beam.runners.worker import bundle_processor, statecache, statesampler
-from apache_beam.runners.portability.fn_api_runner import worker_handlers
+from apache_beam.runners.portability.fn_api_runner import execution, worker_handlers
 def targets():
   return {
       'PipelineOptions.view_as': PipelineOptions.view_as,
@@ -44,6 +44,8 @@ def targets():
       'statesampler.StateSampler': statesampler.StateSampler,
       'ControlConnection._read': worker_handlers.ControlConnection._read,
       'ControlConnection.push': worker_handlers.ControlConnection.push,
+      'FnApiRunnerExecutionContext._build_data_side_inputs_map':
+          execution.FnApiRunnerExecutionContext._build_data_side_inputs_map,
   }
 originals = targets()
 from pipelines.runner import beam_patches, launch
@@ -62,7 +64,7 @@ print(json.dumps({
 '''
 
 _ALL = ['BundleProcessor.__init__', 'ControlConnection._read', 'ControlConnection.push',
-        'PipelineOptions.view_as', 'statecache.get_deep_size', 'statesampler.StateSampler',
+        'FnApiRunnerExecutionContext._build_data_side_inputs_map', 'PipelineOptions.view_as', 'statecache.get_deep_size', 'statesampler.StateSampler',
         'userstate.get_dofn_specs']
 
 
@@ -238,3 +240,38 @@ def test_a_run_without_the_patches_gives_the_same_outputs(request, tmp_path):
 
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
+
+
+def test_the_side_input_index_is_beams_own(monkeypatch):
+  """_index_side_inputs_once gives the index Beam builds, on the stages of a job whose fused
+  stages read side inputs of every access pattern, several per transform and from several
+  producers."""
+  import apache_beam as beam
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner, execution
+  beam_patches.install('index_side_inputs_once')
+  context = execution.FnApiRunnerExecutionContext
+  if 'index_side_inputs_once' not in beam_patches.applied():
+    pytest.skip('the patch does not apply to this Beam')
+  ours, beams = context._build_data_side_inputs_map, context._beams_build_data_side_inputs_map
+  seen = []
+
+  def both(stages):
+    seen.append((ours(stages), beams(stages)))
+    return seen[-1][0]
+
+  monkeypatch.setattr(context, '_build_data_side_inputs_map', staticmethod(both))
+  with beam.Pipeline(runner=FnApiRunner()) as p:
+    numbers = p | 'Numbers' >> beam.Create(range(20))
+    total = numbers | 'Sum' >> beam.CombineGlobally(sum)
+    biggest = numbers | 'Max' >> beam.CombineGlobally(max)
+    pairs = numbers | 'Pairs' >> beam.Map(lambda x: (x % 3, x))
+    shifted = (numbers
+               | 'Shift' >> beam.Map(lambda x, t, m, ps: x + t + m + len(ps),
+                                     beam.pvalue.AsSingleton(total),
+                                     beam.pvalue.AsSingleton(biggest),
+                                     beam.pvalue.AsList(pairs))
+               | 'Keyed' >> beam.Map(lambda x, d: x + sum(d.values()),
+                                     beam.pvalue.AsDict(pairs | 'Distinct' >> beam.Distinct())))
+    _ = shifted | 'Again' >> beam.Map(lambda x, t: x - t, beam.pvalue.AsSingleton(total))
+  assert seen and all(a == b for a, b in seen)
+  assert sum(len(v) for v in seen[0][0].values()) >= 5  # the side inputs were indexed

@@ -56,7 +56,7 @@ WORKER_PLUGIN = 'pipelines.runner.worker_plugin'
 
 def make_pipeline(beam_args):
   options, runner = pipeline_options(beam_args)
-  beam_patches.fail_instructions_of_lost_workers()
+  beam_patches.install_runner_patches()
   beam_patches.install_worker_speedups()
   return beam.Pipeline(runner=runner, options=options)
 
