@@ -84,6 +84,29 @@ def input_groups(meta_graph):
   return dict(groups)
 
 
+def _load_unsigned(saved_model_dir):
+  """tf.saved_model.load of TF Transform's TF1 SavedModel, without its signature. A TF1 load
+  makes a function of each signature, copying the graph op by op (3 s of a 300-column graph's
+  6 s load); the rewrite prunes its own functions instead. The SavedModel is read without its
+  signatures for the load and restored byte for byte afterwards, whatever happens."""
+  from tensorflow.core.protobuf import saved_model_pb2
+  import tensorflow as tf
+
+  path = os.path.join(saved_model_dir, 'saved_model.pb')
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    original = f.read()
+  unsigned = saved_model_pb2.SavedModel.FromString(original)
+  for meta_graph in unsigned.meta_graphs:
+    meta_graph.signature_def.clear()
+  try:
+    with tf.io.gfile.GFile(path, 'wb') as f:
+      f.write(unsigned.SerializeToString())
+    return tf.saved_model.load(saved_model_dir, tags=[TF1_TAG])
+  finally:
+    with tf.io.gfile.GFile(path, 'wb') as f:
+      f.write(original)
+
+
 def rewrite_as_tf2(output_dir, type_specs):
   """Replaces output_dir/transform_fn, a TF1 SavedModel that TF Transform wrote, by the same
   transform as a TF2 SavedModel taking `type_specs` ({raw feature: batched tf.TypeSpec}, the
@@ -95,7 +118,7 @@ def rewrite_as_tf2(output_dir, type_specs):
   if meta_graph is None:
     return
   signature = meta_graph.signature_def[TF1_SIGNATURE]
-  loaded = tf.saved_model.load(final, tags=[TF1_TAG])
+  loaded = _load_unsigned(final)
   tensor = tf.compat.v1.saved_model.utils.get_tensor_from_tensor_info
   pruned = []
   for inputs, outputs in sorted(input_groups(meta_graph).items()):
