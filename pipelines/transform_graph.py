@@ -89,8 +89,8 @@ def _load_unsigned(saved_model_dir):
   makes a function of each signature, copying the graph op by op (3 s of a 300-column graph's
   6 s load); the rewrite prunes its own functions instead. The SavedModel is read without its
   signatures for the load and restored byte for byte afterwards, whatever happens."""
-  from tensorflow.core.protobuf import saved_model_pb2
   import tensorflow as tf
+  from tensorflow.core.protobuf import saved_model_pb2
 
   path = os.path.join(saved_model_dir, 'saved_model.pb')
   with tf.io.gfile.GFile(path, 'rb') as f:
