@@ -64,8 +64,8 @@ print(json.dumps({
 '''
 
 _ALL = ['BundleProcessor.__init__', 'ControlConnection._read', 'ControlConnection.push',
-        'FnApiRunnerExecutionContext._build_data_side_inputs_map', 'PipelineOptions.view_as', 'statecache.get_deep_size', 'statesampler.StateSampler',
-        'userstate.get_dofn_specs']
+        'FnApiRunnerExecutionContext._build_data_side_inputs_map', 'PipelineOptions.view_as',
+        'statecache.get_deep_size', 'statesampler.StateSampler', 'userstate.get_dofn_specs']
 
 
 def _env(patches):
