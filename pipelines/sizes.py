@@ -2,6 +2,8 @@
 encoding it: what the spill budgets (sources.reading.Spill) and what Beam's size sampling weighs
 (runner.beam_patches)."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 
@@ -35,6 +37,9 @@ def buffer_bytes(value):
         return None
       total += size
     return total * len(items) // len(head) if head else 0
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):  # TFT's tensor bindings
+    sizes = [buffer_bytes(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    return None if None in sizes else sum(sizes)
   if type(value).__name__ == 'EagerTensor':  # TF Transform passes some tensors on
     if value.dtype.is_numpy_compatible and value.dtype.size and value.shape.is_fully_defined():
       return value.shape.num_elements() * value.dtype.size  # without copying it out

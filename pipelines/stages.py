@@ -65,15 +65,25 @@ class AnalyzeTrain(beam.PTransform):
       raise TraceError(traced_failure(e, self._out)) from e
     written = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(self._out.out)
     if tft_beam.Context.get_use_tf_compat_v1():  # graph mode wrote a TF1 graph
-      _ = written | 'RewriteAsTF2' >> beam.Map(_rewrite_as_tf2, self._out.out,
+      _ = written | 'RewriteAsTF2' >> beam.Map(_rewrite_as_tf2, self._out.out, self._out.tmp,
                                                self._adapter_config)
     return transform_fn
 
 
-def _rewrite_as_tf2(unused_done, directory, adapter_config):
+def _rewrite_as_tf2(unused_done, directory, temp_dir, adapter_config):
+  """transform_graph.rewrite_as_tf2 of the written transform graph. A graph it cannot rewrite
+  stays the TF1 one, which the trainer, the export and serving read too, with one warning."""
+  import logging
+
   from tfx_bsl.tfxio import tensor_adapter
-  transform_graph.rewrite_as_tf2(
-      directory, tensor_adapter.TensorAdapter(adapter_config).OriginalTypeSpecs())
+  try:
+    transform_graph.rewrite_as_tf2(
+        directory, tensor_adapter.TensorAdapter(adapter_config).OriginalTypeSpecs(), temp_dir)
+  except Exception as e:  # an op or a composite the rewrite does not know
+    logging.getLogger('pipelines').warning(
+        'the transform graph stays a TF1 SavedModel (TFTransformOutput.transform_raw_features '
+        'then needs a tf.compat.v1 graph; --tracing tf2 writes a TF2 one): it could not be '
+        'rewritten as TF2: %s: %s', type(e).__name__, output_dir.error_cause(e))
 
 
 def traced_failure(error, out):

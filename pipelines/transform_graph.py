@@ -19,9 +19,8 @@ as a TF2 user calls it. `rewrite_as_tf2` replaces it with a TF2 SavedModel of th
   saved with the loaded object (its tables, their vocabulary files as assets, its variables).
 
 Values are the TF1 graph's own ops: the transformed shards (written by the TF1 graph) and this
-graph agree exactly (tests/test_tabular_pipeline.py). The new graph is written beside the old
-one and renamed into place; a failure leaves the TF1 graph (and publishes nothing). Public APIs
-only: tf.saved_model, tf.compat.v1.saved_model.utils, the SavedModel protos.
+graph agree (tests/test_tabular_pipeline.py). Public APIs only: tf.saved_model,
+tf.compat.v1.saved_model.utils, the SavedModel protos.
 
 No Beam here: stages.AnalyzeTrain calls it once TF Transform has written the transform graph.
 """
@@ -107,10 +106,12 @@ def _load_unsigned(saved_model_dir):
       f.write(original)
 
 
-def rewrite_as_tf2(output_dir, type_specs):
+def rewrite_as_tf2(output_dir, type_specs, temp_dir):
   """Replaces output_dir/transform_fn, a TF1 SavedModel that TF Transform wrote, by the same
   transform as a TF2 SavedModel taking `type_specs` ({raw feature: batched tf.TypeSpec}, the
-  TensorAdapter's original ones). Does nothing when it already is a TF2 one."""
+  TensorAdapter's original ones). Does nothing when it already is a TF2 one. The new graph is
+  saved in `temp_dir` (on the same file system) and renamed into place: a failure leaves the
+  TF1 graph where it was, and nothing of the new one."""
   import tensorflow as tf
 
   final = output_dir.rstrip('/') + '/transform_fn'
@@ -138,11 +139,20 @@ def rewrite_as_tf2(output_dir, type_specs):
   module = tf.Module()
   module.loaded = loaded  # its tables' initializer, vocabulary assets and variables
   setattr(module, FUNCTION, transform.get_concrete_function())
-  staged, old = final + '.tf2', final + '.tf1'
+  staged = os.path.join(temp_dir, 'transform_fn.tf2')
+  old = os.path.join(temp_dir, 'transform_fn.tf1')
   for path in (staged, old):
     if tf.io.gfile.exists(path):
       tf.io.gfile.rmtree(path)
-  tf.saved_model.save(module, staged)
-  tf.io.gfile.rename(final, old)
-  tf.io.gfile.rename(staged, final)
+  try:
+    tf.saved_model.save(module, staged)
+    tf.io.gfile.rename(final, old)
+    try:
+      tf.io.gfile.rename(staged, final)
+    except BaseException:
+      tf.io.gfile.rename(old, final)
+      raise
+  finally:
+    if tf.io.gfile.exists(staged):
+      tf.io.gfile.rmtree(staged)
   tf.io.gfile.rmtree(old)

@@ -213,6 +213,10 @@ def test_sizes_from_buffers():
   assert sizes.buffer_bytes(tf.constant(3, tf.int64)) == 8
   assert sizes.buffer_bytes(tf.constant([b'ab', b'cd'])) == 2 * (8 + 2)
   assert sizes.buffer_bytes((batch, {})) == 8000
+  # TF Transform's analyzer results reach its SavedModel stage as dataclasses (_TensorBinding)
+  from tensorflow_transform.beam import impl as tft_impl
+  binding = tft_impl._TensorBinding(np.zeros(10, np.float32), 'mean:0', 1, False)
+  assert sizes.buffer_bytes(binding) == 40 + len("mean:0") + 8 + 8
   assert sizes.buffer_bytes(object()) is None  # left to Beam's coder
   assert sizes.buffer_bytes([1, object()]) is None
 
