@@ -65,8 +65,9 @@ def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config,
     try:
       return build_job(True)
     except stages.TraceError as e:
-      _LOG.info('the preprocessing_fn does not trace in graph mode, tracing it with TF2 '
-                'behaviours: %s', e)
+      cause = e.__cause__ or e
+      _LOG.info('the preprocessing_fn does not trace in graph mode (%s: %s); tracing it with '
+                'TF2 behaviours', type(cause).__name__, output_dir.error_cause(cause, limit=200))
   return build_job(False)
 
 
