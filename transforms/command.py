@@ -354,8 +354,33 @@ def _end(status, line=None):
   if _QUIET is not None:
     _QUIET.drain()  # what went to fd 2 before comes before the last line
   if line is not None:
-    print(line, file=sys.stderr, flush=True)
+    _say_last(line)
   _exit(status)
+
+
+def _say_last(line):
+  """Prints the command's last line and keeps it the last: threads still running (a gRPC
+  server's reporting a worker lost a moment ago, Beam's job service logging its failure) would
+  print their tracebacks after it. From here on what anything else writes to stderr (the real
+  one, or fd 2 and its filter) goes to /dev/null; the line goes to a copy of the real stderr."""
+  try:
+    sys.stderr.flush()
+  except (AttributeError, OSError, ValueError):
+    pass
+  real = _QUIET.real if _QUIET is not None else 2
+  try:
+    mine = os.dup(real)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in {real, 2}:
+      os.dup2(devnull, fd)
+  except OSError:  # no stderr to take over: say it as before
+    print(line, file=sys.stderr, flush=True)
+    return
+  encoding = getattr(sys.__stderr__, 'encoding', None) or 'utf-8'
+  try:
+    os.write(mine, (line + '\n').encode(encoding, errors='replace'))
+  except OSError:  # stderr is gone: nothing more can be said on it
+    pass
 
 
 def _command_name(name=None):

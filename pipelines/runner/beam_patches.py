@@ -265,9 +265,11 @@ def _size_cached_values_from_buffers():
   measured with objsize when each value enters it. Each such measurement also walks the globals
   of every loaded module (to leave them out), about 2 ms with TensorFlow loaded, and TF
   Transform's stages read about a hundred side inputs per run (saved model paths, analyzer
-  results, schemas): about 0.15 s a run (benchmarks/RESULTS.md). Values whose size
-  sizes.buffer_bytes knows (lists of strings, numbers, numpy arrays, TF Transform's tensor
-  bindings) are weighed by it; any other by objsize, as before. The weight only decides what the
+  results, schemas): about 0.15 s a run (benchmarks/RESULTS.md); on a 300-column table, whose
+  SavedModel stage reads 500 analyzer results (TF Transform's _TensorBinding dataclasses), each
+  about 10 ms, 4% of the run. Values whose size sizes.buffer_bytes knows (lists of strings,
+  numbers, numpy arrays, dataclasses of those such as the tensor bindings) are weighed by it;
+  any other by objsize, as before. The weight only decides what the
   cache evicts first. Could live upstream: get_deep_size could gather the module globals it
   leaves out once, not for every value."""
   from apache_beam.runners.worker import statecache

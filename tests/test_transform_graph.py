@@ -1,0 +1,155 @@
+"""pipelines/transform_graph.py: graph mode's TF1 transform graph rewritten as a TF2 one.
+
+A TF1 transform graph is made by TF Transform itself (graph mode, on Beam's in-process runner)
+from a preprocessing_fn with dense, sparse and ragged inputs and outputs, vocabularies and
+z-scores. The rewrite is checked against TF Transform's own application of the TF1 graph (its
+tf.compat.v1 path, in a v1 graph), with and without some of the inputs; and a rewrite that fails
+part way leaves the TF1 graph as it was, and nothing of the new one.
+"""
+
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+from pipelines import transform_graph
+
+SPEC = {'x': tf.io.FixedLenFeature([], tf.float32),
+        'word': tf.io.FixedLenFeature([], tf.string),
+        'tags': tf.io.VarLenFeature(tf.string),
+        'label': tf.io.FixedLenFeature([], tf.int64)}
+
+
+def preprocessing_fn(inputs):
+  words = tf.strings.split(inputs['word'], sep='-')  # ragged
+  return {
+      'x_z': tft.scale_to_z_score(inputs['x']),
+      'word_id': tft.compute_and_apply_vocabulary(inputs['word'], num_oov_buckets=1),
+      'pieces': tft.compute_and_apply_vocabulary(words, vocab_filename='pieces'),
+      'tag_ids': tft.compute_and_apply_vocabulary(inputs['tags'], vocab_filename='tags'),
+      'x_times_label': inputs['x'] * tf.cast(inputs['label'], tf.float32),
+      'label': inputs['label'],
+  }
+
+
+ROWS = [{'x': float(i) * 1.5, 'word': f'w{i % 7}-p{i % 3}', 'tags': [f't{i % 4}'] * (i % 3),
+         'label': i % 2} for i in range(60)]
+
+
+@pytest.fixture(scope='module')
+def tf1_output(tmp_path_factory):
+  """A transform output whose transform_fn is the TF1 SavedModel graph mode writes."""
+  root = str(tmp_path_factory.mktemp('tf1'))
+  metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(SPEC))
+  with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+    with tft_beam.Context(temp_dir=os.path.join(root, 'tmp'), force_tf_compat_v1=True):
+      transform_fn = ((pipeline | beam.Create(ROWS, reshuffle=False), metadata)
+                      | tft_beam.AnalyzeDataset(preprocessing_fn))
+      _ = transform_fn | tft_beam.WriteTransformFn(os.path.join(root, 'out'))
+  out = os.path.join(root, 'out')
+  assert transform_graph.tf1_meta_graph(os.path.join(out, 'transform_fn')) is not None
+  return out
+
+
+def _specs():
+  """The batched TypeSpecs of SPEC, as tfx_bsl's TensorAdapter gives them to TF Transform."""
+  return {'x': tf.TensorSpec([None], tf.float32), 'word': tf.TensorSpec([None], tf.string),
+          'tags': tf.SparseTensorSpec([None, None], tf.string),
+          'label': tf.TensorSpec([None], tf.int64)}
+
+
+def _raw(rows, keys):
+  raw = {}
+  if 'x' in keys:
+    raw['x'] = tf.constant([r['x'] for r in rows], tf.float32)
+  if 'word' in keys:
+    raw['word'] = tf.constant([r['word'] for r in rows])
+  if 'tags' in keys:
+    raw['tags'] = tf.sparse.from_dense(tf.ragged.constant(
+        [r['tags'] for r in rows], dtype=tf.string).to_tensor(''))
+    raw['tags'] = tf.sparse.retain(raw['tags'], tf.not_equal(raw['tags'].values, ''))
+  if 'label' in keys:
+    raw['label'] = tf.constant([r['label'] for r in rows], tf.int64)
+  return raw
+
+
+def _dense(value):
+  if isinstance(value, tf.RaggedTensor):
+    return value.to_list()
+  if isinstance(value, tf.SparseTensor):
+    return tf.sparse.to_dense(value).numpy().tolist()
+  return value.numpy().tolist()
+
+
+def _tf1_application(directory, keys):
+  """TF Transform's own application of a TF1 transform graph: transform_raw_features inside a
+  tf.compat.v1 graph, run in a session."""
+  with tf.compat.v1.Graph().as_default():
+    raw = _raw(ROWS[:20], keys)
+    outputs = tft.TFTransformOutput(directory).transform_raw_features(raw)
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.tables_initializer())
+      values = session.run(dict(outputs))
+  result = {}
+  for key, value in values.items():
+    if isinstance(value, tf.compat.v1.SparseTensorValue):
+      value = tf.sparse.to_dense(tf.SparseTensor(*value)).numpy()
+    elif isinstance(value, tf.compat.v1.ragged.RaggedTensorValue):
+      value = value.to_list()
+    result[key] = value.tolist() if hasattr(value, 'tolist') else value
+  return result
+
+
+def test_the_rewrite_applies_eagerly_as_tf_transform_applies_the_tf1_graph(tf1_output, tmp_path):
+  import shutil
+  out = str(tmp_path / 'out')
+  shutil.copytree(tf1_output, out)
+  expected = {keys: _tf1_application(tf1_output, keys)
+              for keys in (tuple(SPEC), ('x', 'word', 'tags'))}
+  transform_graph.rewrite_as_tf2(out, _specs(), str(tmp_path))
+  assert transform_graph.tf1_meta_graph(os.path.join(out, 'transform_fn')) is None
+  assert sorted(os.listdir(tmp_path)) == ['out']  # nothing of the rewrite left beside it
+  assets = sorted(os.listdir(os.path.join(out, 'transform_fn', 'assets')))
+  assert assets == sorted(os.listdir(os.path.join(tf1_output, 'transform_fn', 'assets')))
+  output = tft.TFTransformOutput(out)
+  for keys, want in expected.items():
+    got = output.transform_raw_features(_raw(ROWS[:20], keys))
+    # Without the label, the outputs that need it are left out, as TF Transform's TF2 graphs do.
+    assert sorted(got) == sorted(want), keys
+    if 'label' not in keys:
+      assert 'x_times_label' not in got and 'x_z' in got and 'pieces' in got
+    for key, value in want.items():
+      if isinstance(value, list) and value and isinstance(value[0], float):
+        np.testing.assert_allclose(_dense(got[key]), value, rtol=1e-6)
+      else:
+        assert _dense(got[key]) == value, key
+  assert isinstance(got['pieces'], tf.RaggedTensor)
+  assert isinstance(got['tag_ids'], tf.SparseTensor)
+
+
+def test_a_failed_rewrite_leaves_the_tf1_graph_and_nothing_else(tf1_output, tmp_path,
+                                                                monkeypatch):
+  import shutil
+  out = str(tmp_path / 'out')
+  shutil.copytree(tf1_output, out)
+  before = {name: open(os.path.join(out, 'transform_fn', name), 'rb').read()
+            for name in ('saved_model.pb',)}
+
+  def fail(module, path, *args, **kwargs):
+    os.makedirs(os.path.join(path, 'variables'))  # half written, then the failure
+    raise OSError('disk full')
+
+  monkeypatch.setattr(tf.saved_model, 'save', fail)
+  with pytest.raises(OSError, match='disk full'):
+    transform_graph.rewrite_as_tf2(out, _specs(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['out']
+  assert sorted(os.listdir(out)) == sorted(os.listdir(tf1_output))
+  for name, content in before.items():  # the signature is back, byte for byte
+    assert open(os.path.join(out, 'transform_fn', name), 'rb').read() == content
+  assert transform_graph.tf1_meta_graph(os.path.join(out, 'transform_fn')) is not None
