@@ -46,11 +46,12 @@ def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config,
   or two (tests/test_tabular_pipeline.py). With TF2 behaviours, TF Transform traces the function
   four times (to build the analysis, twice more to write the transform graph, once for its
   metadata) and saves and loads each phase's SavedModel through tf.function; graph mode traces
-  it once and copies graphs. A 1,000-row census run took 20.8 s with TF2 behaviours and 14.4 s
-  in graph mode here, one trace of a 300-column preprocessing_fn 10.5 s against 6.0 s
-  (benchmarks/RESULTS.md). Graph mode's transform graph, a TF1 SavedModel, is rewritten as a
-  TF2 one (pipelines/transform_graph), so that readers get the format TF2 behaviours give. Where
-  graph mode cannot trace the function and TF2 cannot either, TF2's error is the one reported.
+  it once and copies graphs. A 1,000-row census run took 19.7 s with TF2 behaviours and 13.4 s
+  in graph mode here (medians of 5, benchmarks/small_run.py), one trace of a 300-column
+  preprocessing_fn 10.5 s against 6.0 s (benchmarks/RESULTS.md). Graph mode's transform graph,
+  a TF1 SavedModel, is rewritten as a TF2 one (pipelines/transform_graph), so that readers get
+  the format TF2 behaviours give. Where graph mode cannot trace the function and TF2 cannot
+  either, TF2's error is the one reported.
   """
 
   def build_job(graph_mode):

@@ -35,7 +35,7 @@ def _analyzer_constants(path):
   with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
     model.ParseFromString(f.read())
   graph = model.meta_graphs[0]
-  if 'transform_signature' in graph.signature_def:  # TF Transform's graph mode: a TF1 graph
+  if transform_graph.TF1_SIGNATURE in graph.signature_def:  # graph mode's TF1 graph, as written
     return _graph_mode_constants(graph)
   objects = graph.object_graph_def
   constants = {n.name: n.attr['value'].tensor for n in graph.graph_def.node if n.op == 'Const'}
@@ -77,7 +77,7 @@ def _analyzer_constants(path):
     while stack:
       ref = stack.pop()
       name = ref.split(':')[0]
-      body = _tf1_body(nodes.get(name), functions)
+      body = _tf1_body(nodes.get(name), functions, bodies)
       key = ref if body is not None else name  # a call's outputs are walked one by one
       if key in seen:
         continue
@@ -86,8 +86,6 @@ def _analyzer_constants(path):
         found[_constant_label(name)] = _tensor_values(inner_captured[name])
       elif body is not None:  # a graph-mode graph (pipelines/transform_graph): a pruned body
         index = int(ref.split(':')[2]) if ref.count(':') == 2 else 0
-        if body.signature.name not in bodies:
-          bodies[body.signature.name] = {n.name: n for n in body.node_def}
         found.update(_tf1_constants(bodies[body.signature.name],
                                     [body.ret[body.signature.output_arg[index].name]]))
       elif name in nodes:
@@ -105,22 +103,28 @@ def _graph_mode_constants(graph):
   """analyzer_constants of a TF1 transform graph (TF Transform's graph mode, as it writes it)."""
   nodes = {n.name: n for n in graph.graph_def.node}
   result = {}
-  for feature, info in sorted(graph.signature_def['transform_signature'].outputs.items()):
+  outputs = graph.signature_def[transform_graph.TF1_SIGNATURE].outputs
+  for feature, info in sorted(outputs.items()):
     found = _tf1_constants(nodes, transform_graph.components(info))
     if found:
       result[feature] = found
   return result
 
 
-def _tf1_body(node, functions):
+def _tf1_body(node, functions, bodies):
   """The function a call node of a TF2 graph calls, where it is a graph-mode graph's pruned
-  body (its ops under TF Transform's `transform/` scope); None otherwise."""
+  body (its ops under TF Transform's `transform/` scope); None otherwise. `bodies` keeps, for
+  each function looked at, its {name: NodeDef} if it is such a body and None if not."""
   if node is None or node.op not in ('StatefulPartitionedCall', 'PartitionedCall'):
     return None
   body = functions.get(node.attr['f'].func.name)
-  if body is None or not any(n.name.startswith('transform/') for n in body.node_def):
+  if body is None:
     return None
-  return body
+  if body.signature.name not in bodies:
+    bodies[body.signature.name] = ({n.name: n for n in body.node_def}
+                                   if any(n.name.startswith('transform/') for n in body.node_def)
+                                   else None)
+  return body if bodies[body.signature.name] is not None else None
 
 
 def _tf1_constants(nodes, starts):

@@ -324,7 +324,7 @@ def _index_side_inputs_once():
   transform. TF Transform gives the Map that builds a phase's SavedModel one side input per
   analyzer result, so a 300-column table (500 of them, 47 stages) spent 10.0 s of a 103 s run
   here (benchmarks/RESULTS.md). The same index, with each stage's side inputs and each
-  payload's parse computed once: 0.1 s. Could live upstream as it is."""
+  payload's parse computed once: 0.35 s. Could live upstream as it is."""
   from apache_beam.portability.api import beam_runner_api_pb2
   from apache_beam.runners.portability.fn_api_runner import execution, translations
   from apache_beam.utils import proto_utils
