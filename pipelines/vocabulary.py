@@ -35,7 +35,7 @@ from tensorflow_transform import analyzer_nodes
 from tensorflow_transform.beam import analyzer_impls
 from tensorflow_transform.beam import common as tft_beam_common
 
-from pipelines import vocabulary_packing
+from pipelines import analysis_graph, binding_packing, vocabulary_packing
 from pipelines.runner import beam_patches
 
 _LOG = logging.getLogger('pipelines')
@@ -55,7 +55,7 @@ def unfit_reason(tft_version=None):
   if vocabulary_packing.FREQUENCY is None or _TFT_IMPLEMENTATION is None:
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
             'beam.analyzer_impls._VocabularyAccumulateImpl')
-  missing = vocabulary_packing.missing()
+  missing = vocabulary_packing.missing() + binding_packing.missing()
   if missing:
     return f'TF Transform has no {", ".join(missing)}'
   return None
@@ -105,9 +105,9 @@ def install():
   if reason is None and beam_patches.enabled():
     _register(_BatchCountedVocabularyAccumulate)
     _STATE['ours'] = True
-    vocabulary_packing.set_enabled(True)
+    analysis_graph.set_enabled(True)
     return
-  vocabulary_packing.set_enabled(False)
+  analysis_graph.set_enabled(False)
   if reason is not None and not _STATE['logged']:
     _STATE['logged'] = True
     _LOG.warning('TF Transform %s: its own VocabularyAccumulate runs, not pipelines/vocabulary.py '
@@ -124,7 +124,7 @@ def tft_implementation():
   if _TFT_IMPLEMENTATION is not None:
     _register(_TFT_IMPLEMENTATION)
     _STATE['ours'] = False
-  vocabulary_packing.set_enabled(False)
+  analysis_graph.set_enabled(False)
   try:
     yield
   finally:

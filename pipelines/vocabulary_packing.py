@@ -36,6 +36,7 @@ Could live upstream: TF Transform's combiner_packing_util could pack vocabularie
 """
 
 import collections
+import functools
 import os
 import uuid
 from typing import Any, NamedTuple, Optional
@@ -48,11 +49,12 @@ from tensorflow_transform import analyzers as tft_analyzers
 from tensorflow_transform.beam import analysis_graph_builder, beam_nodes
 from tensorflow_transform.beam import common as tft_beam_common
 
-_ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
+from pipelines import analysis_graph
+from pipelines.analysis_graph import value_key
+
 # TF Transform's ordering type of the frequency vocabularies (private; pipelines/vocabulary.py
 # reads it from here too).
 FREQUENCY = getattr(getattr(tft_analyzers, '_VocabOrderingType', None), 'FREQUENCY', None)
-_STATE = {'on': False}
 # The private names of TF Transform's this rewrite reads (vocabulary.unfit_reason checks them).
 NEEDS = ((analysis_graph_builder, 'build'), (beam_nodes, 'ExtractFromDict'),
          (analyzer_nodes, 'VocabularyAccumulate'), (analyzer_nodes, 'VocabularyMerge'),
@@ -94,42 +96,7 @@ class ExtractPackedVocabulary(
     return 3
 
 
-def set_enabled(on):
-  """Packs the vocabularies of the analyses built after this call (on) or not; the first call
-  that turns it on puts the rewrite into analysis_graph_builder.build."""
-  _STATE['on'] = bool(on)
-  if on and analysis_graph_builder.build is _ORIGINAL_BUILD:
-    analysis_graph_builder.build = _build_and_pack
-
-
-def _build_and_pack(*args, **kwargs):
-  root, cache, side_effects = _ORIGINAL_BUILD(*args, **kwargs)
-  if not _STATE['on'] or cache:  # an analyzer cache keys each vocabulary's accumulator
-    return root, cache, side_effects
-  root, *side_effects = pack((root, *side_effects))
-  return root, cache, side_effects
-
-
 # ---- the graph rewrite ----------------------------------------------------------------------
-
-
-def _key(value_node):
-  return id(value_node.parent_operation), value_node.value_index
-
-
-def _operations(leaves):
-  """Every operation the leaves depend on, and who consumes each value: (ops, consumers)."""
-  ops, consumers = {}, collections.defaultdict(list)
-  stack = [leaf.parent_operation for leaf in leaves]
-  while stack:
-    op = stack.pop()
-    if id(op) in ops:
-      continue
-    ops[id(op)] = op
-    for value in op.inputs:
-      consumers[_key(value)].append(op)
-      stack.append(value.parent_operation)
-  return ops, consumers
 
 
 def _only(ops, kind):
@@ -139,7 +106,7 @@ def _only(ops, kind):
 def _next_and_counts(consumers, op, kind):
   """(the one consumer of `op`'s output of type `kind`, the VocabularyCounts of it) when those
   are all its consumers; (None, None) otherwise."""
-  after = consumers[_key(op.outputs[0])]
+  after = consumers[value_key(op.outputs[0])]
   nexts = [c for c in after if isinstance(c.operation_def, kind)]
   counts = [c for c in after if isinstance(c.operation_def, analyzer_nodes.VocabularyCount)]
   if len(nexts) != 1 or len(nexts) + len(counts) != len(after):
@@ -161,7 +128,7 @@ def _chain(accumulate, consumers):
     if len(keys) != 1:
       return None
     (keys,) = keys
-  merges = consumers[_key(accumulate.outputs[0])]
+  merges = consumers[value_key(accumulate.outputs[0])]
   if not _only(merges, analyzer_nodes.VocabularyMerge):
     return None
   (merge,) = merges
@@ -183,16 +150,16 @@ def _chain(accumulate, consumers):
     return None
   spec = VocabularySpec(keys, str(w.input_dtype), p.frequency_threshold, p.top_k,
                         bool(w.store_frequency), w.vocab_filename)
-  replaced = {_key(write.outputs[0]): 0}
-  replaced.update({_key(op.outputs[0]): 1 for op in merge_counts})
-  replaced.update({_key(op.outputs[0]): 2 for op in prune_counts})
+  replaced = {value_key(write.outputs[0]): 0}
+  replaced.update({value_key(op.outputs[0]): 1 for op in merge_counts})
+  replaced.update({value_key(op.outputs[0]): 2 for op in prune_counts})
   return extract.inputs[0], spec, replaced, w.label
 
 
 def pack(leaves):
   """The graph under `leaves` (ValueNodes) with its packable vocabulary chains packed, one
   PackedVocabularies per phase's batches; returns the new leaves, in order."""
-  ops, consumers = _operations(leaves)
+  ops, consumers = analysis_graph.operations(leaves)
   groups = collections.defaultdict(list)  # batches key -> [(spec, replaced, label)]
   batches_of = {}
   for op in ops.values():
@@ -200,37 +167,16 @@ def pack(leaves):
       chain = _chain(op, consumers)
       if chain is not None:
         batches, spec, replaced, label = chain
-        groups[_key(batches)].append((spec, replaced, label))
-        batches_of[_key(batches)] = batches
+        groups[value_key(batches)].append((spec, replaced, label))
+        batches_of[value_key(batches)] = batches
   if not groups:
     return tuple(leaves)
   for chains in groups.values():  # a deterministic order: the graph walk's is not
     chains.sort(key=lambda chain: chain[2])
 
-  replacement = {}  # replaced value key -> (batches key, index in its group, output index)
-  for group, chains in groups.items():
-    for index, (_, replaced, _) in enumerate(chains):
-      for key, output in replaced.items():
-        replacement[key] = (group, index, output)
+  packed, extracted = {}, {}
 
-  rebuilt_ops, packed, extracted = {}, {}, {}
-
-  def value(node):
-    key = _key(node)
-    if key in replacement:
-      group, index, output = replacement[key]
-      return extracted_outputs(group, index)[output]
-    op = rebuild(node.parent_operation)
-    return node if op is node.parent_operation else op.outputs[node.value_index]
-
-  def rebuild(op):
-    if id(op) not in rebuilt_ops:
-      inputs = tuple(value(node) for node in op.inputs)
-      same = all(a is b for a, b in zip(inputs, op.inputs))
-      rebuilt_ops[id(op)] = op if same else nodes.OperationNode(op.operation_def, inputs)
-    return rebuilt_ops[id(op)]
-
-  def extracted_outputs(group, index):
+  def extracted_outputs(value, group, index):
     if (group, index) not in extracted:
       if group not in packed:
         batches = batches_of[group]
@@ -244,7 +190,14 @@ def pack(leaves):
           ExtractPackedVocabulary, packed[group], index=index, label=name)
     return extracted[group, index]
 
-  return tuple(value(leaf) for leaf in leaves)
+  replacements = {}  # replaced value key -> its new value
+  for group, chains in groups.items():
+    for index, (_, replaced, _) in enumerate(chains):
+      for key, output in replaced.items():
+        replacements[key] = functools.partial(
+            lambda value, group, index, output: extracted_outputs(value, group, index)[output],
+            group=group, index=index, output=output)
+  return analysis_graph.substitute(leaves, replacements)
 
 
 # ---- the Beam stages ------------------------------------------------------------------------

@@ -61,3 +61,33 @@ class Block:
       raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 """
+
+
+def analyze_in_graph_mode(preprocessing_fn, spec, rows, root, batch_size):
+  """TF Transform's AnalyzeAndTransformDataset on in-memory `rows` (dicts) in graph mode (the
+  pipelines' default tracing), on Beam's in-process runner, as the pipelines build it now:
+  returns ({asset name: bytes}, the transformed rows, the number of Beam transforms)."""
+  import pickle
+
+  import apache_beam as beam
+  import tensorflow_transform.beam as tft_beam
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+  from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+  metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
+  pipeline = beam.Pipeline(runner=FnApiRunner())
+  with tft_beam.Context(temp_dir=os.path.join(root, 'tmp'), desired_batch_size=batch_size,
+                        force_tf_compat_v1=True):
+    (data, _), transform_fn = (
+        (pipeline | beam.Create(rows, reshuffle=False), metadata)
+        | tft_beam.AnalyzeAndTransformDataset(preprocessing_fn))
+    _ = transform_fn | tft_beam.WriteTransformFn(root)
+    rows_path = os.path.join(root, 'rows.pickle')
+    _ = (data | beam.combiners.ToList()
+         | beam.Map(lambda rows: open(rows_path, 'wb').write(pickle.dumps(rows))))
+    proto = pipeline.to_runner_api()
+    pipeline.run().wait_until_finish()
+  assets = os.path.join(root, 'transform_fn', 'assets')
+  files = {name: open(os.path.join(assets, name), 'rb').read() for name in os.listdir(assets)}
+  with open(rows_path, 'rb') as f:
+    transformed = pickle.loads(f.read())
+  return files, transformed, len(proto.components.transforms)

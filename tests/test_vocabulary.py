@@ -12,19 +12,14 @@ against collections.Counter over the raw values.
 """
 
 import collections
-import os
-import pickle
 
-import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
-import tensorflow_transform.beam as tft_beam
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from pipelines import vocabulary, vocabulary_packing
+from pipelines import analysis_graph, vocabulary, vocabulary_packing
+from tests import helpers
 
 ROWS = 2000
 STRINGS = [f's{i}' for i in range(8)]
@@ -86,27 +81,11 @@ def preprocessing_fn(inputs):
 
 
 def _run(rows, root):
-  metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(SPEC))
-  pipeline = beam.Pipeline(runner=FnApiRunner())
-  # Graph mode (the pipelines' default tracing) traces the function once: the same analysis
-  # graph, a faster test.
-  with tft_beam.Context(temp_dir=os.path.join(root, 'tmp'), desired_batch_size=256,
-                        force_tf_compat_v1=True):
-    (data, _), transform_fn = (
-        (pipeline | beam.Create(rows, reshuffle=False), metadata)
-        | tft_beam.AnalyzeAndTransformDataset(preprocessing_fn))
-    _ = transform_fn | tft_beam.WriteTransformFn(root)
-    rows_path = os.path.join(root, 'rows.pickle')
-    _ = (data | beam.combiners.ToList()
-         | beam.Map(lambda rows: open(rows_path, 'wb').write(pickle.dumps(rows))))
-    proto = pipeline.to_runner_api()
-    pipeline.run().wait_until_finish()
-  assets = os.path.join(root, 'transform_fn', 'assets')
-  files = {name: open(os.path.join(assets, name), 'rb').read() for name in os.listdir(assets)}
-  collected = pickle.loads(open(rows_path, 'rb').read())
+  files, collected, transforms = helpers.analyze_in_graph_mode(preprocessing_fn, SPEC, rows,
+                                                              root, batch_size=256)
   columns = {key: np.array([np.asarray(row[key]).tolist() for row in collected], dtype=object)
              for key in collected[0]}
-  return {'files': files, 'columns': columns, 'transforms': len(proto.components.transforms)}
+  return {'files': files, 'columns': columns, 'transforms': transforms}
 
 
 @pytest.fixture(scope='module')
@@ -172,7 +151,7 @@ def test_the_graph_rewrite_packs_what_it_can_and_leaves_the_rest():
   from tensorflow_transform.beam import analysis_graph_builder
   graph, structured_inputs, structured_outputs = impl_helper.trace_preprocessing_function(
       fn, spec, use_tf_compat_v1=False)
-  vocabulary_packing.set_enabled(True)
+  analysis_graph.set_enabled(True)
   root, _, _ = analysis_graph_builder.build(graph, structured_inputs, structured_outputs)
   kinds = collections.Counter()
   stack, seen = [root.parent_operation], set()

@@ -1,0 +1,99 @@
+"""Rewrites of TF Transform's analysis graph that pack per-analyzer Beam stages: the hook and the
+graph walk they share.
+
+TF Transform 1.21 turns its traced preprocessing_fn into a graph of `nodes` operations
+(analysis_graph_builder.build) and then each operation into Beam transforms. Many of those
+operations exist once per analyzer or once per analyzer output, so a table of hundreds of
+columns pays Beam's fixed costs (building and pickling each DoFn, the runner's fusion, one side
+input per output) hundreds of times over, whatever the number of rows. Two rewrites pack them,
+between the two steps:
+  - pipelines/vocabulary_packing.py: the frequency vocabularies of a phase in one stage;
+  - pipelines/binding_packing.py: the analyzer results of a phase bound into its SavedModel in
+    one step, instead of a chain of stages and a side input per result.
+Both leave what they do not recognize as TF Transform built it, and are off where the analysis
+reads or writes an analyzer cache (the cache keys each analyzer's accumulator on its own).
+
+This builds on private parts of TF Transform 1.21 (analysis_graph_builder.build, the node types
+of analyzer_nodes and beam_nodes), so pipelines/vocabulary.install switches it on only on the TF
+Transform versions it was tested with, and not where this project's Beam patches are off
+(pipelines/runner/beam_patches.py, ENV).
+"""
+
+import collections
+
+from tensorflow_transform import nodes
+from tensorflow_transform.beam import analysis_graph_builder
+
+_ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
+_STATE = {'on': False}
+
+
+def set_enabled(on):
+  """Packs the analyses built after this call (on) or not; the first call that turns it on puts
+  the rewrites into analysis_graph_builder.build."""
+  _STATE['on'] = bool(on)
+  if on and analysis_graph_builder.build is _ORIGINAL_BUILD:
+    analysis_graph_builder.build = _build_and_pack
+
+
+def enabled():
+  return _STATE['on']
+
+
+def _build_and_pack(graph, *args, **kwargs):
+  from pipelines import binding_packing, vocabulary_packing  # they import this module
+  root, cache, side_effects = _ORIGINAL_BUILD(graph, *args, **kwargs)
+  if not _STATE['on'] or cache:  # an analyzer cache keys each analyzer's accumulator
+    return root, cache, side_effects
+  leaves = vocabulary_packing.pack((root, *side_effects))
+  # TF Transform's graph mode traces into a tf.Graph, its TF2 behaviours into a FuncGraph.
+  leaves = binding_packing.pack(leaves, graph_mode=not graph.building_function)
+  root, *side_effects = leaves
+  return root, cache, side_effects
+
+
+def value_key(value_node):
+  """A ValueNode's identity: its operation and which of the operation's outputs it is."""
+  return id(value_node.parent_operation), value_node.value_index
+
+
+def operations(leaves):
+  """Every operation the leaves depend on, and who consumes each value: (ops, consumers), ops
+  keyed by id, consumers by value_key."""
+  ops, consumers = {}, collections.defaultdict(list)
+  stack = [leaf.parent_operation for leaf in leaves]
+  while stack:
+    op = stack.pop()
+    if id(op) in ops:
+      continue
+    ops[id(op)] = op
+    for value in op.inputs:
+      consumers[value_key(value)].append(op)
+      stack.append(value.parent_operation)
+  return ops, consumers
+
+
+def substitute(leaves, replacements):
+  """The graph under `leaves` with the values of `replacements` (value_key -> function of
+  `value`, the rebuilt graph's ValueNode for an old one, returning the new ValueNode) replaced;
+  every operation downstream of a replaced value is rebuilt, the rest is kept as it is.
+  Returns the new leaves, in order."""
+  rebuilt_ops, new_values = {}, {}
+
+  def value(node):
+    key = value_key(node)
+    if key in replacements:
+      if key not in new_values:
+        new_values[key] = replacements[key](value)
+      return new_values[key]
+    op = rebuild(node.parent_operation)
+    return node if op is node.parent_operation else op.outputs[node.value_index]
+
+  def rebuild(op):
+    if id(op) not in rebuilt_ops:
+      inputs = tuple(value(node) for node in op.inputs)
+      same = all(a is b for a, b in zip(inputs, op.inputs))
+      rebuilt_ops[id(op)] = op if same else nodes.OperationNode(op.operation_def, inputs)
+    return rebuilt_ops[id(op)]
+
+  return tuple(value(leaf) for leaf in leaves)

@@ -1,0 +1,283 @@
+"""The analyzer results of a phase bound into its SavedModel in one step, not one chain each.
+
+TF Transform 1.21 packs a phase's combiner analyzers (mean, variance, quantiles, ...) into one
+CombineGlobally, but around it every analyzer keeps Beam transforms of its own:
+  - after the accumulate: ExtractFromDict and AddKey for each analyzer, then one Flatten into the
+    merge;
+  - after the merge: ExtractFromDict and ExtractPackedCombineMergeOutputs for each analyzer, and
+    a CreateTensorBinding for each of its outputs;
+  - the phase's CreateSavedModel then reads every binding as a side input of its own.
+A vocabulary (pipelines/vocabulary_packing.py) likewise ends in an ExtractPackedVocabulary and a
+CreateTensorBinding per size and path. On a 300-column table that is a few thousand transforms
+and about 650 side inputs, each paying the Beam graph's construction (a DoFn built and
+pickled), the runner's fusion and bundle set-up, whatever the number of rows.
+
+This rewrite of TF Transform's analysis graph (pipelines/analysis_graph.py) replaces them:
+  - each packed accumulate's per-analyzer ExtractFromDict -> AddKey pairs feeding a Flatten
+    become one AccumulatorsByKey, which emits the same (key, accumulator) pairs;
+  - the bindings taken straight from a packed merge's outputs, or from packed vocabularies, become
+    one PackedTensorBindings per source, a single list of TF Transform's own _TensorBinding
+    values, made from the same values;
+  - the CreateSavedModel reading them becomes a PackedCreateSavedModel: TF Transform's own
+    CreateSavedModel implementation writes the unbound SavedModel, and TF Transform's own
+    replacement binds every value, the lists flattened (graph mode only: the TF2 path traces
+    the preprocessing_fn again with the bindings and is left as it is).
+Every other binding (an analyzer whose output goes through further operations, an unpacked
+vocabulary, ...) stays TF Transform's own and is bound in the same step. The transform graph,
+its assets and everything downstream are unchanged: tests/test_binding_packing.py compares a
+wide analysis with TF Transform's own.
+
+It builds on private parts of TF Transform 1.21 (the node types named in NEEDS, impl's
+_TensorBinding, _CreateSavedModelImpl and _replace_tensors_with_constant_values), checked with
+the vocabulary packing's (pipelines/vocabulary.unfit_reason).
+"""
+
+import collections
+from typing import Any, Tuple
+
+import apache_beam as beam
+from tensorflow_transform import analyzer_nodes, nodes
+from tensorflow_transform.beam import beam_nodes
+from tensorflow_transform.beam import common as tft_beam_common
+from tensorflow_transform.beam import impl as tft_impl
+
+from pipelines import analysis_graph, vocabulary_packing
+from pipelines.analysis_graph import value_key
+
+NEEDS = ((analyzer_nodes, 'PackedCombineAccumulate'), (analyzer_nodes, 'PackedCombineMerge'),
+         (analyzer_nodes, 'ExtractPackedCombineMergeOutputs'), (analyzer_nodes, 'AddKey'),
+         (beam_nodes, 'CreateTensorBinding'), (beam_nodes, 'CreateSavedModel'),
+         (beam_nodes, 'Flatten'), (beam_nodes, 'ExtractFromDict'),
+         (tft_impl, '_TensorBinding'), (tft_impl, '_CreateSavedModelImpl'),
+         (tft_impl, '_replace_tensors_with_constant_values'))
+
+# Where a packed binding's value comes from: a packed merge's dict, or packed vocabularies.
+FROM_MERGE, FROM_VOCABULARIES = 'merge', 'vocabularies'
+
+
+def missing():
+  """The names of NEEDS that the installed TF Transform lacks."""
+  return [f'{module.__name__}.{name}' for module, name in NEEDS if not hasattr(module, name)]
+
+
+class AccumulatorsByKey(
+    collections.namedtuple('AccumulatorsByKey', ['pairs', 'label']), nodes.OperationDef):
+  """A packed accumulate's dict -> (key, dict[name]) for each (name, key) of `pairs`."""
+  __slots__ = ()
+
+
+class PackedTensorBindings(
+    collections.namedtuple('PackedTensorBindings', ['source', 'entries', 'label']),
+    nodes.OperationDef):
+  """A packed merge's dict, or the packed vocabularies' (index, outputs) pairs -> one list of
+  TF Transform's _TensorBinding, one per entry: (locator, number of outputs, output index,
+  tensor_name, dtype_enum, is_asset_filepath); the locator is the dict's key or the index."""
+  __slots__ = ()
+
+
+class PackedCreateSavedModel(
+    collections.namedtuple('PackedCreateSavedModel',
+                           ['table_initializers', 'output_signature', 'label']),
+    nodes.OperationDef):
+  """TF Transform's CreateSavedModel whose inputs are bindings or lists of them."""
+  __slots__ = ()
+
+
+def _is(op, kind):
+  return isinstance(op.operation_def, kind)
+
+
+def _source(binding_op):
+  """(source ValueNode, source kind, locator, number of outputs, output index) of a
+  CreateTensorBinding taken straight from a packed merge or packed vocabularies; None if not."""
+  (value,) = binding_op.inputs
+  extract = value.parent_operation
+  if _is(extract, analyzer_nodes.ExtractPackedCombineMergeOutputs):
+    (by_name,) = extract.inputs
+    from_dict = by_name.parent_operation
+    if not _is(from_dict, beam_nodes.ExtractFromDict):
+      return None
+    keys = from_dict.operation_def.keys
+    (merged,) = from_dict.inputs
+    if isinstance(keys, tuple) or not _is(merged.parent_operation,
+                                          analyzer_nodes.PackedCombineMerge):
+      return None
+    return merged, FROM_MERGE, keys, extract.operation_def.num_outputs, value.value_index
+  if _is(extract, vocabulary_packing.ExtractPackedVocabulary):
+    (packed,) = extract.inputs
+    return (packed, FROM_VOCABULARIES, extract.operation_def.index,
+            extract.operation_def.num_outputs, value.value_index)
+  return None
+
+
+def _accumulators(flatten):
+  """{packed accumulate's value key: (its ValueNode, [(name, key)])} of the Flatten's inputs
+  that are ExtractFromDict -> AddKey of a packed accumulate, and the other inputs."""
+  groups, others = {}, []
+  for value in flatten.inputs:
+    add_key = value.parent_operation
+    if _is(add_key, analyzer_nodes.AddKey):
+      (picked,) = add_key.inputs
+      from_dict = picked.parent_operation
+      if _is(from_dict, beam_nodes.ExtractFromDict) and not isinstance(
+          from_dict.operation_def.keys, tuple):
+        (accumulated,) = from_dict.inputs
+        if _is(accumulated.parent_operation, analyzer_nodes.PackedCombineAccumulate):
+          group = groups.setdefault(value_key(accumulated), (accumulated, []))
+          group[1].append((from_dict.operation_def.keys, add_key.operation_def.key))
+          continue
+    others.append(value)
+  return groups, others
+
+
+def pack(leaves, graph_mode):
+  """The graph under `leaves` with the per-analyzer stages around its packed combines and
+  packed vocabularies replaced (the bindings only in graph mode); returns the new leaves."""
+  ops, consumers = analysis_graph.operations(leaves)
+  replacements = {}
+  for op in ops.values():
+    if _is(op, beam_nodes.Flatten):
+      groups, others = _accumulators(op)
+      if groups:
+        replacements[value_key(op.outputs[0])] = _new_flatten(op, groups, others)
+    elif graph_mode and _is(op, beam_nodes.CreateSavedModel) and op.inputs:
+      replacement = _new_create_saved_model(op, consumers)
+      if replacement is not None:
+        replacements[value_key(op.outputs[0])] = replacement
+  if not replacements:
+    return tuple(leaves)
+  return analysis_graph.substitute(leaves, replacements)
+
+
+def _new_flatten(flatten, groups, others):
+  label = flatten.operation_def.label
+
+  def build(value):
+    inputs = [nodes.apply_operation(AccumulatorsByKey, value(accumulated), pairs=tuple(pairs),
+                                    label=f'AccumulatorsByKey[{label}][{i}]')
+              for i, (accumulated, pairs) in enumerate(groups.values())]
+    inputs.extend(value(v) for v in others)
+    return nodes.apply_operation(beam_nodes.Flatten, *inputs, label=label)
+  return build
+
+
+def _new_create_saved_model(save, consumers):
+  """A function building the PackedCreateSavedModel that replaces `save`, or None where none of
+  its bindings can be packed."""
+  packed, kept = {}, []  # source value key -> (ValueNode, kind, [entries])
+  for binding in save.inputs:
+    op = binding.parent_operation
+    source = None
+    if _is(op, beam_nodes.CreateTensorBinding) and all(
+        _is(c, beam_nodes.CreateSavedModel) for c in consumers[value_key(binding)]):
+      source = _source(op)
+    if source is None:
+      kept.append(binding)
+      continue
+    value, kind, locator, num_outputs, index = source
+    d = op.operation_def
+    group = packed.setdefault(value_key(value), (value, kind, []))
+    group[2].append((locator, num_outputs, index, d.tensor_name, d.dtype_enum,
+                     bool(d.is_asset_filepath)))
+  if not packed:
+    return None
+  s = save.operation_def
+
+  def build(value):
+    lists = [nodes.apply_operation(PackedTensorBindings, value(source), source=kind,
+                                   entries=tuple(entries),
+                                   label=f'PackedTensorBindings[{s.label}][{i}]')
+             for i, (source, kind, entries) in enumerate(packed.values())]
+    return nodes.apply_operation(
+        PackedCreateSavedModel, *[value(b) for b in kept], *lists,
+        table_initializers=s.table_initializers, output_signature=s.output_signature,
+        label=s.label)
+  return build
+
+
+# ---- the Beam stages ------------------------------------------------------------------------
+
+
+def accumulators_by_key(accumulated, pairs):
+  return [(key, accumulated[name]) for name, key in pairs]
+
+
+def _outputs(outputs, num_outputs, locator):
+  if len(outputs) != num_outputs:  # TF Transform's ExtractOutputs checks the same
+    raise ValueError(f'Analyzer {locator} has {num_outputs} outputs but its implementation '
+                     f'produced {len(outputs)} values')
+  return outputs
+
+
+def bindings_from_merge(merged, entries):
+  """A packed merge's {analyzer: outputs} -> the entries' _TensorBinding values."""
+  return [tft_impl._TensorBinding(_outputs(merged[key], num_outputs, key)[index], name, dtype,
+                                  asset)
+          for key, num_outputs, index, name, dtype, asset in entries]
+
+
+def bindings_from_vocabularies(pairs, entries):
+  """The packed vocabularies' [(index, (path, unpruned size, pruned size))] -> the entries'
+  _TensorBinding values."""
+  by_index = dict(pairs)
+  return [tft_impl._TensorBinding(_outputs(by_index[i], num_outputs, i)[index], name, dtype,
+                                  asset)
+          for i, num_outputs, index, name, dtype, asset in entries]
+
+
+def bind_all(unbound_dir, base_temp_dir, *bindings):
+  """TF Transform's replacement of the unbound SavedModel's placeholders, with the lists of
+  bindings flattened; returns the bound SavedModel's directory."""
+  flat = []
+  for b in bindings:
+    flat.extend(b if isinstance(b, list) else [b])
+  return tft_impl._replace_tensors_with_constant_values(unbound_dir, base_temp_dir, *flat)
+
+
+class _AccumulatorsByKeyImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._pairs = operation.pairs
+
+  def expand(self, inputs):
+    (accumulated,) = inputs
+    return accumulated | 'ByKey' >> beam.FlatMap(
+        accumulators_by_key, self._pairs).with_output_types(Tuple[str, Any])
+
+
+class _PackedTensorBindingsImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._source = operation.source
+    self._entries = operation.entries
+
+  def expand(self, inputs):
+    (source,) = inputs
+    if self._source == FROM_MERGE:
+      return source | 'Bind' >> beam.Map(bindings_from_merge, self._entries)
+    return (source
+            | 'Gather' >> beam.combiners.ToList()
+            | 'Bind' >> beam.Map(bindings_from_vocabularies, self._entries))
+
+
+class _PackedCreateSavedModelImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._unbound = tft_impl._CreateSavedModelImpl(operation, extra_args)
+    self._base_temp_dir = extra_args.base_temp_dir
+
+  def expand(self, inputs):
+    pipeline = inputs[0].pipeline
+    # With no inputs, TF Transform's implementation writes the unbound SavedModel and gives
+    # its directory.
+    unbound = pipeline | 'Unbound' >> self._unbound
+    return unbound | 'BindTensors' >> beam.Map(
+        bind_all, self._base_temp_dir, *[beam.pvalue.AsSingleton(p) for p in inputs])
+
+
+tft_beam_common.register_ptransform(AccumulatorsByKey)(_AccumulatorsByKeyImpl)
+tft_beam_common.register_ptransform(PackedTensorBindings)(_PackedTensorBindingsImpl)
+tft_beam_common.register_ptransform(PackedCreateSavedModel)(_PackedCreateSavedModelImpl)
