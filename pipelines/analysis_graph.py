@@ -25,29 +25,30 @@ from tensorflow_transform import nodes
 from tensorflow_transform.beam import analysis_graph_builder
 
 _ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
-_STATE = {'on': False}
+# 'rewrites': functions (leaves, graph_mode) -> new leaves, applied in order; none when off.
+_STATE = {'rewrites': ()}
 
 
-def set_enabled(on):
-  """Packs the analyses built after this call (on) or not; the first call that turns it on puts
-  the rewrites into analysis_graph_builder.build."""
-  _STATE['on'] = bool(on)
+def set_enabled(on, rewrites=()):
+  """Applies `rewrites` to the analyses built after this call (on), or none; the first call
+  that turns it on puts the rewriting into analysis_graph_builder.build."""
+  _STATE['rewrites'] = tuple(rewrites) if on else ()
   if on and analysis_graph_builder.build is _ORIGINAL_BUILD:
-    analysis_graph_builder.build = _build_and_pack
+    analysis_graph_builder.build = _build_and_rewrite
 
 
 def enabled():
-  return _STATE['on']
+  return bool(_STATE['rewrites'])
 
 
-def _build_and_pack(graph, *args, **kwargs):
-  from pipelines import binding_packing, vocabulary_packing  # they import this module
+def _build_and_rewrite(graph, *args, **kwargs):
   root, cache, side_effects = _ORIGINAL_BUILD(graph, *args, **kwargs)
-  if not _STATE['on'] or cache:  # an analyzer cache keys each analyzer's accumulator
+  if not _STATE['rewrites'] or cache:  # an analyzer cache keys each analyzer's accumulator
     return root, cache, side_effects
-  leaves = vocabulary_packing.pack((root, *side_effects))
-  # TF Transform's graph mode traces into a tf.Graph, its TF2 behaviours into a FuncGraph.
-  leaves = binding_packing.pack(leaves, graph_mode=not graph.building_function)
+  leaves = (root, *side_effects)
+  for rewrite in _STATE['rewrites']:
+    # TF Transform's graph mode traces into a tf.Graph, its TF2 behaviours into a FuncGraph.
+    leaves = rewrite(leaves, graph_mode=not graph.building_function)
   root, *side_effects = leaves
   return root, cache, side_effects
 

@@ -44,6 +44,9 @@ _LOG = logging.getLogger('pipelines')
 # private names of TFT's that it builds on (their absence, or another TFT, leaves TFT's own).
 TESTED_TFT = ('1.21',)
 _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
+# The rewrites of TF Transform's analysis graph that install() switches on with the counting, in
+# their order: the bindings' packing recognizes the packed vocabularies.
+REWRITES = (vocabulary_packing.pack, binding_packing.pack)
 
 
 def unfit_reason(tft_version=None):
@@ -105,7 +108,7 @@ def install():
   if reason is None and beam_patches.enabled():
     _register(_BatchCountedVocabularyAccumulate)
     _STATE['ours'] = True
-    analysis_graph.set_enabled(True)
+    analysis_graph.set_enabled(True, REWRITES)
     return
   analysis_graph.set_enabled(False)
   if reason is not None and not _STATE['logged']:

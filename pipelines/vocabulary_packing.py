@@ -29,9 +29,10 @@ Transform's chain, and nothing is packed where the analysis reads or writes an a
 (the cache stores each vocabulary's accumulator under its own key).
 
 It builds on private parts of TF Transform 1.21 (analysis_graph_builder.build and the node
-types of analyzer_nodes and beam_nodes), so it is switched on by pipelines/vocabulary.install
-only where that module's counting is (the TF Transform versions it was tested with, and not
-where this project's Beam patches are off: pipelines/runner/beam_patches.py, ENV).
+types of analyzer_nodes and beam_nodes); pipelines/analysis_graph.py runs it, switched on by
+pipelines/vocabulary.install only where that module's counting is (the TF Transform versions it
+was tested with, and not where this project's Beam patches are off:
+pipelines/runner/beam_patches.py, ENV).
 Could live upstream: TF Transform's combiner_packing_util could pack vocabularies the same way.
 """
 
@@ -156,9 +157,10 @@ def _chain(accumulate, consumers):
   return extract.inputs[0], spec, replaced, w.label
 
 
-def pack(leaves):
+def pack(leaves, graph_mode=True):
   """The graph under `leaves` (ValueNodes) with its packable vocabulary chains packed, one
-  PackedVocabularies per phase's batches; returns the new leaves, in order."""
+  PackedVocabularies per phase's batches (either tracing); returns the new leaves, in order."""
+  del graph_mode
   ops, consumers = analysis_graph.operations(leaves)
   groups = collections.defaultdict(list)  # batches key -> [(spec, replaced, label)]
   batches_of = {}

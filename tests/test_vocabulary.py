@@ -151,7 +151,7 @@ def test_the_graph_rewrite_packs_what_it_can_and_leaves_the_rest():
   from tensorflow_transform.beam import analysis_graph_builder
   graph, structured_inputs, structured_outputs = impl_helper.trace_preprocessing_function(
       fn, spec, use_tf_compat_v1=False)
-  analysis_graph.set_enabled(True)
+  analysis_graph.set_enabled(True, vocabulary.REWRITES)
   root, _, _ = analysis_graph_builder.build(graph, structured_inputs, structured_outputs)
   kinds = collections.Counter()
   stack, seen = [root.parent_operation], set()

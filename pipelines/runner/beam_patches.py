@@ -11,10 +11,10 @@ itself, says how: each of them is a candidate to send upstream, after which it g
 
 Everything here can be switched off: with TFT_PIPELINES_BEAM_PATCHES=off (ENV) in the environment
 of the launching process, nothing of Beam is patched, the job's workers are not given this
-project's worker plugin, and TF Transform's own vocabulary counting and chains of stages run
-(pipelines/vocabulary.py, vocabulary_packing.py): the way to tell a bug of these patches from one
-of the pipeline, or to run on an untested Beam. The outputs are the same either way
-(tests/test_beam_patches.py), only slower.
+project's worker plugin, and TF Transform's own vocabulary counting, chains of stages and
+bindings run (pipelines/vocabulary.py, vocabulary_packing.py, binding_packing.py): the way to
+tell a bug of these patches from one of the pipeline, or to run on an untested Beam. The
+outputs are the same either way (tests/test_beam_patches.py), only slower.
 """
 
 import collections
