@@ -5,12 +5,14 @@ TF Transform 1.21 turns its traced preprocessing_fn into a graph of `nodes` oper
 (analysis_graph_builder.build) and then each operation into Beam transforms. Many of those
 operations exist once per analyzer or once per analyzer output, so a table of hundreds of
 columns pays Beam's fixed costs (building and pickling each DoFn, the runner's fusion, one side
-input per output) hundreds of times over, whatever the number of rows. Two rewrites pack them,
-between the two steps:
+input per output) hundreds of times over, whatever the number of rows. Rewrites pack them,
+between the two steps (pipelines/vocabulary.REWRITES, in this order):
   - pipelines/vocabulary_packing.py: the frequency vocabularies of a phase in one stage;
+  - pipelines/merge_packing.py: the merges of a phase's combines in one, and the hand-over of
+    their accumulators in one transform;
   - pipelines/binding_packing.py: the analyzer results of a phase bound into its SavedModel in
     one step, instead of a chain of stages and a side input per result.
-Both leave what they do not recognize as TF Transform built it, and are off where the analysis
+Each leaves what it does not recognize as TF Transform built it; all are off where the analysis
 reads or writes an analyzer cache (the cache keys each analyzer's accumulator on its own).
 
 This builds on private parts of TF Transform 1.21 (analysis_graph_builder.build, the node types

@@ -1,31 +1,26 @@
 """The analyzer results of a phase bound into its SavedModel in one step, not one chain each.
 
-TF Transform 1.21 packs a phase's combiner analyzers (mean, variance, quantiles, ...) into one
-CombineGlobally, but around it every analyzer keeps Beam transforms of its own:
-  - after the accumulate: ExtractFromDict and AddKey for each analyzer, then one Flatten into the
-    merge;
-  - after the merge: ExtractFromDict and ExtractPackedCombineMergeOutputs for each analyzer, and
-    a CreateTensorBinding for each of its outputs;
-  - the phase's CreateSavedModel then reads every binding as a side input of its own.
-A vocabulary (pipelines/vocabulary_packing.py) likewise ends in an ExtractPackedVocabulary and a
-CreateTensorBinding per size and path. On a 300-column table that is a few thousand transforms
-and about 650 side inputs, each paying the Beam graph's construction (a DoFn built and
-pickled), the runner's fusion and bundle set-up, whatever the number of rows.
+After a packed merge (TF Transform's, or pipelines/merge_packing.py's) every analyzer keeps Beam
+transforms of its own: an ExtractFromDict and an ExtractPackedCombineMergeOutputs, and a
+CreateTensorBinding for each of its outputs; a packed vocabulary (pipelines/vocabulary_packing.py)
+likewise ends in an ExtractPackedVocabulary and a CreateTensorBinding per size and path; and the
+phase's CreateSavedModel reads every binding as a side input of its own. On a 300-column table
+that is about two thousand transforms and 650 side inputs, each paying the Beam graph's
+construction (a DoFn built and pickled), the runner's fusion and bundle set-up, whatever the
+number of rows.
 
 This rewrite of TF Transform's analysis graph (pipelines/analysis_graph.py) replaces them:
-  - each packed accumulate's per-analyzer ExtractFromDict -> AddKey pairs feeding a Flatten
-    become one AccumulatorsByKey, which emits the same (key, accumulator) pairs;
   - the bindings taken straight from a packed merge's outputs, or from packed vocabularies, become
-    one PackedTensorBindings per source, a single list of TF Transform's own _TensorBinding
+    one PackedTensorBindings per source: a single list of TF Transform's own _TensorBinding
     values, made from the same values;
   - the CreateSavedModel reading them becomes a PackedCreateSavedModel: TF Transform's own
     CreateSavedModel implementation writes the unbound SavedModel, and TF Transform's own
-    replacement binds every value, the lists flattened (graph mode only: the TF2 path traces
-    the preprocessing_fn again with the bindings and is left as it is).
-Every other binding (an analyzer whose output goes through further operations, an unpacked
-vocabulary, ...) stays TF Transform's own and is bound in the same step. The transform graph,
-its assets and everything downstream are unchanged: tests/test_binding_packing.py compares a
-wide analysis with TF Transform's own.
+    replacement binds every value, the lists flattened.
+Graph mode only: the TF2 path traces the preprocessing_fn again with the bindings, and is left
+as it is. Every other binding (an analyzer whose output goes through further operations, an
+unpacked vocabulary, ...) stays TF Transform's own and is bound in the same step. The values,
+the transform graph and its assets are unchanged: tests/test_binding_packing.py compares a wide
+analysis with TF Transform's own.
 
 It builds on private parts of TF Transform 1.21 (the node types named in NEEDS, impl's
 _TensorBinding, _CreateSavedModelImpl and _replace_tensors_with_constant_values), checked with
@@ -33,7 +28,6 @@ the vocabulary packing's (pipelines/vocabulary.unfit_reason).
 """
 
 import collections
-from typing import Any, Tuple
 
 import apache_beam as beam
 from tensorflow_transform import analyzer_nodes, nodes
@@ -44,10 +38,10 @@ from tensorflow_transform.beam import impl as tft_impl
 from pipelines import analysis_graph, vocabulary_packing
 from pipelines.analysis_graph import value_key
 
-NEEDS = ((analyzer_nodes, 'PackedCombineAccumulate'), (analyzer_nodes, 'PackedCombineMerge'),
-         (analyzer_nodes, 'ExtractPackedCombineMergeOutputs'), (analyzer_nodes, 'AddKey'),
+NEEDS = ((analyzer_nodes, 'PackedCombineMerge'),
+         (analyzer_nodes, 'ExtractPackedCombineMergeOutputs'),
          (beam_nodes, 'CreateTensorBinding'), (beam_nodes, 'CreateSavedModel'),
-         (beam_nodes, 'Flatten'), (beam_nodes, 'ExtractFromDict'),
+         (beam_nodes, 'ExtractFromDict'),
          (tft_impl, '_TensorBinding'), (tft_impl, '_CreateSavedModelImpl'),
          (tft_impl, '_replace_tensors_with_constant_values'))
 
@@ -58,12 +52,6 @@ FROM_MERGE, FROM_VOCABULARIES = 'merge', 'vocabularies'
 def missing():
   """The names of NEEDS that the installed TF Transform lacks."""
   return [f'{module.__name__}.{name}' for module, name in NEEDS if not hasattr(module, name)]
-
-
-class AccumulatorsByKey(
-    collections.namedtuple('AccumulatorsByKey', ['pairs', 'label']), nodes.OperationDef):
-  """A packed accumulate's dict -> (key, dict[name]) for each (name, key) of `pairs`."""
-  __slots__ = ()
 
 
 class PackedTensorBindings(
@@ -110,55 +98,21 @@ def _source(binding_op):
   return None
 
 
-def _accumulators(flatten):
-  """{packed accumulate's value key: (its ValueNode, [(name, key)])} of the Flatten's inputs
-  that are ExtractFromDict -> AddKey of a packed accumulate, and the other inputs."""
-  groups, others = {}, []
-  for value in flatten.inputs:
-    add_key = value.parent_operation
-    if _is(add_key, analyzer_nodes.AddKey):
-      (picked,) = add_key.inputs
-      from_dict = picked.parent_operation
-      if _is(from_dict, beam_nodes.ExtractFromDict) and not isinstance(
-          from_dict.operation_def.keys, tuple):
-        (accumulated,) = from_dict.inputs
-        if _is(accumulated.parent_operation, analyzer_nodes.PackedCombineAccumulate):
-          group = groups.setdefault(value_key(accumulated), (accumulated, []))
-          group[1].append((from_dict.operation_def.keys, add_key.operation_def.key))
-          continue
-    others.append(value)
-  return groups, others
-
-
 def pack(leaves, graph_mode):
-  """The graph under `leaves` with the per-analyzer stages around its packed combines and
-  packed vocabularies replaced (the bindings only in graph mode); returns the new leaves."""
+  """The graph under `leaves` with the bindings of its packed merges and packed vocabularies
+  packed, in graph mode; returns the new leaves."""
   ops, consumers = analysis_graph.operations(leaves)
   replacements = {}
+  if not graph_mode:  # the TF2 path traces the preprocessing_fn again with the bindings
+    return tuple(leaves)
   for op in ops.values():
-    if _is(op, beam_nodes.Flatten):
-      groups, others = _accumulators(op)
-      if groups:
-        replacements[value_key(op.outputs[0])] = _new_flatten(op, groups, others)
-    elif graph_mode and _is(op, beam_nodes.CreateSavedModel) and op.inputs:
+    if _is(op, beam_nodes.CreateSavedModel) and op.inputs:
       replacement = _new_create_saved_model(op, consumers)
       if replacement is not None:
         replacements[value_key(op.outputs[0])] = replacement
   if not replacements:
     return tuple(leaves)
   return analysis_graph.substitute(leaves, replacements)
-
-
-def _new_flatten(flatten, groups, others):
-  label = flatten.operation_def.label
-
-  def build(value):
-    inputs = [nodes.apply_operation(AccumulatorsByKey, value(accumulated), pairs=tuple(pairs),
-                                    label=f'AccumulatorsByKey[{label}][{i}]')
-              for i, (accumulated, pairs) in enumerate(groups.values())]
-    inputs.extend(value(v) for v in others)
-    return nodes.apply_operation(beam_nodes.Flatten, *inputs, label=label)
-  return build
 
 
 def _new_create_saved_model(save, consumers):
@@ -198,10 +152,6 @@ def _new_create_saved_model(save, consumers):
 # ---- the Beam stages ------------------------------------------------------------------------
 
 
-def accumulators_by_key(accumulated, pairs):
-  return [(key, accumulated[name]) for name, key in pairs]
-
-
 def _outputs(outputs, num_outputs, locator):
   if len(outputs) != num_outputs:  # TF Transform's ExtractOutputs checks the same
     raise ValueError(f'Analyzer {locator} has {num_outputs} outputs but its implementation '
@@ -232,18 +182,6 @@ def bind_all(unbound_dir, base_temp_dir, *bindings):
   for b in bindings:
     flat.extend(b if isinstance(b, list) else [b])
   return tft_impl._replace_tensors_with_constant_values(unbound_dir, base_temp_dir, *flat)
-
-
-class _AccumulatorsByKeyImpl(beam.PTransform):
-
-  def __init__(self, operation, extra_args):
-    super().__init__()
-    self._pairs = operation.pairs
-
-  def expand(self, inputs):
-    (accumulated,) = inputs
-    return accumulated | 'ByKey' >> beam.FlatMap(
-        accumulators_by_key, self._pairs).with_output_types(Tuple[str, Any])
 
 
 class _PackedTensorBindingsImpl(beam.PTransform):
@@ -278,6 +216,5 @@ class _PackedCreateSavedModelImpl(beam.PTransform):
         bind_all, self._base_temp_dir, *[beam.pvalue.AsSingleton(p) for p in inputs])
 
 
-tft_beam_common.register_ptransform(AccumulatorsByKey)(_AccumulatorsByKeyImpl)
 tft_beam_common.register_ptransform(PackedTensorBindings)(_PackedTensorBindingsImpl)
 tft_beam_common.register_ptransform(PackedCreateSavedModel)(_PackedCreateSavedModelImpl)

@@ -35,7 +35,7 @@ from tensorflow_transform import analyzer_nodes
 from tensorflow_transform.beam import analyzer_impls
 from tensorflow_transform.beam import common as tft_beam_common
 
-from pipelines import analysis_graph, binding_packing, vocabulary_packing
+from pipelines import analysis_graph, binding_packing, merge_packing, vocabulary_packing
 from pipelines.runner import beam_patches
 
 _LOG = logging.getLogger('pipelines')
@@ -45,8 +45,8 @@ _LOG = logging.getLogger('pipelines')
 TESTED_TFT = ('1.21',)
 _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
 # The rewrites of TF Transform's analysis graph that install() switches on with the counting, in
-# their order: the bindings' packing recognizes the packed vocabularies.
-REWRITES = (vocabulary_packing.pack, binding_packing.pack)
+# their order: the bindings' packing recognizes the packed vocabularies and merges.
+REWRITES = (vocabulary_packing.pack, merge_packing.pack, binding_packing.pack)
 
 
 def unfit_reason(tft_version=None):
@@ -58,7 +58,8 @@ def unfit_reason(tft_version=None):
   if vocabulary_packing.FREQUENCY is None or _TFT_IMPLEMENTATION is None:
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
             'beam.analyzer_impls._VocabularyAccumulateImpl')
-  missing = vocabulary_packing.missing() + binding_packing.missing()
+  missing = (vocabulary_packing.missing() + merge_packing.missing() +
+             binding_packing.missing())
   if missing:
     return f'TF Transform has no {", ".join(missing)}'
   return None

@@ -1,10 +1,12 @@
-"""pipelines/binding_packing.py: the analysis graph rewrite, on TF Transform's own traced graphs.
+"""pipelines/binding_packing.py and merge_packing.py: the analysis graph rewrites, on TF
+Transform's own traced graphs.
 
 That the packed analysis gives TF Transform's own results (vocabulary files byte for byte, every
 transformed value, means and variances, quantile buckets, vocabulary sizes bound in a second
-phase) is tests/test_vocabulary.py's comparison: it runs both rewrites against TF Transform's
-unpacked analysis in graph mode. Here: what the rewrite packs, what it leaves, and its Beam
-stages on their own.
+phase, whose first phase's merges are packed) is tests/test_vocabulary.py's comparison: it runs
+the rewrites against TF Transform's unpacked analysis in graph mode; the end of this file
+compares a one-phase wide analysis. Here: what the rewrites pack, what they leave, and their
+Beam stages on their own.
 """
 
 import collections
@@ -17,7 +19,7 @@ from tensorflow_transform import impl_helper
 from tensorflow_transform.beam import analysis_graph_builder
 from tensorflow_transform.beam import impl as tft_impl
 
-from pipelines import analysis_graph, binding_packing, vocabulary
+from pipelines import analysis_graph, binding_packing, merge_packing, vocabulary
 from tests import helpers
 
 SPEC = {'a': tf.TensorSpec([None], tf.string), 'b': tf.TensorSpec([None], tf.string),
@@ -69,14 +71,17 @@ def test_graph_mode_binds_a_phase_in_one_step(packing):
   assert kinds['CreateTensorBinding'] == 3 and kinds['VocabularyOrderAndWrite'] == 1, kinds
 
 
-def test_two_phases_pack_the_vocabularies_bindings(packing):
-  # TF Transform packs the merges of one phase only; with two, each combine keeps its own
-  # merge and bindings, and the packed vocabularies' bindings are still packed (each phase's
-  # save binds them: one list for each).
+def test_two_phases_pack_each_phases_merges_and_bindings(packing):
+  # TF Transform packs the merges of a one-phase analysis only; merge_packing packs those of
+  # each phase reading one packed accumulate: phase 0's five combines here. Phase 1 has a single
+  # combine, which TF Transform packs neither in its accumulate nor in its merge.
   kinds = _kinds(_two_phases, graph_mode=True)
+  assert kinds['PackedCombineMerge'] == 1 and kinds['CacheableCombineMerge'] == 1, kinds
   assert kinds['PackedCreateSavedModel'] == 2, kinds
-  assert kinds['PackedTensorBindings'] == 2 and kinds['ExtractPackedVocabulary'] == 0, kinds
-  assert kinds['CacheableCombineMerge'] > 0 and kinds['CreateTensorBinding'] > 3, kinds
+  # Each phase's save binds the packed merge's and packed vocabularies' results: a list each;
+  # the phase-1 mean keeps its binding, the weighted vocabulary its three.
+  assert kinds['PackedTensorBindings'] == 4, kinds
+  assert kinds['ExtractPackedVocabulary'] == 0 and kinds['ExtractCombineMergeOutputs'] == 1, kinds
 
 
 def test_tf2_behaviours_keep_the_bindings_and_pack_the_accumulators(packing):
@@ -105,7 +110,7 @@ def test_the_bindings_are_tensorflow_transforms_own_values():
   bindings = binding_packing.bindings_from_vocabularies(pairs, entries)
   assert [b.value for b in bindings] == [np.array(b'/v0'), np.int64(3)]
   assert [b.is_asset_filepath for b in bindings] == [True, False]
-  assert binding_packing.accumulators_by_key({'m': 1, 'n': 2}, (('n', 'k'), ('m', 'j'))) == [
+  assert merge_packing.accumulators_by_key({'m': 1, 'n': 2}, (('n', 'k'), ('m', 'j'))) == [
       ('k', 2), ('j', 1)]
 
 
