@@ -55,6 +55,16 @@ def _build_and_rewrite(graph, *args, **kwargs):
   return root, cache, side_effects
 
 
+def missing(needs):
+  """The (module, name) pairs of `needs` that the installed TF Transform lacks, as text."""
+  return [f'{module.__name__}.{name}' for module, name in needs if not hasattr(module, name)]
+
+
+def is_a(op, kind):
+  """Whether OperationNode `op` is an operation of type `kind`."""
+  return isinstance(op.operation_def, kind)
+
+
 def value_key(value_node):
   """A ValueNode's identity: its operation and which of the operation's outputs it is."""
   return id(value_node.parent_operation), value_node.value_index

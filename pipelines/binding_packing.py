@@ -36,6 +36,7 @@ from tensorflow_transform.beam import common as tft_beam_common
 from tensorflow_transform.beam import impl as tft_impl
 
 from pipelines import analysis_graph, vocabulary_packing
+from pipelines.analysis_graph import is_a as _is
 from pipelines.analysis_graph import value_key
 
 NEEDS = ((analyzer_nodes, 'PackedCombineMerge'),
@@ -51,7 +52,7 @@ FROM_MERGE, FROM_VOCABULARIES = 'merge', 'vocabularies'
 
 def missing():
   """The names of NEEDS that the installed TF Transform lacks."""
-  return [f'{module.__name__}.{name}' for module, name in NEEDS if not hasattr(module, name)]
+  return analysis_graph.missing(NEEDS)
 
 
 class PackedTensorBindings(
@@ -69,10 +70,6 @@ class PackedCreateSavedModel(
     nodes.OperationDef):
   """TF Transform's CreateSavedModel whose inputs are bindings or lists of them."""
   __slots__ = ()
-
-
-def _is(op, kind):
-  return isinstance(op.operation_def, kind)
 
 
 def _source(binding_op):
@@ -101,10 +98,10 @@ def _source(binding_op):
 def pack(leaves, graph_mode):
   """The graph under `leaves` with the bindings of its packed merges and packed vocabularies
   packed, in graph mode; returns the new leaves."""
-  ops, consumers = analysis_graph.operations(leaves)
-  replacements = {}
   if not graph_mode:  # the TF2 path traces the preprocessing_fn again with the bindings
     return tuple(leaves)
+  ops, consumers = analysis_graph.operations(leaves)
+  replacements = {}
   for op in ops.values():
     if _is(op, beam_nodes.CreateSavedModel) and op.inputs:
       replacement = _new_create_saved_model(op, consumers)

@@ -36,6 +36,7 @@ from tensorflow_transform.beam import beam_nodes, combiner_packing_util
 from tensorflow_transform.beam import common as tft_beam_common
 
 from pipelines import analysis_graph
+from pipelines.analysis_graph import is_a as _is
 from pipelines.analysis_graph import value_key
 
 NEEDS = ((analyzer_nodes, 'PackedCombineAccumulate'), (analyzer_nodes, 'PackedCombineMerge'),
@@ -47,17 +48,13 @@ NEEDS = ((analyzer_nodes, 'PackedCombineAccumulate'), (analyzer_nodes, 'PackedCo
 
 def missing():
   """The names of NEEDS that the installed TF Transform lacks."""
-  return [f'{module.__name__}.{name}' for module, name in NEEDS if not hasattr(module, name)]
+  return analysis_graph.missing(NEEDS)
 
 
 class AccumulatorsByKey(
     collections.namedtuple('AccumulatorsByKey', ['pairs', 'label']), nodes.OperationDef):
   """A packed accumulate's dict -> (key, dict[name]) for each (name, key) of `pairs`."""
   __slots__ = ()
-
-
-def _is(op, kind):
-  return isinstance(op.operation_def, kind)
 
 
 def _from_packed_accumulate(value):

@@ -66,7 +66,7 @@ NEEDS = ((analysis_graph_builder, 'build'), (beam_nodes, 'ExtractFromDict'),
 
 def missing():
   """The names of NEEDS that the installed TF Transform lacks."""
-  return [f'{module.__name__}.{name}' for module, name in NEEDS if not hasattr(module, name)]
+  return analysis_graph.missing(NEEDS)
 
 
 class VocabularySpec(NamedTuple):
