@@ -45,7 +45,10 @@ def enabled():
 
 def _build_and_rewrite(graph, *args, **kwargs):
   root, cache, side_effects = _ORIGINAL_BUILD(graph, *args, **kwargs)
-  if not _STATE['rewrites'] or cache:  # an analyzer cache keys each analyzer's accumulator
+  # An analyzer cache (read: a cache_dict, even an empty one; or written) keys each analyzer's
+  # accumulator on its own.
+  reads_cache = kwargs.get('cache_dict', args[3] if len(args) > 3 else None) is not None
+  if not _STATE['rewrites'] or cache or reads_cache:
     return root, cache, side_effects
   leaves = (root, *side_effects)
   for rewrite in _STATE['rewrites']:

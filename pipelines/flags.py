@@ -75,6 +75,11 @@ def add_split_flags(parser, what, inputs_help):
                            'behaviours gets them) or tf2 (TF2 behaviours, tf.function, four '
                            'times: slower). The outputs and the transform graph\'s format are '
                            'the same either way')
+  parser.add_argument('--analysis-cache', default=None, metavar='DIR',
+                      help='TF Transform\'s analyzer cache over runs: each --train input is a '
+                           'span whose accumulators are kept in DIR; a rerun analyzes only new '
+                           'or changed inputs (a changed preprocessing_fn, contract, reader flag '
+                           'or version misses)')
   report.add_flags(parser)
 
 

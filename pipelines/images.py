@@ -19,7 +19,7 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import flags, job, output_dir
+from pipelines import analysis_cache, flags, job, output_dir
 from pipelines.sources import image_files
 from transforms import command, run_contract
 from transforms import contract as contract_lib
@@ -81,7 +81,8 @@ def run(argv=None):
     units['eval'], input_bytes['eval'] = image_files.match_image_inputs(args.eval, '--eval')
   splits, shards = job.plan_splits(args, input_bytes)
 
-  job.check_remote_paths(beam_args, args.output, list(args.train) + list(args.eval or []))
+  job.check_remote_paths(beam_args, args.output, list(args.train) + list(args.eval or []) + (
+      [args.analysis_cache] if args.analysis_cache else []))
   out = output_dir.OutputDir(args.output, args.overwrite)
   out.prepare()
   label_inverse = job.save_label_inverse(out, hints.inverse_label_fn)
@@ -94,10 +95,17 @@ def run(argv=None):
     return image_files.ReadImages(units, fmt, split, eval_fraction, args.images_per_batch,
                                   spill=spill)
 
-  pipeline, spill = job.build(beam_args, out, source, units, args, contract.preprocessing_fn,
-                              adapter_config, shards, desired_batch_size=args.images_per_batch)
-  counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, what='images',
-                             spill=spill)
+  cache = None
+  if args.analysis_cache:  # what the images analyzed depend on, besides the files and the graph
+    cache = analysis_cache.request(
+        args.analysis_cache, units['train'], image_files.span_of,
+        reader={'pipeline': 'images', 'format': fmt, 'schema': contract.raw_feature_spec,
+                'size': size, 'images_per_batch': args.images_per_batch,
+                'eval_fraction': args.eval_fraction})
+  built = job.build(beam_args, out, source, units, args, contract.preprocessing_fn,
+                    adapter_config, shards, cache=cache, desired_batch_size=args.images_per_batch)
+  counts = job.run_and_check(built.pipeline, out, splits, args.max_bad_rows, what='images',
+                             spill=built.spill)
   if counts is None:
     return None
 
@@ -108,7 +116,7 @@ def run(argv=None):
         entry, bytes_written=written,
         bytes_per_image=round(written / entry.rows_written, 1) if entry.rows_written else None)
   return job.publish(
-      out, args, argv, beam_args, started, what='images',
+      out, args, argv, beam_args, started, what='images', cache=built.cache,
       pipeline='images',
       transforms=args.transforms,
       label_key='label',

@@ -10,13 +10,14 @@ import shutil
 import tempfile
 import time
 import traceback
+import typing
 
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines import output_dir, report, stages
+from pipelines import analysis_cache, output_dir, report, stages
 from pipelines.runner import launch, progress
 from pipelines.sinks import dead_letters
 from pipelines.sources import reading
@@ -34,10 +35,17 @@ def plan_splits(args, input_bytes):
   return splits, {s: args.num_shards or output_dir.auto_num_shards(input_bytes[s]) for s in splits}
 
 
+class Job(typing.NamedTuple):
+  pipeline: object  # beam.Pipeline
+  spill: object  # reading.Spill or None
+  cache: object  # analysis_cache.Plan or None
+
+
 def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config, shards,
-          **context):
+          cache=None, **context):
   """The whole job in a new pipeline of `beam_args` (stages.add_preprocessing, in a
-  tft_beam.Context with `context` and out's temp dir). Returns (pipeline, spill).
+  tft_beam.Context with `context` and out's temp dir). Returns a Job. `cache`: an
+  analysis_cache.Request (--analysis-cache), planned here for the tracing mode the job uses.
 
   By default (--tracing graph), the preprocessing_fn is traced in TF Transform's graph mode
   (tf.compat.v1), and with TF2 behaviours (tf.function) where graph mode cannot trace it
@@ -57,10 +65,11 @@ def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config,
   def build_job(graph_mode):
     pipeline = launch.make_pipeline(beam_args)
     with tft_beam.Context(temp_dir=out.tmp, force_tf_compat_v1=graph_mode, **context):
-      spill = make_spill(pipeline, out)
+      plan = plan_cache(cache, out, preprocessing_fn, adapter_config, graph_mode)
+      spill = make_spill(pipeline, out) if plan is None else None
       stages.add_preprocessing(pipeline, source, units, args.eval_fraction, preprocessing_fn,
-                               adapter_config, out, shards, args.compression, spill)
-    return pipeline, spill
+                               adapter_config, out, shards, args.compression, spill, plan)
+    return Job(pipeline, spill, plan)
 
   if args.tracing == 'graph':
     try:
@@ -70,6 +79,24 @@ def build(beam_args, out, source, units, args, preprocessing_fn, adapter_config,
       _LOG.info('the preprocessing_fn does not trace in graph mode (%s: %s); tracing it with '
                 'TF2 behaviours', type(cause).__name__, output_dir.error_cause(cause, limit=200))
   return build_job(False)
+
+
+def plan_cache(request, out, preprocessing_fn, adapter_config, graph_mode):
+  """The analysis_cache.Plan of a Request (None without one); a preprocessing_fn that does not
+  trace is a stages.TraceError, as when the job traces it."""
+  if request is None:
+    return None
+  from tfx_bsl.tfxio import tensor_adapter
+  specs = tensor_adapter.TensorAdapter(adapter_config).OriginalTypeSpecs()
+  try:
+    graph = analysis_cache.graph_digest(preprocessing_fn, specs, graph_mode)
+  except Exception as e:  # the user's function, as stages.AnalyzeTrain reports it
+    raise stages.TraceError(stages.traced_failure(e, out)) from e
+  plan = analysis_cache.plan(request, output_dir.join(out.staging, 'analysis_cache'),
+                             preprocessing_fn, specs, graph_mode, graph)
+  _LOG.info('analysis cache %s: %d of %d spans cached, %d to read', request.directory,
+            len(plan.cached), len(plan.spans), len(plan.to_read))
+  return plan
 
 
 def make_spill(pipeline, out):
@@ -224,11 +251,16 @@ def save_label_inverse(out, inverse_label_fn):
   return run_contract.LABEL_INVERSE
 
 
-def publish(out, args, argv, beam_args, started, what='rows', **entries):
+def publish(out, args, argv, beam_args, started, what='rows', cache=None, **entries):
   """Publishes the result with its run_contract.Manifest (the pipeline's own `entries`, and what
-  every pipeline records) and prints the summary; returns the published Manifest."""
+  every pipeline records) and prints the summary; returns the published Manifest. `cache`: the
+  run's analysis_cache.Plan, whose new spans go into the cache first (they are as complete as
+  the result, and the staging area they are in goes with its publication)."""
+  if cache is not None:
+    analysis_cache.publish(cache)
   manifest = run_contract.Manifest(
       **entries,
+      analysis_cache=cache.summary() if cache is not None else None,
       eval_fraction=args.eval_fraction,
       compression=args.compression,
       options={'argv': list(argv) if argv is not None else None, 'beam': beam_args},
@@ -259,6 +291,8 @@ def print_summary(manifest, directory, what='rows'):
       {split: c.rejected_by_kind for split, c in splits.items()}, errors_path, what)
   if letters:
     lines += ['dead letters:'] + letters
+  if manifest.analysis_cache:
+    lines += analysis_cache.summary_lines(manifest.analysis_cache)
   lines += [f'outputs in {directory}:',
             '  shards        ' + ', '.join(output_dir.join(directory, c.files)
                                           for c in splits.values()),

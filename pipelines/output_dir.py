@@ -47,26 +47,26 @@ def write_text(path, text):
     f.write(text.encode('utf-8'))
 
 
-def _files_under(directory):
+def files_under(directory):
   result = FileSystems.match([join(directory, '**')])[0]
   return sorted(m.path for m in result.metadata_list)
 
 
-def _entry_exists(path):
+def entry_exists(path):
   """A file or a directory. On object stores (gs://) a directory is only a prefix of object
   names, which FileSystems.exists does not see."""
   return FileSystems.exists(path) or bool(
       FileSystems.match([join(path, '**')], [1])[0].metadata_list)
 
 
-def _delete_entries(paths):
+def delete_entries(paths):
   """Deletes files and directory trees. On object stores Beam's delete takes a directory's path
   for an object name and deletes nothing, so its objects are deleted by name."""
   if all(FileSystems.get_filesystem(p).has_dirs() for p in paths):
     FileSystems.delete(paths)
     return
   objects = [p for p in paths if FileSystems.exists(p)]
-  objects += [f for p in paths for f in _files_under(p)]
+  objects += [f for p in paths for f in files_under(p)]
   if objects:
     FileSystems.delete(objects)
 
@@ -133,7 +133,7 @@ class OutputDir:
       path = join(self.directory, name)
       if '*' in name:
         found.extend(sorted(m.path for m in FileSystems.match([path])[0].metadata_list))
-      elif _entry_exists(path):
+      elif entry_exists(path):
         found.append(path)
     return found
 
@@ -185,10 +185,10 @@ class OutputDir:
     `.staging` goes too unless it holds earlier failed runs' files, and so does DIR if this run
     created it: a dry run is a check, and empty directories it left would be clutter.
     """
-    _delete_entries([self.staging])
+    delete_entries([self.staging])
     leftovers = [join(self.directory, STAGING)] + ([self.directory] if self._new_directory else [])
     for path in leftovers:
-      if FileSystems.get_filesystem(path).has_dirs() and not _files_under(path):
+      if FileSystems.get_filesystem(path).has_dirs() and not files_under(path):
         FileSystems.delete([path])
 
   def publish(self, manifest):
@@ -205,7 +205,7 @@ class OutputDir:
       FileSystems.delete([old_manifest])  # from here on DIR no longer claims to be complete
     stale = self._owned_entries()
     if stale:
-      _delete_entries(stale)
+      delete_entries(stale)
     self._move(self.out, self.directory)
     manifest = manifest.replace(complete=True, published=_now())
     temp = join(self.staging, MANIFEST)
@@ -215,7 +215,7 @@ class OutputDir:
     return manifest
 
   def _move(self, source, destination):
-    files = [path[len(source) + 1:] for path in _files_under(source)]
+    files = [path[len(source) + 1:] for path in files_under(source)]
     if FileSystems.get_filesystem(source).has_dirs():
       # Directory-aware filesystems (local, HDFS) move whole top-level entries: fewer calls, and
       # the empty directories a SavedModel may hold come along.
@@ -227,7 +227,7 @@ class OutputDir:
   def _remove_staging(self):
     # Staging areas left by earlier failed runs (kept for their errors and tracebacks) are
     # superseded by this published result.
-    _delete_entries([join(self.directory, STAGING)])
+    delete_entries([join(self.directory, STAGING)])
 
 
 def error_cause(error, limit=400):

@@ -16,7 +16,7 @@ sources/image_files.ReadImages.
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 
-from pipelines import output_dir, statistics, transform_graph, vocabulary
+from pipelines import analysis_cache, output_dir, statistics, transform_graph, vocabulary
 from pipelines.runner import progress
 from pipelines.sinks import dead_letters, row_counts, tfrecords
 from transforms.errors import UserError
@@ -48,19 +48,38 @@ class ReadSplit(beam.PTransform):
 class AnalyzeTrain(beam.PTransform):
   """The train split's RecordBatches -> TF Transform's transform_fn (also written to the staged
   output's transform_fn/). TF Transform traces the preprocessing_fn while this is applied: a
-  function it cannot trace is a UserError of one line."""
+  function it cannot trace is a UserError of one line.
 
-  def __init__(self, preprocessing_fn, adapter_config, out):
+  With an analysis cache (`cache`, an analysis_cache.Plan), the input is {DatasetKey: the span's
+  RecordBatches, or None for a span the analysis takes from the cache alone}: the cached spans'
+  accumulators are read from the cache, the new ones written to the run's staging area."""
+
+  def __init__(self, preprocessing_fn, adapter_config, out, cache=None, pipeline=None):
     super().__init__()
     self._fn = preprocessing_fn
     self._adapter_config = adapter_config
     self._out = out
+    self._cache = cache
+    self.pipeline = pipeline  # where every span comes from the cache, nothing else names it
+
+  def _extract_input_pvalues(self, pvalueish):
+    if isinstance(pvalueish, dict):  # the spans of a cached analysis; None: not read
+      return pvalueish, [v for v in pvalueish.values() if v is not None]
+    return super()._extract_input_pvalues(pvalueish)
 
   def expand(self, batches):
     vocabulary.install()
     try:
-      transform_fn = ((batches, self._adapter_config)
-                      | 'Analyze' >> tft_beam.AnalyzeDataset(self._fn))
+      if self._cache is None:
+        transform_fn = ((batches, self._adapter_config)
+                        | 'Analyze' >> tft_beam.AnalyzeDataset(self._fn))
+      else:
+        pipeline = self.pipeline
+        input_cache = analysis_cache.read_cache(pipeline, self._cache)
+        transform_fn, output_cache = (
+            (batches, input_cache, self._adapter_config)
+            | 'Analyze' >> tft_beam.AnalyzeDatasetWithCache(self._fn, pipeline=pipeline))
+        analysis_cache.write_cache(pipeline, output_cache, self._cache)
     except Exception as e:  # the user's function (a wrong key, an op on the wrong type, ...)
       raise TraceError(traced_failure(e, self._out)) from e
     written = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(self._out.out)
@@ -146,7 +165,7 @@ class SplitStatistics(beam.PTransform):
 
 
 def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, adapter_config,
-                      out, shards, compression, spill=None):
+                      out, shards, compression, spill=None, cache=None):
   """Adds the whole job to `pipeline`: read every split, analyze the train split, transform and
   write every split, and their statistics. `units`: {split: work units}; with eval_fraction, the
   eval split is carved out of the train split's inputs. `shards`: {split: shard count}.
@@ -158,6 +177,9 @@ def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, 
   (benchmarks/tabular_pipeline.py). Where the workers share this machine's disk, the second read
   does not parse again: it gives what the analysis's read spilled (`spill`: sources.reading.Spill,
   see job.make_spill).
+
+  With an analysis cache (`cache`: analysis_cache.Plan), the analysis reads each span it needs
+  on its own (one dataset key each), and no other; there is no spill then.
   """
   raw, errors = {}, {}
   raw['train'], carved_eval, errors['train'] = pipeline | 'ReadTrain' >> ReadSplit(
@@ -171,9 +193,19 @@ def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, 
     raw['eval'], _, errors['eval'] = pipeline | 'ReadEval' >> ReadSplit(
         source, units['eval'], 'eval')
   # Only the rows and dead letters of the reads above are counted.
-  analyzed, _, _ = pipeline | 'ReadTrainForAnalysis' >> ReadSplit(
-      source, units['train'], 'train', eval_fraction, spill, stage='analyze')
-  transform_fn = analyzed | 'AnalyzeTrain' >> AnalyzeTrain(preprocessing_fn, adapter_config, out)
+  if cache is None:
+    analyzed, _, _ = pipeline | 'ReadTrainForAnalysis' >> ReadSplit(
+        source, units['train'], 'train', eval_fraction, spill, stage='analyze')
+  else:
+    analyzed = {}
+    for i, span in enumerate(cache.spans):
+      key = cache.keys[span.name]
+      analyzed[key] = None
+      if span.name in cache.to_read:
+        analyzed[key], _, _ = pipeline | f'ReadSpan{i}ForAnalysis' >> ReadSplit(
+            source, list(span.units), 'train', eval_fraction, None, stage='analyze')
+  transform_fn = analyzed | 'AnalyzeTrain' >> AnalyzeTrain(preprocessing_fn, adapter_config, out,
+                                                           cache, pipeline)
   for split in raw:
     name = split.capitalize()
     transformed = ((raw[split], errors[split])

@@ -13,12 +13,13 @@ if __name__ == '__main__':  # the command: quiet start-up, no collections while 
 
 import logging
 import time
+import typing
 
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import flags, job, output_dir
+from pipelines import analysis_cache, flags, job, output_dir
 from pipelines.sources import csv_files, csv_layout, csv_rows
 from transforms import command, run_contract
 from transforms import contract as contract_lib
@@ -63,10 +64,20 @@ def _inspect(files, fmt, flag):
   return units, sum(files.values())
 
 
-def run(argv=None):
-  """Runs the pipeline; returns the published manifest (None for a --dry_run build)."""
-  started = time.time()
-  args, beam_args = parse_args(argv)
+class Inputs(typing.NamedTuple):
+  """What a run reads, decided at launch from its flags (before any output is touched)."""
+  contract: object  # transforms.contract.Contract
+  fmt: csv_layout.CsvFormat
+  inputs: dict  # split -> the matched files
+  units: dict  # split -> work units
+  input_bytes: dict  # split -> bytes
+  adapter_config: object  # tfxio.TensorAdapterConfig of the raw rows
+  cache: object  # analysis_cache.Request, or None without --analysis-cache
+
+
+def inspect_inputs(args):
+  """The run's Inputs: the dataset module, every input file checked, the analysis cache's
+  spans (their content read once for its digest)."""
   contract = contract_lib.load(args.transforms)
   fmt = csv_layout.CsvFormat(
       columns=contract.columns,
@@ -80,28 +91,43 @@ def run(argv=None):
   units, input_bytes = {}, {}
   for split, files in matched.items():
     units[split], input_bytes[split] = _inspect(files, fmt, f'--{split}')
-  splits, shards = job.plan_splits(args, input_bytes)
-
-  job.check_remote_paths(beam_args, args.output, [f for fs in inputs.values() for f in fs])
-  out = output_dir.OutputDir(args.output, args.overwrite)
-  out.prepare()
-  label_inverse = job.save_label_inverse(out, contract.training.inverse_label_fn)
   schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)
   adapter_config = tfxio.TensorAdapterConfig(
       csv_rows.arrow_schema(fmt),
       tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
+  cache = None
+  if args.analysis_cache:  # what the rows analyzed depend on, besides the files and the graph
+    cache = analysis_cache.request(
+        args.analysis_cache, units['train'], csv_files.span_of,
+        reader={'pipeline': 'tabular', 'format': fmt, 'schema': contract.schema_feature_spec,
+                'rows_per_batch': args.rows_per_batch, 'eval_fraction': args.eval_fraction})
+  return Inputs(contract, fmt, inputs, units, input_bytes, adapter_config, cache)
+
+
+def run(argv=None):
+  """Runs the pipeline; returns the published manifest (None for a --dry_run build)."""
+  started = time.time()
+  args, beam_args = parse_args(argv)
+  contract, fmt, inputs, units, input_bytes, adapter_config, cache = inspect_inputs(args)
+  splits, shards = job.plan_splits(args, input_bytes)
+
+  job.check_remote_paths(beam_args, args.output, [f for fs in inputs.values() for f in fs] + (
+      [args.analysis_cache] if args.analysis_cache else []))
+  out = output_dir.OutputDir(args.output, args.overwrite)
+  out.prepare()
+  label_inverse = job.save_label_inverse(out, contract.training.inverse_label_fn)
 
   def source(units, split, eval_fraction, spill):
     return csv_files.ReadCsv(units, fmt, split, eval_fraction, args.rows_per_batch, spill=spill)
 
-  pipeline, spill = job.build(beam_args, out, source, units, args, contract.preprocessing_fn,
-                              adapter_config, shards)
-  counts = job.run_and_check(pipeline, out, splits, args.max_bad_rows, spill=spill)
+  built = job.build(beam_args, out, source, units, args, contract.preprocessing_fn,
+                    adapter_config, shards, cache=cache)
+  counts = job.run_and_check(built.pipeline, out, splits, args.max_bad_rows, spill=built.spill)
   if counts is None:
     return None
 
   return job.publish(
-      out, args, argv, beam_args, started,
+      out, args, argv, beam_args, started, cache=built.cache,
       pipeline='tabular',
       transforms=contract.name,
       label_key=contract.label_key,

@@ -107,6 +107,8 @@ class Manifest:
   run_id: Optional[str] = None
   elapsed_seconds: Optional[float] = None
   statistics: Optional[Dict[str, Any]] = None  # files, summary, drifting_features (the report)
+  # --analysis-cache: its directory, and each train span: input, key, from_cache, read
+  analysis_cache: Optional[Dict[str, Any]] = None
   report: Optional[str] = None
   complete: bool = False
   published: Optional[str] = None

@@ -31,6 +31,12 @@ from pipelines.sources.reading import ERRORS_TAG, EVAL_TAG, read_units
 from transforms.errors import UserError
 
 
+def span_of(unit):
+  """A work unit's span for the analysis cache: its file (a whole file, or a range of one)."""
+  path = unit if isinstance(unit, str) else unit.path
+  return path, (path,)
+
+
 class ReadCsvFileFn(beam.DoFn):
   """file path -> RecordBatches (main output, and EVAL_TAG when carving an eval split) and
   dead-letter dicts (ERRORS_TAG, with a 'split' key)."""

@@ -86,6 +86,16 @@ def _match(pattern, flag):
                 if not m.path.endswith('/'))
 
 
+def span_of(unit):
+  """A work unit's span for the analysis cache, and the files it reads: a shard is its own
+  span; the images of a class-folder tree are one span, its root's (ROOT/<label>/<image>)."""
+  kind, payload = unit
+  if kind != 'files':
+    return payload, (payload,)
+  root = payload[0][0].rsplit('/', 2)[0]
+  return root, tuple(path for path, _ in payload)
+
+
 def match_image_inputs(patterns, flag):
   """The user's paths -> work units: ('tar', path), ('tfrecord', path) or ('files', [(path,
   label)...]); and the total bytes. A path that is not a tar or TFRecord shard is a class-folder

@@ -1,0 +1,281 @@
+"""--analysis-cache DIR: TF Transform's analyzer cache over spans, so that a run over yesterday's
+files and one new one analyzes the new file only.
+
+Each input of the train split (a CSV file, a tar or TFRecord shard, a class-folder root) is a
+span: one TF Transform dataset key. TF Transform keeps, per dataset key, the accumulators of its
+cacheable analyzers (tft_beam.AnalyzeDatasetWithCache, analyzer_cache.ReadAnalysisCacheFromFS /
+WriteAnalysisCacheToFS) and merges cached and new ones into the same results as one pass over all
+spans. What this module adds is what makes that safe to leave running:
+
+  * Never a stale hit. A span's dataset key is a digest of its content (the bytes of its files,
+    not their names) and of everything else its accumulators depend on: the traced
+    preprocessing_fn (its whole graph, ops and constants: TF Transform's own cache keys describe
+    an analyzer's input path by op attributes only, so `x + 1` and `x - 1` would share one), the
+    tracing mode, the dataset contract and reader options each pipeline names, and the versions
+    of Python, TensorFlow, TF Transform, tfx_bsl, Beam and pyarrow. Any change is another key,
+    hence a miss. (A preprocessing_fn whose results depend on Python state its graph does not
+    show, a tf.py_function's body, is beyond what a graph digest sees.)
+  * Nothing half-written. TF Transform writes a dataset key's entries (and its MANIFEST, at graph
+    construction) into the run's staging area; only a run that succeeded copies each new span
+    into DIR, under a temporary name renamed into place where the file system has directories,
+    and with a CHECKSUMS.json (every file's SHA-256) written last: an entry without it, or whose
+    files do not match it, is a miss with a warning, never a failure or a wrong result.
+  * Only what is needed is read. TF Transform's own graph inspection
+    (analysis_graph_builder.get_analysis_dataset_keys) says which spans an analysis still needs
+    with the cache it has: none for a fully cached span of a fully cacheable analysis; every span
+    where an analyzer cannot be cached (an analyzer of another's result, for one).
+
+The results equal an uncached run over the same spans: tests/test_analysis_cache.py compares
+vocabulary files byte for byte, means and variances, and quantile boundaries.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import pickle
+import platform
+import uuid
+from typing import Dict, FrozenSet, Optional, Tuple
+
+import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines import output_dir
+
+_LOG = logging.getLogger('pipelines')
+
+FORMAT = 1  # of this module's keys and CHECKSUMS.json: another format is another key
+CHECKSUMS = 'CHECKSUMS.json'
+_TFT_MANIFEST = 'MANIFEST'  # TF Transform's list of a dataset key's entries (a pickled dict)
+_CHUNK = 8 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """One input of the train split: its name (a path), its work units and the files it reads."""
+  name: str
+  units: Tuple
+  files: Tuple[str, ...]
+
+
+def spans(units, span_of):
+  """Work units -> Spans, in the order of their first unit. `span_of(unit)`: (span name, the
+  files the unit reads)."""
+  grouped = {}
+  for unit in units:
+    name, files = span_of(unit)
+    found_units, found_files = grouped.setdefault(name, ([], []))
+    found_units.append(unit)
+    found_files.extend(f for f in files if f not in found_files)
+  return [Span(name, tuple(u), tuple(f)) for name, (u, f) in grouped.items()]
+
+
+def content_digest(paths):
+  """SHA-256 of the bytes of `paths` (as stored: a .gz file's compressed bytes), in the given
+  order, each prefixed by its length so that boundaries count."""
+  digest = hashlib.sha256()
+  for path in paths:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      size = 0
+      file_digest = hashlib.sha256()
+      while True:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+          break
+        size += len(chunk)
+        file_digest.update(chunk)
+    digest.update(f'{size}:'.encode() + file_digest.digest())
+  return digest.hexdigest()
+
+
+def graph_digest(preprocessing_fn, type_specs, graph_mode):
+  """SHA-256 of the preprocessing_fn's graph as TF Transform traces it (every op, attribute and
+  constant). Raises what the trace raises."""
+  # TF Transform's own tracing (impl_helper, which its analysis and its graph inspection use).
+  from tensorflow_transform import impl_helper
+  graph, _, _ = impl_helper.trace_preprocessing_function(
+      preprocessing_fn, type_specs, use_tf_compat_v1=graph_mode)
+  return hashlib.sha256(graph.as_graph_def().SerializeToString(deterministic=True)).hexdigest()
+
+
+def run_identity(reader):
+  """What, besides a span's content and the graph, its accumulators depend on."""
+  versions = output_dir.package_versions()
+  return {'format': FORMAT, 'python': platform.python_version(), 'versions': versions,
+          'reader': reader}
+
+
+def dataset_key(span_digest, graph, graph_mode, identity):
+  text = json.dumps({'span': span_digest, 'graph': graph, 'graph_mode': graph_mode,
+                     'identity': identity}, sort_keys=True, default=repr)
+  digest = hashlib.sha256(text.encode()).hexdigest()
+  return tft_beam.analyzer_cache.DatasetKey(f'span-{digest[:40]}')
+
+
+def _read(path):
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return f.read()
+
+
+def _file_digests(directory):
+  """{name relative to directory: SHA-256} of the files under it (the checksums file aside)."""
+  result = {}
+  for path in output_dir.files_under(directory):
+    name = path[len(directory) + 1:]
+    if name != CHECKSUMS:
+      result[name] = hashlib.sha256(_read(path)).hexdigest()
+  return result
+
+
+def cached_entries(directory):
+  """The cache entry keys of one span's entry in DIR, or None where it is absent (a plain miss)
+  or cannot be trusted (a miss with a warning: incomplete, corrupt, another format)."""
+  checksums = output_dir.join(directory, CHECKSUMS)
+  if not FileSystems.exists(checksums):
+    if output_dir.entry_exists(directory):
+      _LOG.warning('analysis cache: %s is incomplete (no %s: a run that was stopped while it '
+                   'wrote it?); its span is analyzed again', directory, CHECKSUMS)
+    return None
+  try:
+    recorded = json.loads(_read(checksums))
+    if recorded.get('format') != FORMAT:
+      raise ValueError(f'format {recorded.get("format")!r}, not {FORMAT}')
+    found = _file_digests(directory)
+    if found != recorded['files']:
+      changed = sorted(set(found.items()) ^ set(recorded['files'].items()))
+      raise ValueError(f'{changed[0][0]} does not match its checksum')
+    manifest = pickle.loads(_read(output_dir.join(directory, _TFT_MANIFEST)))
+    if not isinstance(manifest, dict):
+      raise ValueError(f'{_TFT_MANIFEST} is not a dict')
+    return frozenset(manifest)
+  except Exception as e:  # whatever is wrong with it, the span is analyzed again
+    _LOG.warning('analysis cache: %s cannot be used (%s: %s); its span is analyzed again',
+                 directory, type(e).__name__, output_dir.error_cause(e, limit=200))
+    return None
+
+
+@dataclasses.dataclass
+class Plan:
+  """What one run reads from and writes to DIR."""
+  directory: str
+  spans: Tuple[Span, ...]
+  keys: Dict[str, object]  # span name -> its DatasetKey
+  cached: Dict[str, FrozenSet[bytes]]  # span name -> its cache entry keys, for spans in DIR
+  to_read: FrozenSet[str]  # the spans the analysis reads
+  staging: str  # where TF Transform writes the new entries
+
+  def cached_keys(self):
+    return [self.keys[name] for name in self.cached]
+
+  def summary(self):
+    """The manifest's entry: each span, its key and whether its accumulators came from DIR."""
+    return {'directory': self.directory,
+            'spans': [{'input': s.name, 'key': self.keys[s.name].key,
+                       'from_cache': s.name in self.cached, 'read': s.name in self.to_read}
+                      for s in self.spans]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """--analysis-cache DIR as a pipeline asks for it: the train split's spans, their content
+  digests and the reader options its accumulators depend on (the contract's columns, the
+  parsing and batching flags, --eval-fraction: anything that changes the rows analyzed)."""
+  directory: str
+  spans: Tuple[Span, ...]
+  digests: Dict[str, str]
+  reader: Dict
+
+
+def request(directory, units, span_of, reader):
+  """A Request for the train split's work units; reads every span once for its digest."""
+  span_list = tuple(spans(units, span_of))
+  return Request(directory.rstrip('/') or '/', span_list,
+                 {s.name: content_digest(s.files) for s in span_list}, reader)
+
+
+def plan(req: Request, staging, preprocessing_fn, type_specs, graph_mode, graph=None):
+  """The Plan of one run: keys, the spans DIR holds, those the analysis reads. `graph`: the
+  function's graph_digest, if already known. Raises what tracing the preprocessing_fn raises."""
+  from tensorflow_transform.beam import analysis_graph_builder
+  directory, span_list, digests = req.directory, req.spans, req.digests
+  graph = graph or graph_digest(preprocessing_fn, type_specs, graph_mode)
+  identity = run_identity(req.reader)
+  keys = {s.name: dataset_key(digests[s.name], graph, graph_mode, identity) for s in span_list}
+  cached = {}
+  for s in span_list:
+    entries = cached_entries(output_dir.join(directory, keys[s.name].key))
+    if entries is not None:
+      cached[s.name] = entries
+  needed = analysis_graph_builder.get_analysis_dataset_keys(
+      preprocessing_fn, type_specs, list(keys.values()),
+      {keys[name]: tft_beam.analyzer_cache.DatasetCache({entry: True for entry in entries}, None)
+       for name, entries in cached.items()},
+      graph_mode)
+  needed = set(needed)
+  to_read = frozenset(s.name for s in span_list if keys[s.name] in needed)
+  return Plan(directory, tuple(span_list), keys, cached, to_read, staging)
+
+
+def read_cache(pipeline, p: Plan):
+  """The cached spans' accumulators, as AnalyzeDatasetWithCache takes them."""
+  if not p.cached:
+    return {}
+  return pipeline | 'ReadAnalysisCache' >> tft_beam.analyzer_cache.ReadAnalysisCacheFromFS(
+      p.directory, p.cached_keys())
+
+
+def write_cache(pipeline, output_cache, p: Plan):
+  """The new accumulators into the run's staging area (publish() moves them into DIR)."""
+  return output_cache | 'WriteAnalysisCache' >> tft_beam.analyzer_cache.WriteAnalysisCacheToFS(
+      pipeline, p.staging, list(p.keys.values()))
+
+
+def publish(p: Optional[Plan]):
+  """Moves the new spans' entries of a successful run into DIR; returns their span names. Each
+  goes under a temporary name and is renamed into place where the file system has directories;
+  its CHECKSUMS.json is written last either way, so a copy that stops halfway is a miss."""
+  if p is None:
+    return []
+  output_dir.mkdirs(p.directory)
+  published = []
+  for s in p.spans:
+    key = p.keys[s.name].key
+    staged = output_dir.join(p.staging, key)
+    final = output_dir.join(p.directory, key)
+    if s.name in p.cached or not output_dir.entry_exists(staged):
+      continue
+    output_dir.write_text(output_dir.join(staged, CHECKSUMS), json.dumps(
+        {'format': FORMAT, 'span': s.name, 'files': _file_digests(staged)}, indent=1,
+        sort_keys=True))
+    if output_dir.entry_exists(final):  # incomplete or corrupt when planned (or as good as this)
+      output_dir.delete_entries([final])
+    if FileSystems.get_filesystem(final).has_dirs():
+      temp = output_dir.join(p.directory, f'.partial-{key}-{uuid.uuid4().hex[:8]}')
+      FileSystems.copy([staged], [temp])
+      FileSystems.rename([temp], [final])
+    else:  # object stores: the files first, the checksums last
+      files = [f[len(staged) + 1:] for f in output_dir.files_under(staged)]
+      files.sort(key=lambda name: name == CHECKSUMS)
+      for name in files:
+        FileSystems.copy([output_dir.join(staged, name)], [output_dir.join(final, name)])
+    published.append(s.name)
+  return published
+
+
+def summary_lines(entry):
+  """The end-of-run summary's lines on the cache (a manifest's analysis_cache entry)."""
+  spans = entry['spans']
+  cached = [s for s in spans if s['from_cache']]
+  lines = [f'analysis cache {entry["directory"]}: {len(cached)} of {len(spans)} train spans '
+           f'from the cache, {len(spans) - len(cached)} analyzed and added']
+  reread = [s for s in cached if s['read']]
+  if reread:
+    lines.append(f'  {len(reread)} cached spans read again: the preprocessing_fn has analyzers '
+                 'TF Transform cannot cache (an analyzer of another\'s result, for one)')
+  shown = spans if len(spans) <= 12 else [s for s in spans if not s['from_cache']][:10]
+  lines += [f'  {"cached  " if s["from_cache"] else "analyzed"}  {s["input"]}' for s in shown]
+  if len(shown) < len(spans):
+    lines.append(f'  ... and {len(spans) - len(shown)} more (manifest.json, analysis_cache)')
+  return lines
