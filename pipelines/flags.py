@@ -60,15 +60,7 @@ def add_split_flags(parser, what, inputs_help):
   parser.add_argument('--eval-fraction', type=float, default=0.0,
                       help=f'with --train only: carve this share of {what} out as the eval split, '
                            'by a hash of each one\'s content (the same ones on every run)')
-  parser.add_argument('--output', required=True, help='output directory (local or gs://...)')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace a complete result already in --output')
-  parser.add_argument('--num-shards', type=int, default=None,
-                      help='TFRecord shards per split (default: one per 256 MiB of input)')
-  parser.add_argument('--compression', choices=('gzip', 'none'), default='gzip')
-  parser.add_argument('--max-bad-rows', default='1%', type=parse_max_bad_rows,
-                      help=f'rejected {what} a split may have before the run fails: a count or a '
-                           f'percentage of {what} read (default 1%%)')
+  add_output_flags(parser, what)
   parser.add_argument('--tracing', choices=('graph', 'tf2'), default='graph',
                       help='how TF Transform traces the preprocessing_fn: graph (default: its '
                            'graph mode, tf.compat.v1, once; a function that needs TF2 '
@@ -81,6 +73,19 @@ def add_split_flags(parser, what, inputs_help):
                            'or changed inputs (a changed preprocessing_fn, contract, reader flag '
                            'or version misses)')
   report.add_flags(parser)
+
+
+def add_output_flags(parser, what):
+  """The flags of a run's output: where, how it is sharded and compressed, the bad-row limit."""
+  parser.add_argument('--output', required=True, help='output directory (local or gs://...)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace a complete result already in --output')
+  parser.add_argument('--num-shards', type=int, default=None,
+                      help='TFRecord shards per split (default: one per 256 MiB of input)')
+  parser.add_argument('--compression', choices=('gzip', 'none'), default='gzip')
+  parser.add_argument('--max-bad-rows', default='1%', type=parse_max_bad_rows,
+                      help=f'rejected {what} a split may have before the run fails: a count or a '
+                           f'percentage of {what} read (default 1%%)')
 
 
 def check_split_flags(parser, args):

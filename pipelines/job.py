@@ -174,8 +174,10 @@ def _check_bad_rows(split, counts, limit, out, what):
         f'--max-bad-rows allows ({allowed}); see {out.errors_path(split)}; nothing was published')
 
 
-def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
+def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None,
+                  main_split='train'):
   """Runs the job; returns {split: counts} of a successful run, or None for a dry run.
+  `main_split`: the split that must not be empty (train; a transform-only run's own).
 
   Any failure is one line and leaves DIR as it was (nothing published): an InternalError where
   the project's own code failed (internal_failure), a UserError otherwise.
@@ -204,8 +206,9 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None):
     if c['rows_read'] != c['rows_written'] + c['rows_rejected']:
       raise RuntimeError(f'{split}: {what} read {c["rows_read"]} != written {c["rows_written"]} '
                          f'+ rejected {c["rows_rejected"]}; nothing was published')
-  if not counts['train']['rows_read']:
-    raise UserError(f'--train: no {what} were read from its inputs (files without '
+  if not counts[main_split]['rows_read']:
+    flag = '--train' if main_split == 'train' else '--input'
+    raise UserError(f'{flag}: no {what} were read from its inputs (files without '
                     f'{what} in them?); give inputs with data; nothing was published')
   if 'eval' in counts and not counts['eval']['rows_read']:
     raise UserError(f'the eval split is empty: its --eval inputs hold no {what} (or '
@@ -251,23 +254,26 @@ def save_label_inverse(out, inverse_label_fn):
   return run_contract.LABEL_INVERSE
 
 
-def publish(out, args, argv, beam_args, started, what='rows', cache=None, **entries):
+def publish(out, args, argv, beam_args, started, what='rows', cache=None, reference=None,
+            **entries):
   """Publishes the result with its run_contract.Manifest (the pipeline's own `entries`, and what
   every pipeline records) and prints the summary; returns the published Manifest. `cache`: the
   run's analysis_cache.Plan, whose new spans go into the cache first (they are as complete as
-  the result, and the staging area they are in goes with its publication)."""
+  the result, and the staging area they are in goes with its publication). `reference`: a
+  transform-only run's earlier run, whose train statistics the report measures drift against."""
   if cache is not None:
     analysis_cache.publish(cache)
   manifest = run_contract.Manifest(
       **entries,
       analysis_cache=cache.summary() if cache is not None else None,
-      eval_fraction=args.eval_fraction,
+      eval_fraction=getattr(args, 'eval_fraction', 0.0),
       compression=args.compression,
       options={'argv': list(argv) if argv is not None else None, 'beam': beam_args},
       versions=output_dir.package_versions(),
       run_id=out.run_id,
       elapsed_seconds=round(time.time() - started, 1))
-  manifest = out.publish(report.write_report(out, manifest, report.Options.from_args(args)))
+  manifest = out.publish(report.write_report(out, manifest, report.Options.from_args(args),
+                                             reference))
   print_summary(manifest, args.output, what)
   return manifest
 

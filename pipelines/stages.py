@@ -8,6 +8,9 @@ joins them (`add_preprocessing`):
   TransformAndWrite<Split>   the transform of a split -> its shards, dead letters and row counts
   Statistics<Split>          the statistics of a split, raw and transformed
 
+add_transform_only joins ReadSplit, TransformAndWriteSplit and SplitStatistics for one split, with
+the transform graph of an earlier run (pipelines.transform).
+
 A source is any PTransform factory `source(units, split, eval_fraction, spill)` whose output is
 (RecordBatches, carved eval RecordBatches or None, dead-letter dicts): sources/csv_files.ReadCsv,
 sources/image_files.ReadImages.
@@ -212,3 +215,17 @@ def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, 
                    | f'TransformAndWrite{name}' >> TransformAndWriteSplit(
                        split, transform_fn, adapter_config, out, shards[split], compression))
     _ = (raw[split], transformed) | f'Statistics{name}' >> SplitStatistics(split, out)
+
+
+def add_transform_only(pipeline, source, units, split, transform_fn_dir, adapter_config, out,
+                       num_shards, compression):
+  """Adds a transform-only job to `pipeline`: read one split, transform it with the transform
+  graph of an earlier run (`transform_fn_dir`, a published output; no analysis), write its
+  shards, dead letters, counts and statistics as add_preprocessing does."""
+  name = split.capitalize()
+  raw, _, errors = pipeline | f'Read{name}' >> ReadSplit(source, units, split)
+  transform_fn = pipeline | 'ReadTransformFn' >> tft_beam.ReadTransformFn(transform_fn_dir)
+  transformed = ((raw, errors)
+                 | f'TransformAndWrite{name}' >> TransformAndWriteSplit(
+                     split, transform_fn, adapter_config, out, num_shards, compression))
+  _ = (raw, transformed) | f'Statistics{name}' >> SplitStatistics(split, out)

@@ -49,7 +49,7 @@ def parse_args(argv):
   return args, beam_args
 
 
-def _inspect(files, fmt, flag):
+def inspect_files(files, fmt, flag):
   """Checks every file ({path: size}, as matched) at launch; returns the work units (files,
   large ones cut in ranges) and the files' total bytes."""
   paths = list(files)
@@ -90,7 +90,7 @@ def inspect_inputs(args):
   inputs = {split: list(files) for split, files in matched.items()}
   units, input_bytes = {}, {}
   for split, files in matched.items():
-    units[split], input_bytes[split] = _inspect(files, fmt, f'--{split}')
+    units[split], input_bytes[split] = inspect_files(files, fmt, f'--{split}')
   schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)
   adapter_config = tfxio.TensorAdapterConfig(
       csv_rows.arrow_schema(fmt),

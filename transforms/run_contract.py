@@ -109,6 +109,7 @@ class Manifest:
   statistics: Optional[Dict[str, Any]] = None  # files, summary, drifting_features (the report)
   # --analysis-cache: its directory, and each train span: input, key, from_cache, read
   analysis_cache: Optional[Dict[str, Any]] = None
+  transform_of: Optional[str] = None  # a transform-only run: the run whose graph it applied
   report: Optional[str] = None
   complete: bool = False
   published: Optional[str] = None

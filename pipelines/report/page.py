@@ -99,18 +99,18 @@ def _summary(manifest, summary, splits):
        f'{len(features["transformed"][splits[0]])} after the transform'),
       ('drifting features', len(drifting),
        (', '.join(drifting) if drifting else 'none') + f' of {measured} compared'
-       if 'eval' in splits else 'no eval split'),
+       if summary['drift']['compared'] else 'no eval split'),
   ]
   return {'rows': rows, 'tiles': tiles}
 
 
 def _drift(summary, splits):
-  """None without an eval split; else the thresholds and the measured features, most drifting
-  first."""
-  if 'eval' not in splits:
-    return None
+  """None without a split to compare with train; else the thresholds, the splits compared and
+  the measured features, most drifting first."""
   d = summary['drift']
-  return {'thresholds': d['thresholds'],
+  if not d.get('compared'):
+    return None
+  return {'thresholds': d['thresholds'], 'compared': d['compared'], 'reference': d['reference'],
           'rows': sorted(d['features'].items(), key=lambda kv: -kv[1]['value'])}
 
 

@@ -15,23 +15,31 @@ TOP_SHOWN = 10  # top values in charts and tables
 RAW_TOKENS_MIN_SHARE = 0.9
 
 
-def summarize(datasets, tft_output, vocab_names, constants, thresholds):
+def summarize(datasets, tft_output, vocab_names, constants, thresholds, compared='eval',
+              reference='train', reference_split='train'):
   """The summary of a run from its statistics ({stage: {split: DatasetFeatureStatistics}}), its
   transform output, the names of its vocabularies and its analyzer constants. `thresholds` are
-  the drift thresholds ({'numeric_js': ..., 'categorical_linf': ...})."""
+  the drift thresholds ({'numeric_js': ..., 'categorical_linf': ...}). Drift and OOV shares are
+  measured on split `compared` against the train split (eval, in a run that analyzed; a
+  transform-only run compares its new data with the train statistics of the run whose transform
+  it applies: `reference_split` is their key in `datasets`, `reference` what the page calls
+  them)."""
   features = {stage: {split: {f.path.step[0]: feature_summary(f) for f in dataset.features}
                       for split, dataset in by_split.items()}
               for stage, by_split in datasets.items()}
   num_examples = {stage: {split: dataset.num_examples for split, dataset in by_split.items()}
                   for stage, by_split in datasets.items()}
   raw = features['raw']
-  drifts = (drift(raw['train'], raw['eval'], thresholds['numeric_js'],
-                  thresholds['categorical_linf']) if 'eval' in raw else {})
+  measured = compared in raw and reference_split in raw
+  drifts = (drift(raw[reference_split], raw[compared], thresholds['numeric_js'],
+                  thresholds['categorical_linf']) if measured else {})
   return {
       'num_examples': num_examples,
       'features': features,
-      'drift': {'thresholds': thresholds, 'features': drifts},
-      'vocabularies': vocabularies(tft_output, vocab_names, raw, features['transformed']),
+      'drift': {'thresholds': thresholds, 'features': drifts,
+                'compared': compared if measured else None, 'reference': reference},
+      'vocabularies': vocabularies(tft_output, vocab_names, raw, features['transformed'],
+                                   compared),
       'analyzer_constants': constants,
       'bucket_boundaries': bucket_boundaries(constants),
   }
@@ -151,10 +159,11 @@ def vocabulary_names(directory):
   return sorted(m.path[len(assets) + 1:] for m in found)
 
 
-def vocabularies(tft_output, vocab_names, raw, transformed=None):
+def vocabularies(tft_output, vocab_names, raw, transformed=None, compared='eval'):
   """{vocabulary: size, top values (with train counts), the share of eval values out of it}.
 
-  The OOV share is the share of the eval split's values that the vocabulary maps to OOV ids.
+  The OOV share is the share of the eval split's values (split `compared`'s; the field keeps its
+  name) that the vocabulary maps to OOV ids.
   Where a transformed feature applies the vocabulary (`<name>_xf`, ints whose schema domain
   extends past the vocabulary's ids 0 .. size - 1: OOV buckets from `size` on, or a negative
   default), it is counted exactly from that feature's eval histogram, values not rows (so a
@@ -173,7 +182,7 @@ def vocabularies(tft_output, vocab_names, raw, transformed=None):
              'oov_share_eval': None, 'oov_exact': None, 'oov_feature': None, 'oov_note': None}
     known = set(values)
     train = raw.get('train', {}).get(name)
-    evaluate = raw.get('eval', {}).get(name)
+    evaluate = raw.get(compared, {}).get(name)
     raw_tokens = None  # whether the raw train values are the vocabulary's tokens
     if train and train['type'] == 'STRING':
       entry['raw_feature'] = name
@@ -185,8 +194,8 @@ def vocabularies(tft_output, vocab_names, raw, transformed=None):
       counts = _id_counts(ids.get('train'), len(values), len(entry['top']))
       if counts is not None:
         entry['top_train_counts'] = counts
-      if 'eval' in transformed:
-        share = _oov_share_of_ids(ids['eval'], len(values))
+      if compared in transformed:
+        share = _oov_share_of_ids(ids[compared], len(values))
         if share is not None:
           entry.update(oov_share_eval=share, oov_exact=True, oov_feature=feature)
     if raw_tokens and 'top_train_counts' not in entry:
@@ -197,13 +206,13 @@ def vocabularies(tft_output, vocab_names, raw, transformed=None):
         oov = sum(count for value, count in evaluate['top'] if value not in known)
         entry.update(oov_share_eval=oov / evaluate['num_values'], oov_exact=exact_top(evaluate),
                      oov_feature=name)
-      elif 'eval' not in raw:
-        entry['oov_note'] = 'no eval split'
+      elif compared not in raw:
+        entry['oov_note'] = f'no {compared} split'
       elif raw_tokens is False:
         entry['oov_note'] = 'vocabulary of derived tokens'
-      elif applied and ids.get('eval') and not ids['eval']['num_values']:
-        entry['oov_note'] = 'no eval values'
-      elif applied and ids.get('eval'):
+      elif applied and ids.get(compared) and not ids[compared]['num_values']:
+        entry['oov_note'] = f'no {compared} values'
+      elif applied and ids.get(compared):
         entry['oov_note'] = f'bins of {feature} too coarse'
       else:
         entry['oov_note'] = 'no feature to compare'

@@ -11,12 +11,15 @@ from transforms import run_contract
 
 REPORT = run_contract.REPORT
 SUMMARY = run_contract.SUMMARY
+REFERENCE = 'reference'  # summary.json's key for an earlier run's train statistics
 
 
-def write_report(out, manifest, options):
+def write_report(out, manifest, options, reference=None):
   """Writes statistics/summary.json and report.html into the staged output of `out` (an
   output_dir.OutputDir) and returns the run_contract.Manifest with both, and the statistics
-  files, listed. `options` are the report's flags (flags.Options)."""
+  files, listed. `options` are the report's flags (flags.Options). `reference`: for a
+  transform-only run, the earlier run whose train statistics its split's drift is measured
+  against."""
   import tensorflow_transform as tft
   splits = summary.ordered_splits(manifest.splits)
   files = {split: {stage: run_contract.statistics_file(split, stage) for stage in statistics.STAGES}
@@ -24,11 +27,18 @@ def write_report(out, manifest, options):
   datasets = {stage: {split: statistics.read_statistics(
       statistics.statistics_path(out.out, split, stage)) for split in splits}
               for stage in statistics.STAGES}
+  compare = {}
+  if reference is not None:  # the earlier run's train split, beside this run's only split
+    for stage in statistics.STAGES:
+      datasets[stage][REFERENCE] = statistics.read_statistics(
+          statistics.statistics_path(reference, 'train', stage))
+    compare = {'compared': splits[0], 'reference': f'train of {reference}',
+               'reference_split': REFERENCE}
   tft_output = tft.TFTransformOutput(out.out)
   thresholds = {'numeric_js': options.numeric_threshold,
                 'categorical_linf': options.categorical_threshold}
   result = summary.summarize(datasets, tft_output, summary.vocabulary_names(out.out),
-                             constants.analyzer_constants(out.out), thresholds)
+                             constants.analyzer_constants(out.out), thresholds, **compare)
   output_dir.write_text(output_dir.join(out.out, SUMMARY),
                         json.dumps(result, indent=1, sort_keys=True) + '\n')
   drifts = result['drift']['features']

@@ -182,8 +182,10 @@ class WriteExamples(beam.PTransform):
     self._metadata = transformed_metadata
 
   def expand(self, batches):
-    schema = (self._metadata.deferred_metadata
-              | 'Schema' >> beam.Map(lambda metadata: metadata.schema))
+    deferred = getattr(self._metadata, 'deferred_metadata', None)
+    if deferred is None:  # a transform graph read back from disk: its metadata is complete
+      deferred = batches.pipeline | 'Metadata' >> beam.Create([self._metadata])
+    schema = deferred | 'Schema' >> beam.Map(lambda metadata: metadata.schema)
     parts = batches | 'EncodeAndWriteParts' >> beam.ParDo(
         _WriteShardPartsFn(self._parts_dir, self._num_shards, self._compression),
         schema=beam.pvalue.AsSingleton(schema))
