@@ -12,11 +12,14 @@ Signatures:
                               TensorFlow Serving REST client sends as {"b64": ...}) -> the same
 
 The transform's vocabulary files are assets of this SavedModel: it needs nothing from the
-pipeline's output directory once written.
+pipeline's output directory once written. A version is written under a staging name in the same
+model base (STAGING, never a number, so never a version) and renamed to its number last: a killed
+export leaves no version that looks complete, and the next export removes what it left.
 """
 
 import json
 import os
+import uuid
 
 import tensorflow as tf
 
@@ -33,6 +36,9 @@ def class_names(manifest, tft_output, task):
     except (ValueError, KeyError, tf.errors.NotFoundError):
       pass
   return heads.class_names_from(manifest.label_classes, vocabulary, task.num_classes)
+
+
+STAGING = '.tmp-'  # MODEL_DIR/name/.tmp-<n>-<random>: a version being written
 
 
 def next_version_dir(model_dir, name):
@@ -156,14 +162,34 @@ def export(model, tft_output, manifest, label_key_xf, task, kinds, model_dir, na
     signatures['predict_images'] = predict_images
 
   path = next_version_dir(model_dir, name)
-  tf.saved_model.save(module, path, signatures=signatures)
+  base = os.path.dirname(path)
+  _remove_staging(base)
+  staging = os.path.join(base, f'{STAGING}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}')
+  tf.saved_model.save(module, staging, signatures=signatures)
   # How raw CSV rows map to features, for serving helpers (TensorFlow Serving ignores assets.extra).
-  tf.io.gfile.makedirs(os.path.join(path, 'assets.extra'))
-  with tf.io.gfile.GFile(os.path.join(path, 'assets.extra', 'raw_format.json'), 'w') as f:
+  tf.io.gfile.makedirs(os.path.join(staging, 'assets.extra'))
+  with tf.io.gfile.GFile(os.path.join(staging, 'assets.extra', 'raw_format.json'), 'w') as f:
     json.dump({'csv_columns': manifest.csv_columns, 'na_values': manifest.na_values,
                'label_key': manifest.label_key, 'binary': binary, 'task': task.kind,
                'classes': list(task.class_names),
                'required': sorted(n for n, spec in raw_spec.items()
                                   if isinstance(spec, tf.io.FixedLenFeature)
                                   and spec.default_value is None)}, f)
+  # The last step. A local rename is atomic, and fails rather than replace a version written
+  # meanwhile. On an object store (gs://) TensorFlow renames a directory object by object (copy,
+  # then delete), which is not atomic: the number appears with the first object copied, so a
+  # reader of the base may see an incomplete version for the seconds the copy takes, and a run
+  # killed during them leaves one. The rename is kept there for what it still gives: a SavedModel
+  # that failed or was killed while being written is never under a number.
+  tf.io.gfile.rename(staging, path)
   return path
+
+
+def _remove_staging(base):
+  """What killed exports left in a model base (two exports of one model at once, which would
+  also share one backup, are not supported)."""
+  if not tf.io.gfile.isdir(base):
+    return
+  for entry in tf.io.gfile.listdir(base):
+    if entry.startswith(STAGING):
+      tf.io.gfile.rmtree(os.path.join(base, entry.rstrip('/')))

@@ -3,7 +3,8 @@
   python -m trainer.task --transformed out/adult --model-dir out/models
 
 The model lands in MODEL_DIR/<name>/<version>/ (TensorFlow Serving's layout; a new version each
-run).
+run). A run killed before its export resumes from its backup (MODEL_DIR/backup/<name>) when the
+same command runs again; --fresh starts over.
 """
 
 if __name__ == '__main__':  # the command: quiet start-up, before TensorFlow loads (command.start)
@@ -25,6 +26,17 @@ def parse_args(argv):
   p.add_argument('--batch-size', type=int, default=defaults.batch_size)
   p.add_argument('--learning-rate', type=float, default=defaults.learning_rate)
   p.add_argument('--max-steps', type=int, default=None, help='stop after this many batches')
+  p.add_argument('--early-stopping-patience', type=int, default=None, metavar='N',
+                 help='stop after N epochs without a better eval loss and keep the best epoch\'s '
+                      'weights (needs an eval split)')
+  p.add_argument('--checkpoint-every-steps', type=int, default=defaults.checkpoint_every_steps,
+                 metavar='N', help='back up the training state every N batches and at each '
+                                   'epoch\'s end, so the same command resumes a killed run '
+                                   f'(default {defaults.checkpoint_every_steps}; 0: at epoch '
+                                   'ends only)')
+  p.add_argument('--fresh', action='store_true',
+                 help='start over: delete the backup of an interrupted run of this model '
+                      'instead of resuming from it')
   p.add_argument('--mixed-precision', action='store_true', help='float16 compute (GPU)')
   p.add_argument('--xla', action='store_true', help='compile the model with XLA')
   p.add_argument('--distribute', choices=('auto', 'mirrored', 'none'), default='auto',
@@ -68,6 +80,13 @@ def parse_args(argv):
     p.error(f'--dropout {args.dropout}: must be in [0, 1)')
   if args.max_steps is not None and args.max_steps < 1:
     p.error('--max-steps must be at least 1')
+  if args.early_stopping_patience is not None:
+    if args.early_stopping_patience < 1:
+      p.error('--early-stopping-patience must be at least 1')
+    if args.max_steps is not None:
+      p.error('--early-stopping-patience counts epochs, and --max-steps trains one')
+  if args.checkpoint_every_steps < 0:
+    p.error('--checkpoint-every-steps must be at least 0 (0: at epoch ends only)')
   return train.TrainConfig(
       transformed_dir=args.transformed, model_dir=args.model_dir, model_name=args.model_name,
       epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -76,7 +95,9 @@ def parse_args(argv):
       profile_steps=tuple(args.profile_steps) if args.profile_steps else None,
       task=args.task, label=args.label, model_module=args.model_module,
       exclude_features=tuple(args.exclude_features), hidden_units=tuple(args.hidden_units),
-      dropout=args.dropout, max_embedding_dim=args.max_embedding_dim, combiner=args.combiner)
+      dropout=args.dropout, max_embedding_dim=args.max_embedding_dim, combiner=args.combiner,
+      fresh=args.fresh, checkpoint_every_steps=args.checkpoint_every_steps,
+      early_stopping_patience=args.early_stopping_patience)
 
 
 def run(argv=None):

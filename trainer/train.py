@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from typing import Optional, Tuple
@@ -15,6 +16,7 @@ from trainer import features as features_lib
 from trainer import heads
 from trainer import input as input_lib
 from trainer import model as model_lib
+from trainer import resume as resume_lib
 from trainer import statistics as statistics_lib
 from transforms import contract as contract_lib
 from transforms import run_contract
@@ -49,6 +51,10 @@ class TrainConfig:
   dropout: float = 0.1
   max_embedding_dim: int = 32  # embeddings get 1.6 * ids^0.56 dimensions, at most this
   combiner: str = 'mean'  # of an unweighted bag of ids: mean | sqrtn | sum
+  # Resuming a killed run (trainer/resume.py) and early stopping.
+  fresh: bool = False  # delete the backup of an interrupted run and start over
+  checkpoint_every_steps: int = 500  # backups every N batches and at epoch ends; 0: epoch ends
+  early_stopping_patience: Optional[int] = None  # epochs without a better val_loss; needs eval
 
   seed: int = 42
 
@@ -82,6 +88,10 @@ def plan(config: TrainConfig):
   for anything the model could not make sense of, before any training."""
   where = f'--transformed {config.transformed_dir}'
   manifest = run_contract.read_manifest(config.transformed_dir)
+  if config.early_stopping_patience and 'eval' not in manifest.splits:
+    raise UserError(f'--early-stopping-patience {config.early_stopping_patience} watches the eval '
+                    f'split\'s loss, and {where} has none (it has {", ".join(manifest.splits)}); '
+                    'run the pipeline with --eval or --eval-fraction')
   tft_output = tft.TFTransformOutput(config.transformed_dir)
   feature_spec = tft_output.transformed_feature_spec()
   label_key = input_lib.transformed_label_key(manifest, feature_spec, where, config.label)
@@ -144,10 +154,16 @@ _OUTPUT_MEANING = {heads.BINARY: 'the probability of class 1',
 
 def train_and_export(config: TrainConfig):
   """Trains on the train split, evaluates on eval, exports; returns (export path, eval metrics,
-  the trained Keras model)."""
+  the trained Keras model). A run killed before its export resumes where it was when the same
+  command runs again (trainer/resume.py); --fresh starts over."""
   keras.utils.set_random_seed(config.seed)
   p = plan(config)
   manifest = p.manifest
+  export_name = config.model_name or model_name(manifest)
+  backup = resume_lib.Backup(config.model_dir, export_name)
+  if config.fresh:
+    backup.remove()
+  backup.start(resume_lib.settings(config))  # refuses another run's checkpoint, before training
 
   if config.mixed_precision:
     keras.mixed_precision.set_global_policy('mixed_float16')
@@ -175,22 +191,54 @@ def train_and_export(config: TrainConfig):
   eval_ds = dataset('eval', shuffle=False) if 'eval' in manifest.splits else None
   if config.max_steps:
     train_ds = train_ds.repeat().take(config.max_steps)
+  else:
+    # Batches per epoch, from the manifest's row count (tf.data cannot know a TFRecord file's):
+    # Keras needs it to resume within an epoch, and its progress lines show it.
+    train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(
+        math.ceil(manifest.splits['train'].rows_written / config.batch_size)))
 
+  if backup.load_trained(model):
+    _LOG.info('resuming after the training of an interrupted run: exporting its trained weights '
+              '(--fresh starts over)')
+  else:
+    _fit(config, model, manifest, p, used, train_ds, eval_ds, backup)
+    backup.save_trained(model)
+  metrics = model.evaluate(eval_ds, return_dict=True, verbose=0) if eval_ds is not None else {}
+  path = export_lib.export(model, p.tft_output, manifest, p.label_key, p.task, used,
+                           config.model_dir, export_name, config.transformed_dir)
+  backup.remove()  # exported: the next run of this command trains a new version
+  _LOG.info('exported %s; eval %s', path, metrics)
+  return path, metrics, model
+
+
+def _fit(config, model, manifest, p, used, train_ds, eval_ds, backup):
   logs = os.path.join(config.model_dir, 'logs')
   callbacks = [
+      # Restores an interrupted run's state as training begins (see resume.py). Its one
+      # checkpoint is overwritten at each save and removed once the run has exported.
+      backup.callback(config.checkpoint_every_steps),
       keras.callbacks.TensorBoard(logs, profile_batch=config.profile_steps or 0),
+      # Kept beside the backup: the weights of every epoch stay for the user (to pick or compare
+      # an epoch after the run), which the backup, one rolling checkpoint, does not keep.
       keras.callbacks.ModelCheckpoint(
           os.path.join(config.model_dir, 'checkpoints', 'epoch-{epoch:03d}.weights.h5'),
           save_weights_only=True),
   ]
+  stopping = None
+  if config.early_stopping_patience:
+    # Its state (best val_loss, best weights, patience count) lives in this process only: after
+    # a resume it starts again from the first resumed epoch (Keras keeps none of it in the
+    # backup), and restore_best_weights restores the best epoch since then.
+    stopping = keras.callbacks.EarlyStopping(
+        monitor='val_loss', patience=config.early_stopping_patience, restore_best_weights=True)
+    callbacks.insert(1, stopping)
   _LOG.info('training on %s (%d examples): %s; features: %s', config.transformed_dir,
             manifest.splits['train'].rows_written, heads.describe(p.task),
             ', '.join(f'{n} ({k.kind})' for n, k in sorted(used.items())))
   epochs = 1 if config.max_steps else config.epochs
   model.fit(train_ds, epochs=epochs, validation_data=eval_ds, callbacks=callbacks, verbose=2)
-  metrics = model.evaluate(eval_ds, return_dict=True, verbose=0) if eval_ds is not None else {}
-  path = export_lib.export(model, p.tft_output, manifest, p.label_key, p.task, used,
-                           config.model_dir, config.model_name or model_name(manifest),
-                           config.transformed_dir)
-  _LOG.info('exported %s; eval %s', path, metrics)
-  return path, metrics, model
+  if stopping is not None and stopping.best_weights is not None:
+    ran = (f'stopped after epoch {stopping.stopped_epoch + 1}, {stopping.patience} without a '
+           'lower val_loss') if stopping.stopped_epoch else 'ran every epoch'
+    _LOG.info('early stopping: %s; kept the weights of epoch %d (val_loss %.4f)', ran,
+              stopping.best_epoch + 1, stopping.best)
