@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-small bench-input bench-images bench-serve clean
+.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-small bench-cache bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,10 @@ bench-wide: install
 # Small runs: a 1,000-row census run against importing TensorFlow, TF Transform and Beam.
 bench-small: install
 	$(PY) benchmarks/small_run.py --rows 1000 --runs 5
+
+# The analysis cache: an 11th span added to 10 cached ones of 200,000 rows, against analyzing all.
+bench-cache: install
+	$(PY) benchmarks/analysis_cache.py --spans 11 --rows 200000 --runs 3
 
 # The trainer's tf.data input against a plain TFRecordDataset + parse_example (issue: >= 0.8x).
 bench-input: install

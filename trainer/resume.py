@@ -18,10 +18,21 @@ import os
 
 import tensorflow as tf
 import tf_keras as keras
-from tf_keras.src.utils import mode_keys
 
 from transforms import run_contract
 from transforms.errors import UserError
+
+# The private parts of tf_keras's BackupAndRestore used below (where it resumes, for the log
+# line; its save, for saves at epoch ends), only on the tf_keras versions they were tested with;
+# elsewhere Keras's own behaviour runs, with a plainer log line and saves every N batches only.
+TESTED_KERAS = ('2.21',)
+try:
+  from tf_keras.src.utils import mode_keys
+except ImportError:  # another layout of tf_keras
+  mode_keys = None
+_PRIVATE_OK = (mode_keys is not None and
+               '.'.join(keras.__version__.split('.')[:2]) in TESTED_KERAS and
+               hasattr(keras.callbacks.BackupAndRestore, '_backup'))
 
 _LOG = logging.getLogger('trainer')
 
@@ -140,6 +151,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
   def on_train_begin(self, logs=None):
     super().on_train_begin(logs)
+    if not _PRIVATE_OK:
+      if tf.train.latest_checkpoint(self.backup_dir + '/chief') is not None:
+        _LOG.info('resuming an interrupted run (--fresh starts over)')
+      return
     state = self._training_state
     if int(state._ckpt_saved_epoch.numpy()) < 0:
       return  # nothing restored: a new run
@@ -153,5 +168,5 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
   def on_epoch_end(self, epoch, logs=None):
     super().on_epoch_end(epoch, logs)
-    if self.save_freq != 'epoch':
+    if self.save_freq != 'epoch' and _PRIVATE_OK:
       self._backup(epoch=epoch)
