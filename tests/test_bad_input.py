@@ -427,7 +427,7 @@ def inverse_label_fn(y):
 
 @pytest.mark.parametrize('argv,message', [
     (['--eval-fration', '0.2'], 'unknown flag --eval-fration; did you mean --eval-fraction?'),
-    (['--analysis-cache', '/tmp/cache'], 'unknown flag --analysis-cache; see --help'),
+    (['--zzzz', '/tmp/cache'], 'unknown flag --zzzz; see --help'),
     (['--direct_num_worker=2'], 'unknown flag --direct_num_worker; did you mean '
                                 '--direct_num_workers?'),
     (['stray'], "unexpected argument 'stray'"),
