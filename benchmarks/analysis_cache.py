@@ -5,17 +5,19 @@
 
 The dataset is benchmarks/synthetic.py, one CSV file of --rows rows per span (a different seed
 each). Before timing, the first --spans - 1 spans are analyzed once with --analysis-cache into a
-cache directory. Then, side by side and alternating, each a whole command in a fresh process:
-  (u) `python -m pipelines.tabular` over all spans, no cache: analysis of all of them, transform;
-  (c) the same with --analysis-cache, on a fresh copy of the 10-span cache each time: the new
-      span's analysis (and the cached spans' digests and the cache's read), transform;
-  (t) `python -m pipelines.transform` of all spans with (u)'s transform graph: the transform
-      and everything else of a run, without an analysis.
-A run's analysis costs its time minus (t)'s: (u) - (t) is the uncached analysis of all spans,
-(c) - (t) the analysis with the cache. (t) reads and parses every span, which a run with an
-analysis does once (its transform replays the analysis's parse where no cache is used), so the
-subtraction takes too much off both and the ratio printed, (c - t) / (u - t), errs high. Medians
-of --runs, and the median of the per-round ratios; the target is <= 0.25.
+cache directory. Then, side by side and alternating, each in a fresh process:
+  (A) the analysis of all spans without a cache: the pipeline's own analysis stages
+      (pipelines/stages.add_analysis: the train split's read, TF Transform's analysis, the
+      transform graph written), built and run as `python -m pipelines.tabular` builds them;
+  (B) the same with the cache, on a fresh copy of the 10-span cache each time: every span's
+      digest, the cache's plan (two traces of the preprocessing_fn), the cached spans'
+      accumulators read, the new span's analysis, the merge, the new entry published;
+and whole commands, for the cost of a run:
+  (u) `python -m pipelines.tabular` over all spans, no cache;
+  (c) the same with --analysis-cache (a fresh copy of the 10-span cache).
+(A) and (B) are timed from before the inputs are inspected to the end of the job (not the
+imports, which both pay); (u) and (c) as whole commands. Medians of --runs, (B)/(A) with the
+median of the per-round ratios (target <= 0.25), and (c)/(u).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -39,13 +42,60 @@ def _write(path, rows, seed):
                   f'synthetic; synthetic.write_csv({path!r}, {rows}, seed={seed})'], check=True)
 
 
-def _tabular(spans, out, cache=None):
-  command = [sys.executable, '-m', 'pipelines.tabular', '--transforms', MODULE, '--train',
-             *spans, '--output', out, '--overwrite']
-  return command + (['--analysis-cache', cache] if cache else [])
+def _argv(spans, out, cache=None):
+  return (['--transforms', MODULE, '--train', *spans, '--output', out, '--overwrite'] +
+          (['--analysis-cache', cache] if cache else []))
+
+
+def _analyze_only(argv):
+  """(A)/(B) in this process: the run's analysis alone, as pipelines.tabular builds it."""
+  import tensorflow_transform.beam as tft_beam
+
+  from pipelines import analysis_cache, job, output_dir, stages, tabular
+  from pipelines.runner import launch
+  from pipelines.sources import csv_files
+  started = time.perf_counter()
+  args, beam_args = tabular.parse_args(argv)
+  inputs = tabular.inspect_inputs(args)
+  out = output_dir.OutputDir(args.output, args.overwrite)
+  out.prepare()
+
+  def source(units, split, eval_fraction, spill):
+    return csv_files.ReadCsv(units, inputs.fmt, split, eval_fraction, args.rows_per_batch,
+                             spill=spill)
+
+  pipeline = launch.make_pipeline(beam_args)
+  with tft_beam.Context(temp_dir=out.tmp, force_tf_compat_v1=True):
+    plan = job.plan_cache(inputs.cache, out, inputs.contract.preprocessing_fn,
+                          inputs.adapter_config, True)
+    stages.add_analysis(pipeline, source, inputs.units['train'], 0.0,
+                        inputs.contract.preprocessing_fn, inputs.adapter_config, out, None, plan)
+  pipeline.run().wait_until_finish()
+  analysis_cache.publish(plan)
+  print('ANALYSIS', time.perf_counter() - started, flush=True)
+
+
+def _timed_analysis(argv, name):
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--analyze-only', *argv],
+                        capture_output=True, text=True, cwd=tabular_pipeline.ROOT,
+                        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+  lines = [line for line in proc.stdout.splitlines() if line.startswith('ANALYSIS')]
+  if proc.returncode or not lines:
+    sys.exit(f'error: {name} failed:\n{proc.stderr[-3000:]}')
+  return float(lines[-1].split()[1])
+
+
+def _fresh_copy(seeded, work):
+  cache = os.path.join(work, 'cache_run')
+  shutil.rmtree(cache, ignore_errors=True)
+  shutil.copytree(seeded, cache)
+  return cache
 
 
 def main():
+  if len(sys.argv) > 1 and sys.argv[1] == '--analyze-only':
+    _analyze_only(sys.argv[2:])
+    os._exit(0)  # as tabular_pipeline: no interpreter teardown of TensorFlow's objects
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--spans', type=int, default=11)
   parser.add_argument('--rows', type=int, default=200_000, help='rows per span')
@@ -57,44 +107,32 @@ def main():
     for i, path in enumerate(spans):
       _write(path, args.rows, seed=100 + i)
     seeded = os.path.join(work, 'cache_seeded')
-    tabular_pipeline.timed_command(_tabular(spans[:-1], os.path.join(work, 'seed_out'), seeded),
-                                   'seeding the cache')
-    out_u, out_c, out_t = (os.path.join(work, n) for n in ('out_u', 'out_c', 'out_t'))
-    times = {'u': [], 'c': [], 't': []}
-    rss = {'u': [], 'c': [], 't': []}
+    _timed_analysis(_argv(spans[:-1], os.path.join(work, 'seed_out'), seeded), 'seeding')
+    times = {k: [] for k in 'ABuc'}
     for run in range(args.runs):
-      seconds, peak, _ = tabular_pipeline.timed_command(_tabular(spans, out_u), '(u)')
-      times['u'].append(seconds)
-      rss['u'].append(peak)
-      cache = os.path.join(work, 'cache_run')
-      shutil.rmtree(cache, ignore_errors=True)
-      shutil.copytree(seeded, cache)
-      seconds, peak, _ = tabular_pipeline.timed_command(_tabular(spans, out_c, cache), '(c)')
-      times['c'].append(seconds)
-      rss['c'].append(peak)
-      seconds, peak, _ = tabular_pipeline.timed_command(
-          [sys.executable, '-m', 'pipelines.transform', '--transform-fn', out_u, '--input',
-           *spans, '--output', out_t, '--overwrite', '--split', 'train'], '(t)')
-      times['t'].append(seconds)
-      rss['t'].append(peak)
-      print(f'run {run + 1}: (u) {times["u"][-1]:.1f} s  (c) {times["c"][-1]:.1f} s  '
-            f'(t) {times["t"][-1]:.1f} s', flush=True)
+      times['A'].append(_timed_analysis(_argv(spans, os.path.join(work, 'a')), '(A)'))
+      times['B'].append(_timed_analysis(
+          _argv(spans, os.path.join(work, 'b'), _fresh_copy(seeded, work)), '(B)'))
+      times['u'].append(tabular_pipeline.timed_command(
+          [sys.executable, '-m', 'pipelines.tabular', *_argv(spans, os.path.join(work, 'u'))],
+          '(u)')[0])
+      times['c'].append(tabular_pipeline.timed_command(
+          [sys.executable, '-m', 'pipelines.tabular',
+           *_argv(spans, os.path.join(work, 'c'), _fresh_copy(seeded, work))], '(c)')[0])
+      print(f'run {run + 1}: ' + '  '.join(f'({k}) {v[-1]:.1f} s' for k, v in times.items()),
+            flush=True)
+    median = {k: statistics.median(v) for k, v in times.items()}
     rows = args.spans * args.rows
     print(f'\n{args.spans} spans x {args.rows:,} rows ({rows:,} rows), {args.runs} runs each, '
           'medians:')
-    names = {'u': '(u) all spans analyzed, no cache', 'c': f'(c) {args.spans - 1} spans cached, '
-             '1 analyzed', 't': '(t) transform only, no analysis'}
+    names = {'A': '(A) analysis of all spans, no cache',
+             'B': f'(B) analysis, {args.spans - 1} spans cached + 1 new',
+             'u': '(u) whole run, no cache', 'c': '(c) whole run, with the cache'}
     for key, name in names.items():
-      print(f'  {name:38s} {statistics.median(times[key]):7.1f} s '
-            f'{statistics.median(rss[key]):7.0f} MiB')
-    median = {k: statistics.median(v) for k, v in times.items()}
-    uncached, cached = median['u'] - median['t'], median['c'] - median['t']
-    per_round = [(c - t) / (u - t) for u, c, t in zip(times['u'], times['c'], times['t'])
-                 if u > t]
-    print(f'  analysis, uncached (u - t): {uncached:.1f} s; with the cache (c - t): '
-          f'{cached:.1f} s')
-    print(f'  (c - t) / (u - t): {cached / uncached:.2f} of medians, '
-          f'{statistics.median(per_round):.2f} median of rounds (target <= 0.25)')
+      print(f'  {name:44s} {median[key]:7.1f} s')
+    rounds = statistics.median(b / a for a, b in zip(times['A'], times['B']))
+    print(f'  (B)/(A): {median["B"] / median["A"]:.2f} of medians, {rounds:.2f} median of '
+          f'rounds (target <= 0.25); (c)/(u): {median["c"] / median["u"]:.2f}')
   finally:
     shutil.rmtree(work, ignore_errors=True)
 

@@ -38,6 +38,7 @@ import platform
 import uuid
 from typing import Dict, FrozenSet, Optional, Tuple
 
+import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -129,9 +130,15 @@ def _file_digests(directory):
   return result
 
 
+def _entry_pattern(directory, index):
+  """The files of one cache entry, as TF Transform's WriteAnalysisCacheToFS names them."""
+  return output_dir.join(directory, f'{index}-*-of-*')
+
+
 def cached_entries(directory):
-  """The cache entry keys of one span's entry in DIR, or None where it is absent (a plain miss)
-  or cannot be trusted (a miss with a warning: incomplete, corrupt, another format)."""
+  """{cache entry key: its index} of one span's entry in DIR (TF Transform's MANIFEST), or None
+  where it is absent (a plain miss) or cannot be trusted (a miss with a warning: incomplete,
+  corrupt, another format)."""
   checksums = output_dir.join(directory, CHECKSUMS)
   if not FileSystems.exists(checksums):
     if output_dir.entry_exists(directory):
@@ -147,9 +154,12 @@ def cached_entries(directory):
       changed = sorted(set(found.items()) ^ set(recorded['files'].items()))
       raise ValueError(f'{changed[0][0]} does not match its checksum')
     manifest = pickle.loads(_read(output_dir.join(directory, _TFT_MANIFEST)))
-    if not isinstance(manifest, dict):
-      raise ValueError(f'{_TFT_MANIFEST} is not a dict')
-    return frozenset(manifest)
+    if not isinstance(manifest, dict) or not all(isinstance(i, int) for i in manifest.values()):
+      raise ValueError(f'{_TFT_MANIFEST} is not a dict of entry indices')
+    for index in set(manifest.values()):
+      if not FileSystems.match([_entry_pattern(directory, index)])[0].metadata_list:
+        raise ValueError(f'entry {index} of its {_TFT_MANIFEST} has no file')
+    return dict(manifest)
   except Exception as e:  # whatever is wrong with it, the span is analyzed again
     _LOG.warning('analysis cache: %s cannot be used (%s: %s); its span is analyzed again',
                  directory, type(e).__name__, output_dir.error_cause(e, limit=200))
@@ -162,12 +172,9 @@ class Plan:
   directory: str
   spans: Tuple[Span, ...]
   keys: Dict[str, object]  # span name -> its DatasetKey
-  cached: Dict[str, FrozenSet[bytes]]  # span name -> its cache entry keys, for spans in DIR
+  cached: Dict[str, Dict[bytes, int]]  # span name -> {cache entry key: index}, spans in DIR
   to_read: FrozenSet[str]  # the spans the analysis reads
   staging: str  # where TF Transform writes the new entries
-
-  def cached_keys(self):
-    return [self.keys[name] for name in self.cached]
 
   def summary(self):
     """The manifest's entry: each span, its key and whether its accumulators came from DIR."""
@@ -218,12 +225,44 @@ def plan(req: Request, staging, preprocessing_fn, type_specs, graph_mode, graph=
   return Plan(directory, tuple(span_list), keys, cached, to_read, staging)
 
 
+class _TagByFileFn(beam.DoFn):
+  """(file, record) -> the record on the output of the entry the file belongs to."""
+
+  def __init__(self, tags):
+    self._tags = tags  # file path -> output tag
+
+  def process(self, file_and_record):
+    path, record = file_and_record
+    yield beam.pvalue.TaggedOutput(self._tags[path], record)
+
+
 def read_cache(pipeline, p: Plan):
-  """The cached spans' accumulators, as AnalyzeDatasetWithCache takes them."""
+  """The cached spans' accumulators, as AnalyzeDatasetWithCache takes them: {DatasetKey:
+  DatasetCache({cache entry key: PCollection of encoded accumulators}, None)}.
+
+  TF Transform's ReadAnalysisCacheFromFS reads each entry of each span with a Beam source of its
+  own (and each span's metadata, which only its telemetry uses): 10 spans of a 20-analyzer
+  function were 660 transforms and as many stages' fixed costs. Here one Beam read
+  (ReadAllFromTFRecord, gzip as TF Transform writes them) takes every entry's files, named by
+  TF Transform's MANIFEST, and one DoFn puts each record on its entry's tagged output."""
   if not p.cached:
     return {}
-  return pipeline | 'ReadAnalysisCache' >> tft_beam.analyzer_cache.ReadAnalysisCacheFromFS(
-      p.directory, p.cached_keys())
+  files, by_entry = {}, {}
+  for name, entries in p.cached.items():
+    directory = output_dir.join(p.directory, p.keys[name].key)
+    for entry, index in entries.items():
+      tag = f'entry{len(by_entry)}'
+      by_entry[(name, entry)] = tag
+      for found in FileSystems.match([_entry_pattern(directory, index)])[0].metadata_list:
+        files[found.path] = tag
+  read = (pipeline
+          | 'ListCachedEntries' >> beam.Create(sorted(files))
+          | 'ReadCachedEntries' >> beam.io.ReadAllFromTFRecord(
+              compression_type=CompressionTypes.GZIP, with_filename=True)
+          | 'ByEntry' >> beam.ParDo(_TagByFileFn(files)).with_outputs(*by_entry.values()))
+  return {p.keys[name]: tft_beam.analyzer_cache.DatasetCache(
+      {entry: read[by_entry[(name, entry)]] for entry in entries}, None)
+      for name, entries in p.cached.items()}
 
 
 def write_cache(pipeline, output_cache, p: Plan):

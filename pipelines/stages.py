@@ -167,6 +167,26 @@ class SplitStatistics(beam.PTransform):
     return beam.pvalue.PDone(raw_and_transformed[0].pipeline)
 
 
+def add_analysis(pipeline, source, train_units, eval_fraction, preprocessing_fn, adapter_config,
+                 out, spill=None, cache=None):
+  """Adds the analysis of the train split to `pipeline` (its own read, then AnalyzeTrain);
+  returns the transform_fn. With an analysis cache (`cache`: analysis_cache.Plan), each span the
+  analysis needs is read on its own (one dataset key each), and no other."""
+  if cache is None:
+    analyzed, _, _ = pipeline | 'ReadTrainForAnalysis' >> ReadSplit(
+        source, train_units, 'train', eval_fraction, spill, stage='analyze')
+  else:
+    analyzed = {}
+    for i, span in enumerate(cache.spans):
+      key = cache.keys[span.name]
+      analyzed[key] = None
+      if span.name in cache.to_read:
+        analyzed[key], _, _ = pipeline | f'ReadSpan{i}ForAnalysis' >> ReadSplit(
+            source, list(span.units), 'train', eval_fraction, None, stage='analyze')
+  return analyzed | 'AnalyzeTrain' >> AnalyzeTrain(preprocessing_fn, adapter_config, out, cache,
+                                                   pipeline)
+
+
 def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, adapter_config,
                       out, shards, compression, spill=None, cache=None):
   """Adds the whole job to `pipeline`: read every split, analyze the train split, transform and
@@ -181,8 +201,7 @@ def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, 
   does not parse again: it gives what the analysis's read spilled (`spill`: sources.reading.Spill,
   see job.make_spill).
 
-  With an analysis cache (`cache`: analysis_cache.Plan), the analysis reads each span it needs
-  on its own (one dataset key each), and no other; there is no spill then.
+  With an analysis cache (`cache`: analysis_cache.Plan) there is no spill (add_analysis).
   """
   raw, errors = {}, {}
   raw['train'], carved_eval, errors['train'] = pipeline | 'ReadTrain' >> ReadSplit(
@@ -196,19 +215,8 @@ def add_preprocessing(pipeline, source, units, eval_fraction, preprocessing_fn, 
     raw['eval'], _, errors['eval'] = pipeline | 'ReadEval' >> ReadSplit(
         source, units['eval'], 'eval')
   # Only the rows and dead letters of the reads above are counted.
-  if cache is None:
-    analyzed, _, _ = pipeline | 'ReadTrainForAnalysis' >> ReadSplit(
-        source, units['train'], 'train', eval_fraction, spill, stage='analyze')
-  else:
-    analyzed = {}
-    for i, span in enumerate(cache.spans):
-      key = cache.keys[span.name]
-      analyzed[key] = None
-      if span.name in cache.to_read:
-        analyzed[key], _, _ = pipeline | f'ReadSpan{i}ForAnalysis' >> ReadSplit(
-            source, list(span.units), 'train', eval_fraction, None, stage='analyze')
-  transform_fn = analyzed | 'AnalyzeTrain' >> AnalyzeTrain(preprocessing_fn, adapter_config, out,
-                                                           cache, pipeline)
+  transform_fn = add_analysis(pipeline, source, units['train'], eval_fraction, preprocessing_fn,
+                              adapter_config, out, spill, cache)
   for split in raw:
     name = split.capitalize()
     transformed = ((raw[split], errors[split])
