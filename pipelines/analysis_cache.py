@@ -265,10 +265,55 @@ def read_cache(pipeline, p: Plan):
       for name, entries in p.cached.items()}
 
 
+class _WriteEntryFn(beam.DoFn):
+  """((span key, entry index), encoded accumulators) -> the entry's file in the staging area,
+  named and framed as TF Transform's WriteAnalysisCacheToFS writes it (a gzip TFRecord file
+  <index>-00000-of-00001.gz; None values only make sure that an empty entry has its file)."""
+
+  def __init__(self, staging):
+    self._staging = staging
+
+  def process(self, keyed):
+    import tensorflow as tf
+    (span, index), values = keyed
+    directory = output_dir.join(self._staging, span)
+    output_dir.mkdirs(directory)
+    path = output_dir.join(directory, f'{index}-00000-of-00001.gz')
+    with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type='GZIP')) as writer:
+      for value in values:
+        if value is not None:
+          writer.write(value)
+    yield path
+
+
 def write_cache(pipeline, output_cache, p: Plan):
-  """The new accumulators into the run's staging area (publish() moves them into DIR)."""
-  return output_cache | 'WriteAnalysisCache' >> tft_beam.analyzer_cache.WriteAnalysisCacheToFS(
-      pipeline, p.staging, list(p.keys.values()))
+  """The new accumulators into the run's staging area (publish() moves them into DIR), in TF
+  Transform's layout: per span, its MANIFEST ({cache entry key: index}, pickled as TF Transform
+  pickles it, written now as TF Transform writes it) and one file per entry.
+
+  TF Transform's WriteAnalysisCacheToFS gives every entry of every span a WriteToTFRecord of its
+  own: 10 new spans of a 20-analyzer function were 400 Beam stages, 9 s of a 52 s run. Here
+  every entry goes through one GroupByKey to one DoFn that writes each entry's file."""
+  keyed, every_entry = [], []
+  for key, cache in output_cache.items():
+    manifest = {}
+    for index, (entry, values) in enumerate(cache.cache_dict.items()):
+      manifest[entry] = index
+      every_entry.append(((key.key, index), None))
+      keyed.append(values | f'KeyCacheEntry{len(keyed)}' >> beam.Map(
+          lambda value, at: (at, value), (key.key, index)))
+    directory = output_dir.join(p.staging, key.key)
+    output_dir.mkdirs(directory)
+    with FileSystems.create(output_dir.join(directory, _TFT_MANIFEST),
+                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      f.write(pickle.dumps(manifest, protocol=0))
+  if not keyed:
+    return None
+  every = pipeline | 'EveryCacheEntry' >> beam.Create(every_entry)
+  return ((every, *keyed)
+          | 'AllCacheEntries' >> beam.Flatten()
+          | 'ByCacheEntry' >> beam.GroupByKey()
+          | 'WriteCacheEntries' >> beam.ParDo(_WriteEntryFn(p.staging)))
 
 
 def publish(p: Optional[Plan]):
