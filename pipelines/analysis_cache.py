@@ -93,12 +93,46 @@ def content_digest(paths):
 
 def graph_digest(preprocessing_fn, type_specs, graph_mode):
   """SHA-256 of the preprocessing_fn's graph as TF Transform traces it (every op, attribute and
-  constant). Raises what the trace raises."""
+  constant), the same for every trace of the same function. Raises what the trace raises."""
   # TF Transform's own tracing (impl_helper, which its analysis and its graph inspection use).
   from tensorflow_transform import impl_helper
   graph, _, _ = impl_helper.trace_preprocessing_function(
       preprocessing_fn, type_specs, use_tf_compat_v1=graph_mode)
-  return hashlib.sha256(graph.as_graph_def().SerializeToString(deterministic=True)).hexdigest()
+  return hashlib.sha256(_canonical_graph_def(graph.as_graph_def())).hexdigest()
+
+
+def _canonical_graph_def(graph_def):
+  """The GraphDef serialized with its functions' names made independent of the process: TF
+  names a traced function (a tf.map_fn's loop body, a tf.cond's branch) with a counter global to
+  the process, so the second trace of a function in one process would otherwise give another
+  digest (a miss). Each name's counter becomes its rank among the functions of the same stem
+  (counters grow in the order functions are made), and the library is sorted by the new names."""
+  import re
+
+  from google.protobuf import text_format
+  from tensorflow.core.framework import graph_pb2
+  names = [f.signature.name for f in graph_def.library.function]
+  if not names:
+    return graph_def.SerializeToString(deterministic=True)
+  by_stem = {}
+  for name in names:
+    match = re.fullmatch(r'(.*?)_(\d+)', name)
+    if match:  # a name without a counter is the same in every trace
+      by_stem.setdefault(match.group(1), []).append((int(match.group(2)), name))
+  canonical = {name: f'{stem}_#{rank}' for stem, found in by_stem.items()
+               for rank, (_, name) in enumerate(sorted(found))}
+  if not canonical:
+    return graph_def.SerializeToString(deterministic=True)
+  # References: a function's own name, a node's op (a call), a func attribute, and names made
+  # from it (its arguments' "<name>___redundant_placeholder0"); not inside a longer name.
+  pattern = re.compile(r'(?<![\w])(' + '|'.join(
+      re.escape(n) for n in sorted(canonical, key=len, reverse=True)) + r')(?![0-9])')
+  text = pattern.sub(lambda m: canonical[m.group(1)], text_format.MessageToString(graph_def))
+  result = text_format.Parse(text, graph_pb2.GraphDef())
+  functions = sorted(result.library.function, key=lambda f: f.signature.name)
+  del result.library.function[:]
+  result.library.function.extend(functions)
+  return result.SerializeToString(deterministic=True)
 
 
 def run_identity(reader):

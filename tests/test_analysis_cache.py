@@ -244,3 +244,62 @@ def test_the_flag_is_in_the_help():
   out = subprocess.run([sys.executable, '-m', 'pipelines.tabular', '--help'], cwd=REPO,
                        capture_output=True, text=True).stdout
   assert '--analysis-cache DIR' in out
+
+
+def test_image_spans(tmp_path):
+  """pipelines.images: a class-folder root is one span; a second root added to a cached one."""
+  import shutil as _shutil
+
+  from pipelines import images
+  sample = REPO / 'data' / 'fashion_mnist' / 'sample' / 'train'
+  roots = []
+  for i in range(2):
+    root = tmp_path / f'day{i}'
+    for label in sorted(os.listdir(sample)):
+      (root / label).mkdir(parents=True)
+      for png in sorted((sample / label).glob('*.png'))[i * 20:(i + 1) * 20]:
+        _shutil.copy(png, root / label / png.name)
+    roots.append(str(root))
+  cache = tmp_path / 'cache'
+
+  def run(name, train, with_cache=True):
+    argv = ['--train', *train, '--output', str(tmp_path / name), '--image-size', '28', '28',
+            '--channels', '1']
+    return images.run(argv + (['--analysis-cache', str(cache)] if with_cache else []))
+
+  assert _from_cache(run('cold', roots[:1])) == [False]
+  warm = run('warm', roots)
+  assert [s['input'] for s in warm.analysis_cache['spans']] == roots
+  assert _from_cache(warm) == [True, False]
+  run('uncached', roots, with_cache=False)
+  _assert_same_results(tmp_path / 'warm', tmp_path / 'uncached')
+
+
+MAPPED = '''
+import tensorflow as tf
+import tensorflow_transform as tft
+from transforms.census import *  # noqa: F401,F403 (the contract)
+from transforms import census
+
+
+def preprocessing_fn(inputs):
+  outputs = census.preprocessing_fn(inputs)
+  age = tf.cast(inputs['age'], tf.float32)
+  outputs['age_mapped_xf'] = tft.scale_to_z_score(tf.map_fn(lambda a: a + {c}, age))
+  return outputs
+'''
+
+
+def test_the_graph_digest_sees_function_bodies_and_not_their_names(runs, tmp_path):
+  """tf.map_fn's body is a function TF names with a counter of the process: two traces of one
+  preprocessing_fn have one digest; another constant inside the body, another digest."""
+  def digest(module):
+    args, _ = tabular.parse_args(['--transforms', module, '--train', runs['paths'][0],
+                                  '--output', str(tmp_path / 'x')])
+    inputs = tabular.inspect_inputs(args)
+    specs = tensor_adapter.TensorAdapter(inputs.adapter_config).OriginalTypeSpecs()
+    return analysis_cache.graph_digest(inputs.contract.preprocessing_fn, specs, True)
+  one = _write_module(tmp_path, 'mapped_one', MAPPED.format(c='1.0'))
+  two = _write_module(tmp_path, 'mapped_two', MAPPED.format(c='2.0'))
+  assert digest(one) == digest(one)
+  assert digest(one) != digest(two)
