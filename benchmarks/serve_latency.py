@@ -1,4 +1,5 @@
-"""Latency and throughput of `python -m trainer.serve` over HTTP against the SavedModel in-process.
+"""Latency and throughput of `python -m trainer.serve` over HTTP and gRPC against the SavedModel
+in-process.
 
   .venv/bin/python benchmarks/serve_latency.py [--model out/models/census] [--clients 16]
       [--requests 2000] [--rows-per-request 1]
@@ -10,7 +11,11 @@ go to each contender:
   then the serving_default signature), from 1 thread and from --clients threads;
 - HTTP: POST /v1/models/census:predict {"instances": rows} to the server in a subprocess, from 1
   client and from --clients concurrent clients (threads here, each with its own keep-alive
-  connection), with the server's default batching and with batching off (--max-batch-size 1).
+  connection), with the server's default batching and with batching off (--max-batch-size 1);
+- gRPC: TensorFlow Serving's PredictionService.Predict through the official
+  tensorflow-serving-api stubs (a channel per client), the rows as serialized tf.train.Examples
+  (what TF Serving's gRPC clients send; built before timing, as the HTTP bodies are), from 1
+  client and from --clients clients, with the default batching.
 
 Every client sends --requests requests (after 50 of warm-up), each waiting for its reply before the
 next. Latency is per request, as the client sees it; throughput is requests answered per second of
@@ -105,14 +110,43 @@ def http_sender(port, bodies):
   return send
 
 
+def grpc_sender(address, requests):
+  def send(state, i):
+    stub = state.get('stub')
+    if stub is None:
+      import grpc
+      from tensorflow_serving.apis import prediction_service_pb2_grpc
+      stub = state['stub'] = prediction_service_pb2_grpc.PredictionServiceStub(
+          grpc.insecure_channel(address))
+    stub.Predict(requests[i % len(requests)], 60)
+  return send
+
+
+def grpc_requests(model, requests):
+  import tensorflow as tf
+  from tensorflow_serving.apis import predict_pb2
+
+  from trainer import serving
+  result = []
+  for rows in requests:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = 'census'
+    examples = serving.to_examples(rows, model.raw_types, model.csv_columns, model.na_values,
+                                   model.required, model.label_key)
+    request.inputs['examples'].CopyFrom(tf.make_tensor_proto(examples, dtype=tf.string))
+    result.append(request)
+  return result
+
+
 def start_server(model, extra):
-  proc = subprocess.Popen([sys.executable, '-m', 'trainer.serve', '--model', model, '--port', '0']
-                          + extra, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          text=True)
-  line = proc.stdout.readline()
-  if not line.startswith('serving '):
-    raise RuntimeError(f'the server did not start: {line!r}')
-  return proc, int(line.rsplit(':', 1)[1])
+  """The server in a subprocess -> (process, HTTP port, gRPC address)."""
+  proc = subprocess.Popen([sys.executable, '-m', 'trainer.serve', '--model', model, '--port', '0',
+                           '--grpc-port', '0'] + extra, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  line, grpc_line = proc.stdout.readline(), proc.stdout.readline()
+  if not line.startswith('serving ') or not grpc_line.startswith('gRPC: serving '):
+    raise RuntimeError(f'the server did not start: {line!r} {grpc_line!r}')
+  return proc, int(line.rsplit(':', 1)[1]), grpc_line.split(' on ', 1)[1].split()[0]
 
 
 def stop_server(proc):
@@ -150,14 +184,22 @@ def main():
   requests = [[rows[(i * k + j) % len(rows)] for j in range(k)] for i in range(len(rows))]
   bodies = [json.dumps({'instances': r}).encode() for r in requests]
   # Same answers both ways, before anything is timed.
-  proc, port = start_server(model_dir, args.server_flags.split())
+  protos = grpc_requests(model, requests)
+  proc, port, grpc_address = start_server(model_dir, args.server_flags.split())
   try:
+    import tensorflow as tf
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+    check = grpc_sender(grpc_address, protos)
     for i in range(20):
       conn.request('POST', '/v1/models/census:predict', bodies[i])
       got = json.loads(conn.getresponse().read())['predictions']
-      np.testing.assert_allclose([g['probabilities'] for g in got],
-                                 model.predict(requests[i])['probabilities'], atol=1e-6)
+      expected = model.predict(requests[i])['probabilities']
+      np.testing.assert_allclose([g['probabilities'] for g in got], expected, atol=1e-6)
+      state = {}
+      check(state, i)
+      reply = state['stub'].Predict(protos[i], 60)
+      np.testing.assert_allclose(tf.make_ndarray(reply.outputs['probabilities']), expected,
+                                 atol=1e-6)
     conn.close()
 
     def in_process(state, i):
@@ -169,8 +211,10 @@ def main():
       results.append(summary('in-process Model.predict', clients, lat, wall, k))
       lat, wall = run_clients(clients, args.requests, http_sender(port, bodies))
       results.append(summary('HTTP, batching (default)', clients, lat, wall, k))
+      lat, wall = run_clients(clients, args.requests, grpc_sender(grpc_address, protos))
+      results.append(summary('gRPC, batching (default)', clients, lat, wall, k))
     batching_line = stop_server(proc)
-    proc, port = start_server(model_dir, ['--max-batch-size', '1'])
+    proc, port, _ = start_server(model_dir, ['--max-batch-size', '1'])
     lat, wall = run_clients(args.clients, args.requests, http_sender(port, bodies))
     results.append(summary('HTTP, batching off', args.clients, lat, wall, k))
   finally:
@@ -190,10 +234,10 @@ def main():
     print(f'| {r["contender"]} | {r["clients"]} | {r["p50_ms"]:.2f} | {r["p99_ms"]:.2f} | '
           f'{r["requests_per_s"]:,.0f} |')
   base = {r['clients']: r for r in results if r['contender'].startswith('in-process')}
-  print('\n| ratio HTTP / in-process | p50 latency | throughput |')
+  print('\n| ratio server / in-process | p50 latency | throughput |')
   print('| --- | --- | --- |')
   for r in results:
-    if r['contender'].startswith('HTTP'):
+    if r['contender'].startswith(('HTTP', 'gRPC')):
       b = base[r['clients']]
       print(f'| {r["contender"]}, {r["clients"]} client(s) | {r["p50_ms"] / b["p50_ms"]:.2f}x | '
             f'{r["requests_per_s"] / b["requests_per_s"]:.2f}x |')

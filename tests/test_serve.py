@@ -33,7 +33,8 @@ class ServerProcess:
   """The server started with `args`; .url waits for its start line."""
 
   def __init__(self, args, log, tensorflow_only=False):
-    argv = ['--port', '0', '--max-body-bytes', str(MAX_BODY)] + [str(a) for a in args]
+    argv = ['--port', '0', '--grpc-port', '0', '--max-body-bytes', str(MAX_BODY)] + [
+        str(a) for a in args]
     if tensorflow_only:  # as a serving machine would be: no TF Transform, tfx-bsl or Beam
       code = TENSORFLOW_ONLY + f'from trainer import serve\nserve.main({argv!r})\n'
       command = [sys.executable, '-c', code]
@@ -52,6 +53,10 @@ class ServerProcess:
       match = re.fullmatch(r'serving (\S+) version (\d+) on (http://127\.0\.0\.1:\d+)\n', line)
       assert match, (line, open(self.log).read()[-3000:])
       self.name, self.version, self._url = match.groups()
+      line = self.proc.stdout.readline()
+      match = re.fullmatch(r'gRPC: serving \S+ version \d+ on (127\.0\.0\.1:\d+) \(.*\)\n', line)
+      assert match, (line, open(self.log).read()[-3000:])
+      self.grpc = match.group(1)
     return self._url
 
   def stop(self, sig=signal.SIGTERM):
@@ -304,6 +309,184 @@ def test_50_concurrent_clients(census):
     probs = ([p['probabilities'] for p in reply['predictions']] if 'predictions' in reply else
              reply['outputs']['probabilities'])
     np.testing.assert_allclose(probs, expected['probabilities'][mine], atol=1e-6, err_msg=str(i))
+
+
+# ---- TensorFlow Serving's gRPC API, through its official client stubs ------------------------
+
+
+def _stubs(server):
+  import grpc
+  from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+  server.url  # noqa: B018 - waits for the start lines
+  channel = grpc.insecure_channel(server.grpc)
+  return (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+          model_service_pb2_grpc.ModelServiceStub(channel))
+
+
+def _predict_request(examples, signature=None, version=None, name='census'):
+  from tensorflow_serving.apis import predict_pb2
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = name
+  if signature:
+    request.model_spec.signature_name = signature
+  if version is not None:
+    request.model_spec.version.value = version
+  request.inputs['examples'].CopyFrom(tf.make_tensor_proto(examples, dtype=tf.string))
+  return request
+
+
+def _examples(census, rows):
+  model = census['model']
+  return serving.to_examples(rows, model.raw_types, model.csv_columns, model.na_values,
+                             model.required, model.label_key)
+
+
+def test_grpc_predict_classify_equal_rest_and_in_process(census):
+  from tensorflow_serving.apis import classification_pb2
+  predictions, _ = _stubs(census['server'])
+  rows, model = census['rows'], census['model']
+  expected = model.predict(rows)
+  examples = _examples(census, rows)
+  reply = predictions.Predict(_predict_request(examples), 60)
+  assert (reply.model_spec.name, reply.model_spec.version.value,
+          reply.model_spec.signature_name) == ('census', int(census['version']), 'serving_default')
+  outputs = {k: tf.make_ndarray(v) for k, v in reply.outputs.items()}
+  np.testing.assert_allclose(outputs['probabilities'], expected['probabilities'], atol=1e-6)
+  assert [c.decode() for c in outputs['classes']] == expected['classes'].tolist()
+  code, rest = call(f'{census["server"].url}/v1/models/census:predict', {'instances': rows})
+  assert code == 200
+  np.testing.assert_allclose(outputs['probabilities'],
+                             [p['probabilities'] for p in rest['predictions']], atol=1e-6)
+  # predict_raw over gRPC: one tensor per raw feature.
+  from tensorflow_serving.apis import predict_pb2
+  raw = predict_pb2.PredictRequest()
+  raw.model_spec.name, raw.model_spec.signature_name = 'census', 'predict_raw'
+  for key, dtype in model.raw_types.items():
+    raw.inputs[key].CopyFrom(tf.make_tensor_proto([r[key] for r in rows], dtype=dtype))
+  raw.output_filter.append('probabilities')
+  reply = predictions.Predict(raw, 60)
+  assert list(reply.outputs) == ['probabilities']
+  np.testing.assert_allclose(tf.make_ndarray(reply.outputs['probabilities']),
+                             expected['probabilities'], atol=1e-6)
+  # Classify: every class with its probability, for Examples and for Examples with a context.
+  request = classification_pb2.ClassificationRequest()
+  request.model_spec.name = 'census'
+  request.input.example_list.examples.extend(
+      tf.train.Example.FromString(e) for e in examples)
+  result = predictions.Classify(request, 60).result
+  assert len(result.classifications) == len(rows)
+  for got, want in zip(result.classifications, expected['probabilities']):
+    assert [c.label for c in got.classes] == ['<=50K', '>50K']
+    np.testing.assert_allclose([c.score for c in got.classes], want, atol=1e-6)
+  with_context = classification_pb2.ClassificationRequest()
+  with_context.model_spec.name = 'census'
+  parsed = [tf.train.Example.FromString(e) for e in examples[:3]]
+  context = with_context.input.example_list_with_context.context
+  context.features.feature['native_country'].CopyFrom(
+      parsed[0].features.feature['native_country'])
+  for example in parsed:
+    del example.features.feature['native_country']
+  with_context.input.example_list_with_context.examples.extend(parsed)
+  scores = [[c.score for c in x.classes]
+            for x in predictions.Classify(with_context, 60).result.classifications]
+  same_country = model.predict([dict(r, native_country=rows[0]['native_country'])
+                                for r in rows[:3]])
+  np.testing.assert_allclose(scores, same_country['probabilities'], atol=1e-6)
+
+
+def test_grpc_metadata_and_status(census):
+  from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
+  predictions, models = _stubs(census['server'])
+  request = get_model_metadata_pb2.GetModelMetadataRequest()
+  request.model_spec.name = 'census'
+  request.metadata_field.append('signature_def')
+  reply = predictions.GetModelMetadata(request, 60)
+  signatures = get_model_metadata_pb2.SignatureDefMap()
+  assert reply.metadata['signature_def'].Unpack(signatures)
+  for name, signature in census['model'].signatures.items():
+    assert sorted(signatures.signature_def[name].inputs) == sorted(
+        signature.structured_input_signature[1])
+    assert sorted(signatures.signature_def[name].outputs) == sorted(signature.structured_outputs)
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = 'census'
+  (version,) = models.GetModelStatus(status, 60).model_version_status
+  assert (version.version, version.state, version.status.error_code) == (
+      int(census['version']), get_model_status_pb2.ModelVersionStatus.AVAILABLE, 0)
+
+
+def test_grpc_bad_requests_get_tf_serving_codes(census):
+  import grpc
+  from tensorflow_serving.apis import get_model_metadata_pb2, regression_pb2
+  predictions, models = _stubs(census['server'])
+  examples = _examples(census, census['rows'][:2])
+  wrong_input = _predict_request(examples)
+  wrong_input.inputs['other'].CopyFrom(tf.make_tensor_proto([1.0]))
+  wrong_type = _predict_request(examples)
+  wrong_type.inputs['examples'].CopyFrom(tf.make_tensor_proto([1.0, 2.0]))
+  unknown_output = _predict_request(examples)
+  unknown_output.output_filter.append('logits')
+  regress = regression_pb2.RegressionRequest()
+  regress.model_spec.name = 'census'
+  regress.input.example_list.examples.extend(tf.train.Example.FromString(e) for e in examples)
+  metadata = get_model_metadata_pb2.GetModelMetadataRequest()
+  metadata.model_spec.name = 'census'
+  metadata.metadata_field.append('graph_def')
+  cases = [
+      (predictions.Predict, _predict_request(examples, name='other'), 'NOT_FOUND',
+       'Servable not found for request: Latest(other)'),
+      (predictions.Predict, _predict_request(examples, version=99), 'NOT_FOUND',
+       'Servable not found for request: Specific(census, 99)'),
+      (predictions.Predict, _predict_request(examples, signature='nope'), 'INVALID_ARGUMENT',
+       'Serving signature name: "nope" not found'),
+      (predictions.Predict, wrong_input, 'INVALID_ARGUMENT', 'Sent extra: {other}'),
+      (predictions.Predict, wrong_type, 'INVALID_ARGUMENT',
+       'Expects arg examples to be string but float32 is provided'),
+      (predictions.Predict, _predict_request([b'\x01junk']), 'INVALID_ARGUMENT',
+       'Could not parse example input'),
+      (predictions.Predict, unknown_output, 'INVALID_ARGUMENT',
+       'output tensor alias not found in signature: logits'),
+      (predictions.Regress, regress, 'INVALID_ARGUMENT', 'binary classifier: use Classify'),
+      (predictions.GetModelMetadata, metadata, 'INVALID_ARGUMENT',
+       "Metadata field 'graph_def' is not supported"),
+  ]
+  for method, request, code, message in cases:
+    with pytest.raises(grpc.RpcError) as caught:
+      method(request, 60)
+    assert caught.value.code() == getattr(grpc.StatusCode, code), caught.value.details()
+    assert message in caught.value.details(), caught.value.details()
+
+
+def test_grpc_50_concurrent_clients(census):
+  """50 gRPC clients at once, each with its own rows and channel: every answer is its rows'
+  in-process result; five send an Example that does not parse and alone get INVALID_ARGUMENT."""
+  import grpc
+  rows, model = census['rows'], census['model']
+  expected = model.predict(rows)
+  examples = _examples(census, rows)
+  barrier, results = threading.Barrier(50), {}
+
+  def client(i):
+    predictions, _ = _stubs(census['server'])
+    mine = [(i + j) % len(rows) for j in range(1 + i % 3)]
+    request = _predict_request([b'\x01junk'] if i % 10 == 3 else [examples[k] for k in mine])
+    barrier.wait()
+    try:
+      reply = predictions.Predict(request, 120)
+      results[i] = mine, tf.make_ndarray(reply.outputs['probabilities'])
+    except grpc.RpcError as e:
+      results[i] = mine, e.code()
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  assert len(results) == 50
+  for i, (mine, got) in results.items():
+    if i % 10 == 3:
+      assert got == grpc.StatusCode.INVALID_ARGUMENT, i
+    else:
+      np.testing.assert_allclose(got, expected['probabilities'][mine], atol=1e-6, err_msg=i)
 
 
 def test_clean_shutdown_and_batching(census):

@@ -31,6 +31,7 @@ if __name__ == '__main__':  # the command: quiet start-up, before TensorFlow is 
   from transforms import command
   command.start()
 
+from trainer import grpc_service
 from trainer.batching import Batcher
 from trainer.http_server import Server
 from trainer.served_model import ServedModel
@@ -53,6 +54,9 @@ def parse_args(argv):
   p.add_argument('--host', default='127.0.0.1',
                  help='address to listen on (default 127.0.0.1: this machine only)')
   p.add_argument('--port', type=int, default=8501, help='default 8501 (0: any free port)')
+  p.add_argument('--grpc-port', type=int, default=8500,
+                 help='TensorFlow Serving\'s gRPC API (PredictionService, ModelService) on this '
+                      'port of --host (default 8500; 0: any free port; -1: none)')
   p.add_argument('--max-body-bytes', type=int, default=64 << 20,
                  help='larger request bodies are refused with 413 (default 64 MiB)')
   p.add_argument('--max-batch-size', type=int, default=256,
@@ -63,6 +67,8 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if not 0 <= args.port <= 65535:
     p.error(f'--port {args.port}: must be 0..65535')
+  if not -1 <= args.grpc_port <= 65535:
+    p.error(f'--grpc-port {args.grpc_port}: must be 0..65535, or -1 for none')
   for flag in ('max_body_bytes', 'max_batch_size'):
     if getattr(args, flag) < 1:
       p.error(f'--{flag.replace("_", "-")} must be at least 1')
@@ -85,16 +91,32 @@ def serve(args, stop):
     server.server_close()
     raise
   batcher = Batcher(served, args.max_batch_size, args.batch_timeout_ms / 1000)
+  grpc_server = None
+  if args.grpc_port >= 0:
+    try:
+      grpc_server, grpc_port = grpc_service.make_server(args.host, args.grpc_port, served,
+                                                        batcher)
+    except OSError as e:
+      batcher.stop()
+      server.server_close()
+      raise UserError(f'--host {args.host} --grpc-port {args.grpc_port}: cannot listen there '
+                      f'({e}); choose another port, or --grpc-port -1 for none') from None
   server.served, server.batcher = served, batcher
   thread = threading.Thread(target=server.serve_forever, name='http', daemon=True)
   thread.start()
   print(f'serving {served.name} version {served.version} on {server.url()}', flush=True)
+  if grpc_server is not None:
+    print(f'gRPC: serving {served.name} version {served.version} on {args.host}:{grpc_port} '
+          '(TensorFlow Serving\'s PredictionService and ModelService)', flush=True)
   while not stop.wait(1.0):
     pass
   server.shutdown()  # no new connections; requests in progress finish (10 s at most)
+  stopped = grpc_server.stop(grace=10) if grpc_server is not None else None
   deadline = time.monotonic() + 10
   while server.active and time.monotonic() < deadline:
     time.sleep(0.01)
+  if stopped is not None:
+    stopped.wait(max(0.0, deadline - time.monotonic()))
   batcher.stop()
   server.server_close()
   print(f'stopped serving {served.name}: {batcher.requests} predict requests in {batcher.calls} '

@@ -17,17 +17,22 @@ from trainer.rest_codec import ApiError
 from transforms.errors import UserError
 
 
-def signature_metadata(version_dir):
-  """The SignatureDefs of the SavedModel's serving graph as TensorFlow Serving prints them (proto
-  field names, enum names, int64 as strings, fields at their defaults included)."""
+def signature_defs(version_dir):
+  """{name: SignatureDef} of the SavedModel's serving graph, sorted by name."""
   proto = saved_model_pb2.SavedModel()
   with tf.io.gfile.GFile(os.path.join(version_dir, 'saved_model.pb'), 'rb') as f:
     proto.ParseFromString(f.read())
   graph = next((g for g in proto.meta_graphs if 'serve' in g.meta_info_def.tags),
                proto.meta_graphs[0])
+  return dict(sorted(graph.signature_def.items()))
+
+
+def signature_metadata(version_dir):
+  """The SignatureDefs of the SavedModel's serving graph as TensorFlow Serving prints them (proto
+  field names, enum names, int64 as strings, fields at their defaults included)."""
   return {name: json_format.MessageToDict(sig, always_print_fields_with_no_presence=True,
                                           preserving_proto_field_name=True)
-          for name, sig in sorted(graph.signature_def.items())}
+          for name, sig in signature_defs(version_dir).items()}
 
 
 class ServedModel:
@@ -41,6 +46,7 @@ class ServedModel:
       raise UserError(f'--model {model_dir}: give the model\'s base directory, the one '
                       'that holds numbered version directories (1/, 2/, ...)')
     self.version = str(int(version))
+    self.path = path
     base = os.path.dirname(os.path.normpath(path))
     self.name = name or os.path.basename(base)
     self.model = serving.Model(path)
