@@ -8,11 +8,13 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -487,6 +489,85 @@ def test_grpc_50_concurrent_clients(census):
       assert got == grpc.StatusCode.INVALID_ARGUMENT, i
     else:
       np.testing.assert_allclose(got, expected['probabilities'][mine], atol=1e-6, err_msg=i)
+
+
+def test_live_model_updates_drop_no_request(census, trained, tmp_path):
+  """A client loop (REST and gRPC) keeps sending while a new version lands (written under a
+  staging name and renamed, as the export does) and then a broken one: the server swaps to the
+  new one, reports and skips the broken one, and no request fails."""
+  import grpc
+  from tensorflow_serving.apis import get_model_status_pb2
+  base = tmp_path / 'census'
+  shutil.copytree(trained['path'], base / '1')
+  server = ServerProcess(['--model', base, '--file-system-poll-wait-seconds', '0.2'],
+                         tmp_path / 'live.log')
+  rows = census['rows']
+  expected = census['model'].predict(rows)['probabilities']
+  examples = _examples(census, rows)
+  stop, failures, answered = threading.Event(), [], []
+
+  def rest_client():
+    while not stop.is_set():
+      code, reply = call(f'{server.url}/v1/models/census:predict', {'instances': rows[:5]})
+      got = [p['probabilities'] for p in reply.get('predictions', [])]
+      if code != 200 or not np.allclose(got, expected[:5], atol=1e-6):
+        failures.append((code, reply))
+      else:
+        answered.append('rest')
+
+  def grpc_client():
+    predictions, _ = _stubs(server)
+    while not stop.is_set():
+      try:
+        reply = predictions.Predict(_predict_request(examples[:5]), 60)
+      except grpc.RpcError as e:
+        failures.append(e.details())
+        continue
+      if not np.allclose(tf.make_ndarray(reply.outputs['probabilities']), expected[:5],
+                         atol=1e-6):
+        failures.append(reply)
+      else:
+        answered.append(reply.model_spec.version.value)
+
+  def version():
+    return call(f'{server.url}/v1/models/census')[1]['model_version_status'][0]['version']
+
+  def wait_for(check, what):
+    deadline = time.monotonic() + 90
+    while not check():
+      assert time.monotonic() < deadline, (what, open(tmp_path / 'live.log').read()[-2000:])
+      time.sleep(0.1)
+
+  clients = [threading.Thread(target=f) for f in (rest_client, rest_client, grpc_client)]
+  try:
+    assert version() == '1'
+    for t in clients:
+      t.start()
+    wait_for(lambda: len(answered) > 20, 'requests answered by version 1')
+    shutil.copytree(base / '1', base / '.tmp-2-export')
+    os.rename(base / '.tmp-2-export', base / '2')
+    wait_for(lambda: version() == '2', 'version 2 served')
+    wait_for(lambda: answered.count(2) > 5, 'gRPC requests answered by version 2')
+    (base / '3').mkdir()
+    (base / '3' / 'saved_model.pb').write_bytes(b'not a SavedModel')
+    wait_for(lambda: 'version 3 of census cannot be loaded' in open(tmp_path / 'live.log').read(),
+             'the broken version reported')
+    settled = len(answered)
+    wait_for(lambda: len(answered) > settled + 20, 'requests answered after the broken version')
+    assert version() == '2'
+  finally:
+    stop.set()
+    for t in clients:
+      if t.ident:  # started
+        t.join(60)
+  assert not failures, failures[:3]
+  assert {1, 2} <= set(answered)
+  _, models = _stubs(server)
+  status = get_model_status_pb2.GetModelStatusRequest()
+  status.model_spec.name = 'census'
+  assert [v.version for v in models.GetModelStatus(status, 60).model_version_status] == [2]
+  out = server.stop()
+  assert 'now serving census version 2 (was version 1)' in out
 
 
 def test_clean_shutdown_and_batching(census):

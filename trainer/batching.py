@@ -19,12 +19,17 @@ from trainer.rest_codec import ApiError
 class _Item:
   """A decoded request in the queue: its thread waits on `future` for its rows of the outputs."""
 
-  __slots__ = ('signature', 'inputs', 'rows', 'future', 'arrived')
+  __slots__ = ('served', 'signature', 'inputs', 'rows', 'future', 'arrived')
 
-  def __init__(self, signature, inputs, rows):
-    self.signature, self.inputs, self.rows = signature, inputs, rows
+  def __init__(self, served, signature, inputs, rows):
+    self.served, self.signature, self.inputs, self.rows = served, signature, inputs, rows
     self.future = concurrent.futures.Future()
     self.arrived = time.monotonic()
+
+
+def _joins(item, first):
+  """Whether `item` may run in one model call with `first`: the same version and signature."""
+  return item.served is first.served and item.signature == first.signature
 
 
 class Batcher:
@@ -47,9 +52,12 @@ class Batcher:
       self._arriving += delta
       self._cond.notify_all()
 
-  def submit(self, signature, inputs, rows):
-    """Queues a decoded request (it no longer counts as arriving) and waits for its outputs."""
-    item = _Item(signature, inputs, rows)
+  def submit(self, signature, inputs, rows, served=None):
+    """Queues a decoded request (it no longer counts as arriving) and waits for its outputs.
+    `served`: the model version it was decoded for (default: the one the Batcher was made
+    with); only requests of one version run together, so a request that arrived before a new
+    version was swapped in is answered by the version it was read for."""
+    item = _Item(served or self._served, signature, inputs, rows)
     with self._cond:
       self._arriving -= 1
       if self._stopping:
@@ -76,14 +84,14 @@ class Batcher:
       if first.rows is not None:  # a request without rows runs alone: nothing to wait for
         deadline = first.arrived + self._timeout
         while self._arriving > 0 and not self._stopping:
-          queued = sum(i.rows for i in self._queue if i.signature == first.signature and i.rows)
+          queued = sum(i.rows for i in self._queue if _joins(i, first) and i.rows)
           left = deadline - time.monotonic()
           if queued >= self._max_rows or left <= 0:
             break
           self._cond.wait(left)
       batch, rows = [], 0
       for item in list(self._queue):
-        if item is first or (item.signature == first.signature and item.rows is not None and
+        if item is first or (_joins(item, first) and item.rows is not None and
                              first.rows is not None and rows + item.rows <= self._max_rows):
           batch.append(item)
           rows += item.rows or 0
@@ -105,7 +113,7 @@ class Batcher:
   def _run_one(self, item):
     self.calls += 1
     try:
-      item.future.set_result(self._served.call(item.signature, item.inputs))
+      item.future.set_result(item.served.call(item.signature, item.inputs))
     except Exception as e:
       item.future.set_exception(e)
 
@@ -115,7 +123,7 @@ class Batcher:
     try:
       merged = {n: np.concatenate([i.inputs[n] for i in batch]) for n in batch[0].inputs}
       self.calls += 1
-      outputs = self._served.call(batch[0].signature, merged)
+      outputs = batch[0].served.call(batch[0].signature, merged)
     except (ApiError, ValueError):  # one request's data fails the merged call: answer each alone
       for item in batch:
         self._run_one(item)

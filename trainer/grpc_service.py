@@ -88,16 +88,20 @@ class Services(prediction_service_pb2_grpc.PredictionServiceServicer,
                model_service_pb2_grpc.ModelServiceServicer):
   """Both services over one ServedModel and its Batcher."""
 
-  def __init__(self, served, batcher):
-    self._served, self._batcher = served, batcher
-    self._local = threading.local()  # per call: whether it reached the batcher's queue
+  def __init__(self, current, batcher):
+    self._current, self._batcher = current, batcher  # served_model.Current: the version served
+    self._local = threading.local()  # per call: the version it sees, whether it was queued
+
+  @property
+  def _served(self):
+    return self._local.served
 
   # ---- the calls ------------------------------------------------------------------------------
 
   def _run(self, signature, inputs, rows):
     self._local.queued = True  # submit() counts it as arriving no more
     try:
-      return self._batcher.submit(signature, inputs, rows)
+      return self._batcher.submit(signature, inputs, rows, self._served)
     except ApiError as e:
       raise _Abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), str(e)) from None
 
@@ -105,6 +109,7 @@ class Services(prediction_service_pb2_grpc.PredictionServiceServicer,
     """The reply of `work`, or the call aborted with its status. A call that runs the model
     counts as arriving from its start, so that the batcher waits for it while it is decoded
     (as the REST endpoint does while a body is read)."""
+    self._local.served = self._current.served  # once: the whole call sees one version
     if runs_model:
       self._batcher.arriving(+1)
       self._local.queued = False
@@ -256,12 +261,12 @@ class Services(prediction_service_pb2_grpc.PredictionServiceServicer,
     return response
 
 
-def make_server(host, port, served, batcher, threads=64):
+def make_server(host, port, current, batcher, threads=64):
   """A started gRPC server of both services on host:port (0: any free port); returns (server,
   the port it listens on). An address it cannot bind is an OSError."""
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=threads,
                                                              thread_name_prefix='grpc'))
-  services = Services(served, batcher)
+  services = Services(current, batcher)
   prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(services, server)
   model_service_pb2_grpc.add_ModelServiceServicer_to_server(services, server)
   try:

@@ -81,7 +81,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     self._reply(status, reply)
 
   def _route(self):
-    served = self.server.served
+    served = self.server.current.served  # once: the whole request sees one version
     path = self.path.split('?', 1)[0]
     match = _PATH.fullmatch(path)
     if not match:
@@ -119,7 +119,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         raise ApiError(400, f'JSON Parse error: {e}') from None
       signature, inputs, rows, fmt = parse_request(served, request)
       queued = True
-      return format_outputs(batcher.submit(signature, inputs, rows), fmt)
+      return format_outputs(batcher.submit(signature, inputs, rows, served), fmt)
     finally:
       if not queued:
         batcher.arriving(-1)
@@ -184,7 +184,9 @@ class Server(http.server.ThreadingHTTPServer):
     if ':' in address[0]:
       self.address_family = socket.AF_INET6
     super().__init__(address, Handler)
-    self.served = self.batcher = None  # set once the model is loaded, before serve_forever
+    # Set once the model is loaded, before serve_forever: the served_model.Current holding the
+    # version served (swapped by the model watcher), and the Batcher.
+    self.current = self.batcher = None
     self.max_body_bytes, self.verbose = max_body_bytes, verbose
     self.active, self.active_lock = 0, threading.Lock()
 

@@ -5,7 +5,9 @@
       http://127.0.0.1:8501/v1/models/census:predict
 
 --model is the model's base directory (TensorFlow Serving's --model_base_path): its newest
-numbered version is served under the directory's name. Clients written for TensorFlow Serving work
+numbered version is served under the directory's name, and a newer one is swapped in as it lands
+(trainer.model_watcher). TensorFlow Serving's gRPC API is served too, on --grpc-port
+(trainer.grpc_service). Clients written for TensorFlow Serving work
 unchanged: GET /v1/models/NAME[/versions/V] (status), GET .../metadata (signatures), POST
 /v1/models/NAME[/versions/V]:predict with "instances" (rows) or "inputs" (columns), binary values
 as {"b64": ...}, errors as {"error": "..."}. Beyond TensorFlow Serving, objects of raw feature
@@ -18,7 +20,8 @@ back. Needs TensorFlow alone, like trainer.serving.
 
 The parts, one concern each: trainer.served_model (the model directory's newest version and its
 signatures), trainer.rest_codec (TF Serving's JSON <-> the signatures' arrays), trainer.batching
-(concurrent requests merged into model calls) and trainer.http_server (the routes); this module is
+(concurrent requests merged into model calls), trainer.http_server (the routes),
+trainer.grpc_service (the gRPC services) and trainer.model_watcher (new versions); this module is
 the command that puts them together.
 """
 
@@ -34,7 +37,8 @@ if __name__ == '__main__':  # the command: quiet start-up, before TensorFlow is 
 from trainer import grpc_service
 from trainer.batching import Batcher
 from trainer.http_server import Server
-from trainer.served_model import ServedModel
+from trainer.model_watcher import Watcher
+from trainer.served_model import Current, ServedModel
 from transforms import command
 from transforms.errors import UserError
 
@@ -57,6 +61,10 @@ def parse_args(argv):
   p.add_argument('--grpc-port', type=int, default=8500,
                  help='TensorFlow Serving\'s gRPC API (PredictionService, ModelService) on this '
                       'port of --host (default 8500; 0: any free port; -1: none)')
+  p.add_argument('--file-system-poll-wait-seconds', type=float, default=2.0,
+                 help='how often --model is looked at for a new version, which is loaded and '
+                      'swapped in without dropping requests (default 2; 0: never, as '
+                      'TensorFlow Serving\'s --file_system_poll_wait_seconds)')
   p.add_argument('--max-body-bytes', type=int, default=64 << 20,
                  help='larger request bodies are refused with 413 (default 64 MiB)')
   p.add_argument('--max-batch-size', type=int, default=256,
@@ -72,6 +80,8 @@ def parse_args(argv):
   for flag in ('max_body_bytes', 'max_batch_size'):
     if getattr(args, flag) < 1:
       p.error(f'--{flag.replace("_", "-")} must be at least 1')
+  if args.file_system_poll_wait_seconds < 0:
+    p.error('--file-system-poll-wait-seconds must be 0 or more')
   if args.batch_timeout_ms < 0:
     p.error('--batch-timeout-ms must be 0 or more')
   return args
@@ -91,25 +101,28 @@ def serve(args, stop):
     server.server_close()
     raise
   batcher = Batcher(served, args.max_batch_size, args.batch_timeout_ms / 1000)
+  current = Current(served)
   grpc_server = None
   if args.grpc_port >= 0:
     try:
-      grpc_server, grpc_port = grpc_service.make_server(args.host, args.grpc_port, served,
+      grpc_server, grpc_port = grpc_service.make_server(args.host, args.grpc_port, current,
                                                         batcher)
     except OSError as e:
       batcher.stop()
       server.server_close()
       raise UserError(f'--host {args.host} --grpc-port {args.grpc_port}: cannot listen there '
                       f'({e}); choose another port, or --grpc-port -1 for none') from None
-  server.served, server.batcher = served, batcher
+  server.current, server.batcher = current, batcher
   thread = threading.Thread(target=server.serve_forever, name='http', daemon=True)
   thread.start()
   print(f'serving {served.name} version {served.version} on {server.url()}', flush=True)
   if grpc_server is not None:
     print(f'gRPC: serving {served.name} version {served.version} on {args.host}:{grpc_port} '
           '(TensorFlow Serving\'s PredictionService and ModelService)', flush=True)
+  watcher = Watcher(args.model, current, args.file_system_poll_wait_seconds).start()
   while not stop.wait(1.0):
     pass
+  watcher.stop()
   server.shutdown()  # no new connections; requests in progress finish (10 s at most)
   stopped = grpc_server.stop(grace=10) if grpc_server is not None else None
   deadline = time.monotonic() + 10
@@ -119,8 +132,8 @@ def serve(args, stop):
     stopped.wait(max(0.0, deadline - time.monotonic()))
   batcher.stop()
   server.server_close()
-  print(f'stopped serving {served.name}: {batcher.requests} predict requests in {batcher.calls} '
-        'model calls', flush=True)
+  print(f'stopped serving {current.served.name}: {batcher.requests} predict requests in '
+        f'{batcher.calls} model calls', flush=True)
 
 
 def run(argv):

@@ -67,3 +67,11 @@ class ServedModel:
     except tf.errors.OpError as e:
       raise ApiError(500, serving.tf_error_detail(e)) from None
     return {k: serving.to_numpy(v) for k, v in outputs.items()}
+
+
+class Current:
+  """The ServedModel being served. The model watcher swaps it whole; a request reads it once, so
+  the version that decoded a request is the one that answers it."""
+
+  def __init__(self, served):
+    self.served = served
