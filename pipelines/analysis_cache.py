@@ -35,6 +35,7 @@ import json
 import logging
 import pickle
 import platform
+import re
 import uuid
 from typing import Dict, FrozenSet, Optional, Tuple
 
@@ -107,8 +108,6 @@ def _canonical_graph_def(graph_def):
   the process, so the second trace of a function in one process would otherwise give another
   digest (a miss). Each name's counter becomes its rank among the functions of the same stem
   (counters grow in the order functions are made), and the library is sorted by the new names."""
-  import re
-
   from google.protobuf import text_format
   from tensorflow.core.framework import graph_pb2
   names = [f.signature.name for f in graph_def.library.function]
@@ -164,15 +163,16 @@ def _file_digests(directory):
   return result
 
 
-def _entry_pattern(directory, index):
-  """The files of one cache entry, as TF Transform's WriteAnalysisCacheToFS names them."""
-  return output_dir.join(directory, f'{index}-*-of-*')
+def _entry_files(names, index):
+  """Which of a span's files (names relative to its directory) hold one cache entry, as TF
+  Transform's WriteAnalysisCacheToFS names them (<index>-<shard>-of-<shards>[.gz])."""
+  return sorted(n for n in names if re.fullmatch(rf'{index}-\d+-of-\d+(\.gz)?', n))
 
 
 def cached_entries(directory):
-  """{cache entry key: its index} of one span's entry in DIR (TF Transform's MANIFEST), or None
-  where it is absent (a plain miss) or cannot be trusted (a miss with a warning: incomplete,
-  corrupt, another format)."""
+  """{cache entry key: the paths of its files} of one span's entry in DIR (TF Transform's
+  MANIFEST names the entries), or None where it is absent (a plain miss) or cannot be trusted
+  (a miss with a warning: incomplete, corrupt, another format)."""
   checksums = output_dir.join(directory, CHECKSUMS)
   if not FileSystems.exists(checksums):
     if output_dir.entry_exists(directory):
@@ -190,10 +190,13 @@ def cached_entries(directory):
     manifest = pickle.loads(_read(output_dir.join(directory, _TFT_MANIFEST)))
     if not isinstance(manifest, dict) or not all(isinstance(i, int) for i in manifest.values()):
       raise ValueError(f'{_TFT_MANIFEST} is not a dict of entry indices')
-    for index in set(manifest.values()):
-      if not FileSystems.match([_entry_pattern(directory, index)])[0].metadata_list:
+    result = {}
+    for entry, index in manifest.items():
+      files = _entry_files(found, index)
+      if not files:
         raise ValueError(f'entry {index} of its {_TFT_MANIFEST} has no file')
-    return dict(manifest)
+      result[entry] = [output_dir.join(directory, name) for name in files]
+    return result
   except Exception as e:  # whatever is wrong with it, the span is analyzed again
     _LOG.warning('analysis cache: %s cannot be used (%s: %s); its span is analyzed again',
                  directory, type(e).__name__, output_dir.error_cause(e, limit=200))
@@ -206,7 +209,7 @@ class Plan:
   directory: str
   spans: Tuple[Span, ...]
   keys: Dict[str, object]  # span name -> its DatasetKey
-  cached: Dict[str, Dict[bytes, int]]  # span name -> {cache entry key: index}, spans in DIR
+  cached: Dict[str, Dict[bytes, list]]  # span name -> {cache entry key: its files}, in DIR
   to_read: FrozenSet[str]  # the spans the analysis reads
   staging: str  # where TF Transform writes the new entries
 
@@ -277,18 +280,15 @@ def read_cache(pipeline, p: Plan):
   TF Transform's ReadAnalysisCacheFromFS reads each entry of each span with a Beam source of its
   own (and each span's metadata, which only its telemetry uses): 10 spans of a 20-analyzer
   function were 660 transforms and as many stages' fixed costs. Here one Beam read
-  (ReadAllFromTFRecord, gzip as TF Transform writes them) takes every entry's files, named by
-  TF Transform's MANIFEST, and one DoFn puts each record on its entry's tagged output."""
+  (ReadAllFromTFRecord, gzip as TF Transform writes them) takes every entry's files, as the
+  plan found and checked them, and one DoFn puts each record on its entry's tagged output."""
   if not p.cached:
     return {}
-  files, by_entry = {}, {}
+  files, by_entry = {}, {}  # file -> tag; (span, entry) -> tag
   for name, entries in p.cached.items():
-    directory = output_dir.join(p.directory, p.keys[name].key)
-    for entry, index in entries.items():
-      tag = f'entry{len(by_entry)}'
-      by_entry[(name, entry)] = tag
-      for found in FileSystems.match([_entry_pattern(directory, index)])[0].metadata_list:
-        files[found.path] = tag
+    for entry, paths in entries.items():
+      by_entry[(name, entry)] = tag = f'entry{len(by_entry)}'
+      files.update((path, tag) for path in paths)
   read = (pipeline
           | 'ListCachedEntries' >> beam.Create(sorted(files))
           | 'ReadCachedEntries' >> beam.io.ReadAllFromTFRecord(
