@@ -15,9 +15,6 @@ import dataclasses
 import time
 
 from apache_beam.io.filesystems import FileSystems
-from tensorflow_transform.tf_metadata import schema_utils
-from tfx_bsl.public import tfxio
-from tfx_bsl.tfxio import tensor_representation_util
 
 from pipelines import analysis_cache, flags, job, output_dir
 from pipelines.sources import image_files
@@ -86,10 +83,7 @@ def run(argv=None):
   out = output_dir.OutputDir(args.output, args.overwrite)
   out.prepare()
   label_inverse = job.save_label_inverse(out, hints.inverse_label_fn)
-  schema = schema_utils.schema_from_feature_spec(contract.raw_feature_spec)
-  adapter_config = tfxio.TensorAdapterConfig(
-      image_files.arrow_schema(),
-      tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
+  adapter_config = job.adapter_config(image_files.arrow_schema(), contract.raw_feature_spec)
 
   def source(units, split, eval_fraction, spill):
     return image_files.ReadImages(units, fmt, split, eval_fraction, args.images_per_batch,

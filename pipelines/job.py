@@ -16,6 +16,9 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
+from tensorflow_transform.tf_metadata import schema_utils
+from tfx_bsl.public import tfxio
+from tfx_bsl.tfxio import tensor_representation_util
 
 from pipelines import analysis_cache, output_dir, report, stages
 from pipelines.runner import launch, progress
@@ -25,6 +28,14 @@ from transforms import command, run_contract
 from transforms.errors import InternalError, UserError
 
 _LOG = logging.getLogger('pipelines')
+
+
+def adapter_config(arrow_schema, feature_spec):
+  """The TFXIO TensorAdapterConfig of raw RecordBatches in `arrow_schema`, whose tensors TF
+  Transform reads as `feature_spec` says (tfx_bsl infers them from its schema)."""
+  schema = schema_utils.schema_from_feature_spec(feature_spec)
+  return tfxio.TensorAdapterConfig(
+      arrow_schema, tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
 
 
 def plan_splits(args, input_bytes):

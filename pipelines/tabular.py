@@ -15,10 +15,6 @@ import logging
 import time
 import typing
 
-from tensorflow_transform.tf_metadata import schema_utils
-from tfx_bsl.public import tfxio
-from tfx_bsl.tfxio import tensor_representation_util
-
 from pipelines import analysis_cache, flags, job, output_dir
 from pipelines.sources import csv_files, csv_layout, csv_rows
 from transforms import command, run_contract
@@ -91,10 +87,7 @@ def inspect_inputs(args):
   units, input_bytes = {}, {}
   for split, files in matched.items():
     units[split], input_bytes[split] = inspect_files(files, fmt, f'--{split}')
-  schema = schema_utils.schema_from_feature_spec(contract.schema_feature_spec)
-  adapter_config = tfxio.TensorAdapterConfig(
-      csv_rows.arrow_schema(fmt),
-      tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
+  adapter_config = job.adapter_config(csv_rows.arrow_schema(fmt), contract.schema_feature_spec)
   cache = None
   if args.analysis_cache:  # what the rows analyzed depend on, besides the files and the graph
     cache = analysis_cache.request(

@@ -24,9 +24,6 @@ import time
 
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
-from tensorflow_transform.tf_metadata import schema_utils
-from tfx_bsl.public import tfxio
-from tfx_bsl.tfxio import tensor_representation_util
 
 from pipelines import flags, job, output_dir, report, stages
 from pipelines.report import write as report_write
@@ -71,13 +68,9 @@ def parse_args(argv):
 
 def _adapter_config(arrow_schema, manifest):
   """The TFXIO adapter of the raw inputs as the earlier run had it: its raw columns, without the
-  defaults its reader filled in (transforms.contract.Contract.schema_feature_spec)."""
-  import tensorflow as tf
-  spec = {name: tf.io.FixedLenFeature(s.shape, s.dtype) if isinstance(s, tf.io.FixedLenFeature)
-          else s for name, s in manifest.raw_feature_spec().items()}
-  schema = schema_utils.schema_from_feature_spec(spec)
-  return tfxio.TensorAdapterConfig(
-      arrow_schema, tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
+  defaults its reader filled in, as a run's contract gives them to TF Transform."""
+  return job.adapter_config(arrow_schema,
+                            contract_lib.without_defaults(manifest.raw_feature_spec()))
 
 
 def _tabular_source(args, manifest):

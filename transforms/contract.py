@@ -63,13 +63,16 @@ class Contract:
 
   @property
   def schema_feature_spec(self):
-    """The spec TFT sees: defaults removed, because they are filled while reading (TFT's schema
-    has no place for a FixedLenFeature default)."""
-    return {
-        name: (tf.io.FixedLenFeature(spec.shape, spec.dtype)
-               if isinstance(spec, tf.io.FixedLenFeature) else spec)
-        for name, spec in self.raw_feature_spec.items()
-    }
+    """The spec TFT sees (without_defaults of the raw feature spec)."""
+    return without_defaults(self.raw_feature_spec)
+
+
+def without_defaults(feature_spec):
+  """A raw feature spec as TFT sees it: defaults removed, because they are filled while reading
+  (TFT's schema has no place for a FixedLenFeature default)."""
+  return {name: (tf.io.FixedLenFeature(spec.shape, spec.dtype)
+                 if isinstance(spec, tf.io.FixedLenFeature) else spec)
+          for name, spec in feature_spec.items()}
 
 
 def _plain_default(value):
