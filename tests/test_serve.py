@@ -77,6 +77,15 @@ class ServerProcess:
       self.proc.communicate()
 
 
+def run_clients(client, n):
+  """client(i) for i in 0..n-1, each in a thread of its own, all started before any is joined."""
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+
+
 def call(url, body=None, method=None, headers=None):
   """-> (HTTP status, decoded JSON reply); body: an object sent as JSON, or bytes as they are."""
   data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -297,11 +306,7 @@ def test_50_concurrent_clients(census):
     barrier.wait()
     results[i] = mine, call(url, body)
 
-  threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(120)
+  run_clients(client, 50)
   assert len(results) == 50
   for i, (mine, (code, reply)) in results.items():
     if i % 10 == 3:
@@ -478,11 +483,7 @@ def test_grpc_50_concurrent_clients(census):
     except grpc.RpcError as e:
       results[i] = mine, e.code()
 
-  threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(120)
+  run_clients(client, 50)
   assert len(results) == 50
   for i, (mine, got) in results.items():
     if i % 10 == 3:
