@@ -24,7 +24,7 @@ import uuid
 import tensorflow as tf
 
 from trainer import features as features_lib
-from trainer import heads, serving
+from trainer import heads, serving, tflite_graph
 
 
 def class_names(manifest, tft_output, task):
@@ -67,6 +67,10 @@ class ServingModule(tf.Module):
   def _read_like_pipeline(self, raw):
     """The pipeline's cell rules at serving: strings trimmed; '' and NA values are missing
     (dropped from VarLen features, the default of FixedLen ones)."""
+    with tf.name_scope(tflite_graph.CELL_RULES_SCOPE):  # its trims are left out of TFLite
+      return self._cleaned(raw)
+
+  def _cleaned(self, raw):
     na = tf.constant([''] + self._na_values)
     cleaned = {}
     for name, spec in self._raw_spec.items():
