@@ -60,7 +60,8 @@ def _saved_model_outputs(version_dir, columns):
 def census_tflite(trained, tmp_path_factory):
   base = tmp_path_factory.mktemp('tflite') / 'census'
   shutil.copytree(trained['path'], base / '1')
-  path, size, replaced = export_tflite.run(['--model', str(base)])
+  path, size, signature, replaced = export_tflite.run(['--model', str(base)])
+  assert signature == 'predict_raw'
   return {'version': str(base / '1'), 'path': path, 'size': size, 'replaced': replaced,
           'test_csv': trained['test_csv']}
 
@@ -126,7 +127,7 @@ def test_rewrites_match_tensorflow(tmp_path):
   module = _Strings(str(vocabulary))
   saved = str(tmp_path / 'saved')
   tf.saved_model.save(module, saved, signatures={'predict_raw': module.predict_raw})
-  content, replaced = export_tflite.convert(saved)
+  content, _, replaced = export_tflite.convert(saved)
   assert replaced['InitializeTableFromTextFileV2'] == 1
   runner = _interpreter(content=content).get_signature_runner('predict_raw')
   cases = [
@@ -142,6 +143,42 @@ def test_rewrites_match_tensorflow(tmp_path):
     got = runner(**raw)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key], err_msg=f'{key} on {strings}')
+
+
+def test_image_model_tflite_takes_pixels(tmp_path):
+  """An image model's TFLite model takes the decoded pixels (TFLite cannot decode): given PIL's
+  decoding of the eval PNGs it answers what the SavedModel answers to the PNG bytes."""
+  from PIL import Image
+
+  from pipelines import images
+  from trainer import task
+  sample = REPO / 'data' / 'fashion_mnist' / 'sample'
+  train = tmp_path / 'train'
+  for folder in sorted((sample / 'train').iterdir()):
+    (train / folder.name).mkdir(parents=True)
+    for png in sorted(folder.glob('*.png'))[:12]:
+      shutil.copy(png, train / folder.name / png.name)
+  images.run(['--train', str(train), '--eval', str(sample / 'test'), '--output',
+              str(tmp_path / 'out')])
+  version, _, _ = task.run(['--transformed', str(tmp_path / 'out'), '--model-dir',
+                            str(tmp_path / 'models'), '--model-name', 'fm', '--max-steps', '10',
+                            '--batch-size', '32'])
+  path, size, signature, _ = export_tflite.run(['--model', version])
+  assert signature == 'predict_pixels' and path == os.path.join(version, 'model.tflite')
+  print(f'image model.tflite: {size:,} bytes')
+  pngs = sorted(sample.glob('test/*/*.png'))
+  assert len(pngs) == 200
+  encoded = [p.read_bytes() for p in pngs]
+  pixels = np.stack([np.asarray(Image.open(p), dtype=np.uint8)[..., None] for p in pngs])
+  want = tf.saved_model.load(version).signatures['predict_images'](
+      image_bytes=tf.constant(encoded))
+  runner = _interpreter(path).get_signature_runner('predict_pixels')
+  got = runner(pixels=pixels)
+  assert np.abs(got['probabilities'] - want['probabilities'].numpy()).max() <= 1e-4
+  np.testing.assert_array_equal(got['class_ids'], want['class_ids'].numpy())
+  np.testing.assert_array_equal(got['classes'], want['classes'].numpy())
+  one = runner(pixels=pixels[:1])
+  np.testing.assert_allclose(one['probabilities'], want['probabilities'].numpy()[:1], atol=1e-4)
 
 
 def test_ops_without_builtins_are_refused_in_one_line(tmp_path):

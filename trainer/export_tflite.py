@@ -5,6 +5,8 @@
 
 Writes VERSION/model.tflite: one signature, `predict_raw`, with the SavedModel's inputs (one
 tensor per raw feature, [batch]) and outputs (probabilities, class_ids, classes; or predictions).
+An image model's signature is `predict_pixels` instead: decoded pixels [batch, H, W, C] uint8 at
+the model's size in (TFLite cannot decode an image; trainer/tflite_pixels.py), the same outputs.
 The vocabularies are inside as TFLite hash tables, the analyzers' results as constants. A phone's
 app needs the plain TFLite interpreter (or LiteRT), no Flex delegate: a model that would need
 TensorFlow ops TFLite has no built-in for is refused, and the refusal names them.
@@ -21,6 +23,7 @@ if __name__ == '__main__':  # the command: quiet start-up, before TensorFlow loa
   command.start()
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -29,7 +32,7 @@ import uuid
 
 import tensorflow as tf
 
-from trainer import serving, tflite_graph, tflite_strings
+from trainer import serving, tflite_graph, tflite_pixels, tflite_strings
 from transforms import command
 from transforms.errors import UserError
 
@@ -71,15 +74,32 @@ def _converter_output_kept(verbose):
       os.close(saved)
 
 
+def image_key(version_dir):
+  """The encoded-image input of an image model (it has a predict_images signature), or None."""
+  path = os.path.join(version_dir, 'assets.extra', 'raw_format.json')
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    binary = json.load(f).get('binary') or []
+  return binary[0] if len(binary) == 1 else None
+
+
 def convert(version_dir, verbose=False):
-  """The .tflite bytes of `version_dir`'s predict_raw, and what was rewritten ({op: count})."""
+  """The .tflite bytes of `version_dir`, its signature's name, and what was rewritten."""
+  key = image_key(version_dir)
   with tempfile.TemporaryDirectory(prefix='tflite-') as scratch:
     rewritten = os.path.join(scratch, 'saved_model')
     try:
-      replaced = tflite_graph.rewrite_saved_model(version_dir, rewritten, SIGNATURE)
-    except (tflite_graph.Refused, tflite_strings.Unsupported) as e:
+      if key is not None:
+        spec = tflite_pixels.write_pixel_model(version_dir, key, rewritten)
+        signature = tflite_pixels.SIGNATURE
+        replaced = {f'the decode of {key!r} (pixels {spec.shape} {spec.dtype.name} in)': 1}
+      else:
+        replaced = tflite_graph.rewrite_saved_model(version_dir, rewritten, SIGNATURE)
+        signature = SIGNATURE
+    except (tflite_graph.Refused, tflite_strings.Unsupported, tflite_pixels.Unsupported) as e:
       raise UserError(f'{version_dir} cannot run on TFLite built-in ops: {e}') from None
-    converter = tf.lite.TFLiteConverter.from_saved_model(rewritten, signature_keys=[SIGNATURE])
+    converter = tf.lite.TFLiteConverter.from_saved_model(rewritten, signature_keys=[signature])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
       with _converter_output_kept(verbose):
@@ -93,7 +113,7 @@ def convert(version_dir, verbose=False):
           f'{version_dir} cannot run on TFLite built-in ops: it needs the TensorFlow op(s) '
           f'{ops}, which TFLite has only through the Flex delegate (see README, TFLite)'
       ) from None
-  return content, replaced
+  return content, signature, replaced
 
 
 def write(content, version_dir):
@@ -114,15 +134,16 @@ def run(argv=None):
   command.add_verbose_flag(p)
   args = p.parse_args(argv)
   version_dir = serving.newest_version(args.model)
-  content, replaced = convert(version_dir, command.verbose_requested(argv))
+  content, signature, replaced = convert(version_dir, command.verbose_requested(argv))
   path = write(content, version_dir)
-  return path, len(content), replaced
+  return path, len(content), signature, replaced
 
 
 def _command(argv):
-  path, size, replaced = run(argv)
+  path, size, signature, replaced = run(argv)
   what = ', '.join(f'{op} x{n}' for op, n in sorted(replaced.items())) or 'nothing'
-  print(f'wrote {path} ({size:,} bytes, TFLite built-in ops only; rewritten for TFLite: {what})')
+  print(f'wrote {path} ({size:,} bytes, TFLite built-in ops only, signature {signature}; '
+        f'rewritten for TFLite: {what})')
 
 
 if __name__ == '__main__':

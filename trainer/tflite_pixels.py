@@ -1,0 +1,101 @@
+"""An image model's TFLite graph: decoded pixels in, the SavedModel's predictions out.
+
+TFLite has no built-in that decodes an image, and the transform graph starts by decoding the
+encoded bytes it is sent (transforms/images.py: tf.io.decode_image in a tf.map_fn, resized where
+the size differs). On a phone the app has the pixels already (a camera frame, a bitmap), so the
+TFLite model starts after the decode: its input `pixels` [batch, H, W, C] uint8, at the model's
+size, replaces the tensor where the decoded images are stacked, and the decode, the resize and
+the loop around them fall away. What comes after (scaling, the training set's mean and standard
+deviation, the model) is the SavedModel's own graph.
+
+How: the signature is frozen (variables to constants, functions inlined), its GraphDef imported
+again with the stacked images mapped to the new input, and the encoded-bytes input mapped to ''
+per image (what else reads it, its batch size, still reads that). Where the images are stacked
+is found, not assumed: the one TensorListStack downstream of a Decode* op.
+
+Freezing uses TensorFlow's convert_to_constants (tensorflow.python.framework), the module TFLite's
+own converter freezes with; it is not a public API, so it is used only on the TensorFlow versions
+this was tested with (TESTED_TF); on others an image model is refused in one line.
+"""
+
+import tensorflow as tf
+
+SIGNATURE = 'predict_pixels'
+TESTED_TF = ('2.21.',)
+_DECODES = ('DecodeImage', 'DecodePng', 'DecodeJpeg', 'DecodeBmp', 'DecodeGif',
+            'DecodeAndCropJpeg')
+
+
+class Unsupported(ValueError):
+  pass
+
+
+def _freeze(concrete):
+  if not tf.__version__.startswith(TESTED_TF):
+    raise Unsupported(f'the pixel-input export is tested with TensorFlow {TESTED_TF[0]}x only '
+                      f'(this is {tf.__version__})')
+  from tensorflow.python.framework import convert_to_constants
+  return convert_to_constants.convert_variables_to_constants_v2(concrete)
+
+
+def _decoded_stack(graph_def):
+  """The TensorListStack node downstream of a decode: where the decoded images are stacked."""
+  nodes = {n.name: n for n in graph_def.node}
+
+  def decodes_upstream(name):
+    seen, pending = set(), [name]
+    while pending:
+      node = nodes.get(pending.pop())
+      if node is None or node.name in seen:
+        continue
+      if node.op in _DECODES:
+        return True
+      seen.add(node.name)
+      pending.extend(i.lstrip('^').split(':')[0] for i in node.input)
+    return False
+
+  found = [n for n in graph_def.node if n.op == 'TensorListStack' and decodes_upstream(n.name)]
+  if len(found) != 1:
+    raise Unsupported('the graph does not decode its images in one tf.map_fn '
+                      f'({len(found)} stacks of decoded images)')
+  stack = found[0]
+  shape = nodes[stack.input[1].split(':')[0]]
+  element_shape = tf.make_ndarray(shape.attr['value'].tensor).tolist() \
+      if shape.op == 'Const' else None
+  if not element_shape or any(d is None or d < 0 for d in element_shape):
+    raise Unsupported('the decoded images have no fixed size in the graph')
+  return f'{stack.name}:0', tf.as_dtype(stack.attr['element_dtype'].type), element_shape
+
+
+def write_pixel_model(version_dir, image_key, output_dir):
+  """Writes a SavedModel with one signature, SIGNATURE(pixels), to `output_dir`; returns the
+  input's TensorSpec."""
+  loaded = tf.saved_model.load(version_dir)
+  signature = loaded.signatures['predict_raw']
+  frozen = _freeze(signature)
+  graph_def = frozen.graph.as_graph_def()
+  if any(n.op.startswith(('HashTable', 'LookupTable')) for n in graph_def.node):
+    raise Unsupported('an image model that also looks up a vocabulary (not supported yet)')
+  stack, dtype, element_shape = _decoded_stack(graph_def)
+  image_input = next(t.name for t in frozen.inputs if t.name.split(':')[0] == image_key)
+  names = sorted(signature.structured_outputs)  # frozen.outputs are in this (flattened) order
+  outputs = [t.name for t in frozen.outputs]
+  spec = tf.TensorSpec([None, *element_shape], dtype, name='pixels')
+
+  def body(pixels):
+    one_per_image = tf.fill(tf.shape(pixels)[:1], '')
+    found = tf.graph_util.import_graph_def(
+        graph_def, input_map={stack: pixels, image_input: one_per_image},
+        return_elements=outputs, name='')
+    return dict(zip(names, found))
+
+  wrapped = tf.compat.v1.wrap_function(body, [spec])
+
+  @tf.function(input_signature=[spec])
+  def predict_pixels(pixels):
+    return wrapped(pixels)
+
+  holder = tf.Module()
+  holder.wrapped = wrapped
+  tf.saved_model.save(holder, output_dir, signatures={SIGNATURE: predict_pixels})
+  return spec
