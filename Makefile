@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-small bench-cache bench-input bench-images bench-serve clean
+.PHONY: install tfjs demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-small bench-cache bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,25 @@ $(VENV)/.installed: setup.py constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# The TF.js export's tools (python -m trainer.export_tfjs, tfjs/predict.mjs): the converter
+# (tensorflowjs 4.22, which needs TensorFlow 2.19) in a venv of its own, $(TFJS_ENV), pinned by
+# tfjs/requirements.txt; the pure JavaScript runtime (@tensorflow/tfjs, no native binary) in
+# tfjs/node_modules, pinned by tfjs/package-lock.json (no install scripts run).
+TFJS_ENV ?= .tfjs-env
+
+$(TFJS_ENV)/.installed: tfjs/requirements.txt
+	rm -rf $(TFJS_ENV)
+	$(PYTHON) -m venv $(TFJS_ENV)
+	$(TFJS_ENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+	    -r tfjs/requirements.txt
+	touch $@
+
+tfjs/node_modules/.installed: tfjs/package.json tfjs/package-lock.json
+	cd tfjs && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $@
+
+tfjs: $(TFJS_ENV)/.installed tfjs/node_modules/.installed
 
 demo: install
 	$(PY) -m pipelines.tabular --transforms transforms.census \
@@ -70,8 +89,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # Two test processes (pytest-xdist), each file's tests in one of them so that a file's shared
-# runs are made once: about 11 minutes on two cores instead of 20 in one process.
-test: lint
+# runs are made once: about 11 minutes on two cores instead of 20 in one process. The TF.js
+# tests need the converter's venv and the Node runtime (`make tfjs`, once).
+test: lint tfjs
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The tabular pipeline against the tutorial pipeline, TFT's TFXIO path and a single-process

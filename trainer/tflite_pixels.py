@@ -13,29 +13,20 @@ again with the stacked images mapped to the new input, and the encoded-bytes inp
 per image (what else reads it, its batch size, still reads that). Where the images are stacked
 is found, not assumed: the one TensorListStack downstream of a Decode* op.
 
-Freezing uses TensorFlow's convert_to_constants (tensorflow.python.framework), the module TFLite's
-own converter freezes with; it is not a public API, so it is used only on the TensorFlow versions
-this was tested with (TESTED_TF); on others an image model is refused in one line.
+Freezing: trainer/freezing.py (gated on the TensorFlow versions it was tested with).
 """
 
 import tensorflow as tf
 
+from trainer import freezing
+
 SIGNATURE = 'predict_pixels'
-TESTED_TF = ('2.21.',)
 _DECODES = ('DecodeImage', 'DecodePng', 'DecodeJpeg', 'DecodeBmp', 'DecodeGif',
             'DecodeAndCropJpeg')
 
 
 class Unsupported(ValueError):
   pass
-
-
-def _freeze(concrete):
-  if not tf.__version__.startswith(TESTED_TF):
-    raise Unsupported(f'the pixel-input export is tested with TensorFlow {TESTED_TF[0]}x only '
-                      f'(this is {tf.__version__})')
-  from tensorflow.python.framework import convert_to_constants
-  return convert_to_constants.convert_variables_to_constants_v2(concrete)
 
 
 def _decoded_stack(graph_def):
@@ -70,16 +61,14 @@ def _decoded_stack(graph_def):
 def write_pixel_model(version_dir, image_key, output_dir):
   """Writes a SavedModel with one signature, SIGNATURE(pixels), to `output_dir`; returns the
   input's TensorSpec."""
-  loaded = tf.saved_model.load(version_dir)
-  signature = loaded.signatures['predict_raw']
-  frozen = _freeze(signature)
-  graph_def = frozen.graph.as_graph_def()
+  graph_def, _, output_tensors = freezing.frozen_signature(
+      tf.saved_model.load(version_dir), 'predict_raw')
   if any(n.op.startswith(('HashTable', 'LookupTable')) for n in graph_def.node):
     raise Unsupported('an image model that also looks up a vocabulary (not supported yet)')
   stack, dtype, element_shape = _decoded_stack(graph_def)
-  image_input = next(t.name for t in frozen.inputs if t.name.split(':')[0] == image_key)
-  names = sorted(signature.structured_outputs)  # frozen.outputs are in this (flattened) order
-  outputs = [t.name for t in frozen.outputs]
+  image_input = f'{image_key}:0'  # the frozen graph's placeholders are named after the inputs
+  names = sorted(output_tensors)
+  outputs = [output_tensors[n] for n in names]
   spec = tf.TensorSpec([None, *element_shape], dtype, name='pixels')
 
   def body(pixels):
