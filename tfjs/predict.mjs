@@ -8,7 +8,9 @@
 //   {"instances": [{"age": 39, "workclass": "State-gov", ...}, ...]}  -> {"predictions": [...]}
 //   {"inputs": {"age": [39, 50], "workclass": [...], ...}}            -> {"outputs": {...}}
 // Every raw feature of the model's predict_raw signature is required (a string '' is a missing
-// value, as in the SavedModel). The reply goes to stdout; a bad request or model is one line on
+// value, as in the SavedModel). An image model takes its decoded pixels instead (input `pixels`,
+// one [H, W, C] array of integers 0..255 per image, at the model's size):
+//   {"instances": [{"pixels": [[[0], [12], ...], ...]}, ...]} The reply goes to stdout; a bad request or model is one line on
 // stderr and exit status 2.
 
 import fs from 'node:fs';
@@ -75,8 +77,10 @@ function featureInputs(signature) {
   for (const [key, spec] of Object.entries(signature.inputs)) {
     if (spec.dtype === 'DT_RESOURCE') continue;
     if (!(spec.dtype in types)) throw new RequestError(`input ${key} has dtype ${spec.dtype}`);
+    // the dimensions after the batch: [] for a raw feature, [H, W, C] for an image's pixels
+    const dims = (spec.tensorShape?.dim ?? []).slice(1).map((d) => Number(d.size));
     features.push({name: key.replace(/:0$/, ''), tensor: spec.name, dtype: types[spec.dtype],
-                   original: spec.dtype});
+                   original: spec.dtype, dims});
   }
   return features.sort((a, b) => a.name.localeCompare(b.name));
 }
@@ -110,6 +114,21 @@ function checkValue(value, feature, where) {
   return value;
 }
 
+// A value of a feature with dimensions after the batch: nested arrays of exactly those sizes
+// (where the model fixes them), every element checked.
+function checkNested(value, feature, where, depth = 0) {
+  if (depth === feature.dims.length) return checkValue(value, feature, where);
+  const size = feature.dims[depth];
+  if (!Array.isArray(value) || (size > 0 && value.length !== size)) {
+    const want = feature.dims.map((d) => (d > 0 ? d : '?')).join(' x ');
+    const got = Array.isArray(value) ? `${value.length} values` : JSON.stringify(value);
+    throw new RequestError(`${where}: '${feature.name}' takes nested arrays of ${want} values ` +
+                           `(at depth ${depth + 1}: ${got} where ${size > 0 ? size : 'a list'} ` +
+                           'was expected)');
+  }
+  return value.map((v) => checkNested(v, feature, where, depth + 1));
+}
+
 // {feature name: [values]} from either request form, every feature present, checked.
 function columnsOf(request, features) {
   const known = new Set(features.map((f) => f.name));
@@ -129,7 +148,7 @@ function columnsOf(request, features) {
           throw new RequestError(`instance ${i}: no value for '${f.name}' (every raw feature is ` +
                                  'required; a string \'\' is a missing value)');
         }
-        columns[f.name].push(checkValue(row[f.name], f, `instance ${i}`));
+        columns[f.name].push(checkNested(row[f.name], f, `instance ${i}`));
       }
     });
     return columns;
@@ -146,7 +165,7 @@ function columnsOf(request, features) {
         throw new RequestError(`input '${f.name}' has ${values.length} values, others ${rows}`);
       }
       rows = values.length;
-      columns[f.name] = values.map((v, i) => checkValue(v, f, `value ${i}`));
+      columns[f.name] = values.map((v, i) => checkNested(v, f, `value ${i}`));
     }
     if (!rows) throw new RequestError('the inputs hold no values');
     return columns;
@@ -174,10 +193,21 @@ async function main() {
   const features = featureInputs(model.modelSignature);
   const columns = columnsOf(request, features);
   const feeds = {};
-  for (const f of features) feeds[f.tensor] = tf.tensor1d(columns[f.name], f.dtype);
+  for (const f of features) {  // nested arrays: their shape is the tensor's
+    feeds[f.tensor] = f.dims.length ? tf.tensor(columns[f.name], undefined, f.dtype)
+                                    : tf.tensor1d(columns[f.name], f.dtype);
+  }
   const names = Object.keys(model.modelSignature.outputs).sort();
-  // executeAsync: the graph has dynamic-shape ops (Where) that execute() refuses.
-  const tensors = await model.executeAsync(feeds, names.map((n) => model.modelSignature.outputs[n].name));
+  // execute(), unless the graph has dynamic-shape ops (Where, in a tabular model's transform),
+  // which only executeAsync() runs (and which, on a graph without them, warns on stderr).
+  const fetches = names.map((n) => model.modelSignature.outputs[n].name);
+  let tensors;
+  try {
+    tensors = model.execute(feeds, fetches);
+  } catch (e) {
+    if (!/executeAsync/.test(e.message)) throw e;
+    tensors = await model.executeAsync(feeds, fetches);
+  }
   const outputs = {};
   for (const [i, name] of names.entries()) outputs[name] = await [].concat(tensors)[i].array();
   if (Array.isArray(request.instances)) {

@@ -144,7 +144,9 @@ def _sizes(directory):
 
 def export(version_dir, output=None, env=None):
   """Writes the TF.js model of `version_dir`; returns (its directory, summary dict)."""
-  from trainer import tfjs_graph  # TensorFlow: loaded once the converter is known to be there
+  import tensorflow as tf  # loaded once the converter is known to be there
+
+  from trainer import pixel_graph, tfjs_graph
 
   output = os.path.abspath(output or os.path.join(version_dir, 'tfjs'))
   ops = runtime_ops(env)
@@ -161,8 +163,13 @@ def export(version_dir, output=None, env=None):
   saved_model, converted = os.path.join(staging, 'saved_model'), os.path.join(staging, 'model')
   try:
     try:
-      prepared = tfjs_graph.prepare(version_dir, ops)
-    except UserError as e:
+      source, signature = version_dir, tfjs_graph.SIGNATURE
+      key = pixel_graph.image_key(version_dir)
+      if key is not None:  # TF.js cannot decode an image: pixels in (trainer/pixel_graph.py)
+        source, signature = os.path.join(staging, 'pixels'), pixel_graph.SIGNATURE
+        pixel_graph.write_pixel_model(version_dir, key, source, input_dtype=tf.int32)
+      prepared = tfjs_graph.prepare(source, ops, signature)
+    except (UserError, pixel_graph.Unsupported) as e:
       raise UserError(f'{version_dir} cannot be exported to TF.js: {e}') from None
     prepared.save(saved_model)
     convert(env, saved_model, converted)

@@ -6,7 +6,7 @@
 Writes VERSION/model.tflite: one signature, `predict_raw`, with the SavedModel's inputs (one
 tensor per raw feature, [batch]) and outputs (probabilities, class_ids, classes; or predictions).
 An image model's signature is `predict_pixels` instead: decoded pixels [batch, H, W, C] uint8 at
-the model's size in (TFLite cannot decode an image; trainer/tflite_pixels.py), the same outputs.
+the model's size in (TFLite cannot decode an image; trainer/pixel_graph.py), the same outputs.
 The vocabularies are inside as TFLite hash tables, the analyzers' results as constants. A phone's
 app needs the plain TFLite interpreter (or LiteRT), no Flex delegate: a model that would need
 TensorFlow ops TFLite has no built-in for is refused, and the refusal names them.
@@ -23,7 +23,6 @@ if __name__ == '__main__':  # the command: quiet start-up, before TensorFlow loa
   command.start()
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -32,7 +31,7 @@ import uuid
 
 import tensorflow as tf
 
-from trainer import serving, tflite_graph, tflite_pixels, tflite_strings
+from trainer import pixel_graph, serving, tflite_graph, tflite_strings
 from transforms import command
 from transforms.errors import UserError
 
@@ -74,30 +73,20 @@ def _converter_output_kept(verbose):
       os.close(saved)
 
 
-def image_key(version_dir):
-  """The encoded-image input of an image model (it has a predict_images signature), or None."""
-  path = os.path.join(version_dir, 'assets.extra', 'raw_format.json')
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path) as f:
-    binary = json.load(f).get('binary') or []
-  return binary[0] if len(binary) == 1 else None
-
-
 def convert(version_dir, verbose=False):
   """The .tflite bytes of `version_dir`, its signature's name, and what was rewritten."""
-  key = image_key(version_dir)
+  key = pixel_graph.image_key(version_dir)
   with tempfile.TemporaryDirectory(prefix='tflite-') as scratch:
     rewritten = os.path.join(scratch, 'saved_model')
     try:
       if key is not None:
-        spec = tflite_pixels.write_pixel_model(version_dir, key, rewritten)
-        signature = tflite_pixels.SIGNATURE
+        spec = pixel_graph.write_pixel_model(version_dir, key, rewritten)
+        signature = pixel_graph.SIGNATURE
         replaced = {f'the decode of {key!r} (pixels {spec.shape} {spec.dtype.name} in)': 1}
       else:
         replaced = tflite_graph.rewrite_saved_model(version_dir, rewritten, SIGNATURE)
         signature = SIGNATURE
-    except (tflite_graph.Refused, tflite_strings.Unsupported, tflite_pixels.Unsupported) as e:
+    except (tflite_graph.Refused, tflite_strings.Unsupported, pixel_graph.Unsupported) as e:
       raise UserError(f'{version_dir} cannot run on TFLite built-in ops: {e}') from None
     converter = tf.lite.TFLiteConverter.from_saved_model(rewritten, signature_keys=[signature])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

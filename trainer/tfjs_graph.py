@@ -256,11 +256,12 @@ def unsupported(nodes, runtime_ops):
   return sorted(found)
 
 
-def prepare(saved_model_dir, runtime_ops):
-  """Loads the export at `saved_model_dir` and returns a Prepared, or raises UserError naming
-  what TF.js cannot run. `runtime_ops`: the TF op names the TF.js runtime executes."""
+def prepare(saved_model_dir, runtime_ops, source_signature=SIGNATURE):
+  """Loads the export at `saved_model_dir` and returns a Prepared of its `source_signature`
+  (written as SIGNATURE), or raises UserError naming what TF.js cannot run. `runtime_ops`: the
+  TF op names the TF.js runtime executes."""
   saved_model = tf.saved_model.load(saved_model_dir)
-  graph_def, inputs, outputs = freezing.frozen_signature(saved_model, SIGNATURE)
+  graph_def, inputs, outputs = freezing.frozen_signature(saved_model, source_signature)
   graph = _Graph(graph_def)
   rewrites, contents = {}, {}
   for node in graph_def.node:
@@ -279,7 +280,8 @@ def prepare(saved_model_dir, runtime_ops):
 
   module = _Tables(contents)
   names = sorted(outputs)
-  specs = {name: tf.TensorSpec([None], spec.dtype, name=name) for name, spec in inputs.items()}
+  specs = {name: tf.TensorSpec(spec.shape, spec.dtype, name=name)
+           for name, spec in inputs.items()}
 
   @tf.function(input_signature=[specs], autograph=False)
   def predict_raw(columns):
@@ -291,7 +293,7 @@ def prepare(saved_model_dir, runtime_ops):
     return {name: tf.identity(t, name=name) for name, t in zip(names, results)}
 
   concrete = predict_raw.get_concrete_function()
-  _same_outputs(saved_model.signatures[SIGNATURE], concrete, specs, contents)
+  _same_outputs(saved_model.signatures[source_signature], concrete, specs, contents)
   return Prepared(module, concrete, specs, names, rewrites, len(contents))
 
 
@@ -302,6 +304,11 @@ def _made_up_columns(specs, contents, rows=6):
   words = words or [b'a']
   columns = {}
   for i, (name, spec) in enumerate(sorted(specs.items())):
+    if spec.shape.rank and spec.shape.rank > 1:  # an image's pixels, say: a ramp of small values
+      shape = [rows] + [d or 1 for d in spec.shape.as_list()[1:]]
+      columns[name] = tf.constant((np.arange(np.prod(shape)) * 37 + i) % 256, spec.dtype,
+                                  shape=shape)
+      continue
     if spec.dtype == tf.string:
       values = [b'', b' ' + words[i % len(words)] + b' '] + [
           words[(i + 7 * r) % len(words)] for r in range(rows - 2)]

@@ -1,12 +1,14 @@
-"""An image model's TFLite graph: decoded pixels in, the SavedModel's predictions out.
+"""An image model's graph from decoded pixels: pixels in, the SavedModel's predictions out, for
+the runtimes that cannot decode an image (trainer/export_tflite.py, trainer/export_tfjs.py).
 
-TFLite has no built-in that decodes an image, and the transform graph starts by decoding the
-encoded bytes it is sent (transforms/images.py: tf.io.decode_image in a tf.map_fn, resized where
-the size differs). On a phone the app has the pixels already (a camera frame, a bitmap), so the
-TFLite model starts after the decode: its input `pixels` [batch, H, W, C] uint8, at the model's
-size, replaces the tensor where the decoded images are stacked, and the decode, the resize and
-the loop around them fall away. What comes after (scaling, the training set's mean and standard
-deviation, the model) is the SavedModel's own graph.
+TFLite has no built-in that decodes an image, nor TF.js a kernel, and the transform graph
+starts by decoding the encoded bytes it is sent (transforms/images.py: tf.io.decode_image in a
+tf.map_fn, resized where the size differs). On a phone or in a browser the app has the pixels
+already (a camera frame, a bitmap, a canvas), so the model starts after the decode: its input
+`pixels` [batch, H, W, C] (uint8), at the model's size, replaces the tensor where the decoded
+images are stacked, and the decode, the resize and the loop around them fall away. What comes
+after (scaling, the training set's mean and standard deviation, the model) is the SavedModel's
+own graph.
 
 How: the signature is frozen (variables to constants, functions inlined), its GraphDef imported
 again with the stacked images mapped to the new input, and the encoded-bytes input mapped to ''
@@ -15,6 +17,9 @@ is found, not assumed: the one TensorListStack downstream of a Decode* op.
 
 Freezing: trainer/freezing.py (gated on the TensorFlow versions it was tested with).
 """
+
+import json
+import os
 
 import tensorflow as tf
 
@@ -58,9 +63,20 @@ def _decoded_stack(graph_def):
   return f'{stack.name}:0', tf.as_dtype(stack.attr['element_dtype'].type), element_shape
 
 
-def write_pixel_model(version_dir, image_key, output_dir):
+def image_key(version_dir):
+  """The encoded-image input of an image model (its one binary raw feature), or None."""
+  path = os.path.join(version_dir, 'assets.extra', 'raw_format.json')
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    binary = json.load(f).get('binary') or []
+  return binary[0] if len(binary) == 1 else None
+
+
+def write_pixel_model(version_dir, image_key, output_dir, input_dtype=None):
   """Writes a SavedModel with one signature, SIGNATURE(pixels), to `output_dir`; returns the
-  input's TensorSpec."""
+  input's TensorSpec. `input_dtype`: the input's, where the runtime has no tensors of the
+  decoded images' own (TF.js: no uint8); values are clipped to that dtype's range, then cast."""
   graph_def, _, output_tensors = freezing.frozen_signature(
       tf.saved_model.load(version_dir), 'predict_raw')
   if any(n.op.startswith(('HashTable', 'LookupTable')) for n in graph_def.node):
@@ -69,9 +85,11 @@ def write_pixel_model(version_dir, image_key, output_dir):
   image_input = f'{image_key}:0'  # the frozen graph's placeholders are named after the inputs
   names = sorted(output_tensors)
   outputs = [output_tensors[n] for n in names]
-  spec = tf.TensorSpec([None, *element_shape], dtype, name='pixels')
+  spec = tf.TensorSpec([None, *element_shape], input_dtype or dtype, name='pixels')
 
   def body(pixels):
+    if pixels.dtype != dtype:
+      pixels = tf.cast(tf.clip_by_value(pixels, dtype.min, dtype.max), dtype)
     one_per_image = tf.fill(tf.shape(pixels)[:1], '')
     found = tf.graph_util.import_graph_def(
         graph_def, input_map={stack: pixels, image_input: one_per_image},
