@@ -33,5 +33,6 @@ setuptools.setup(
     extras_require={'test': ['pytest>=8', 'pytest-xdist>=3.5',  # two test processes (Makefile)
                              'pandas>=2', 'pillow',  # PIL: independent decodes
                              'hypothesis>=6.100',  # tests/test_properties.py
+                             'ai-edge-litert',  # LiteRT: runs the TFLite exports in the tests
                              'ruff>=0.6']},  # the linter (ruff.toml), run by `make test`
 )
