@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tests.runs import REPO, command_env
-from trainer import export_tflite
+from trainer import export_tflite, tflite_graph
 from transforms.errors import UserError
 
 
@@ -143,6 +143,47 @@ def test_rewrites_match_tensorflow(tmp_path):
     got = runner(**raw)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key], err_msg=f'{key} on {strings}')
+
+
+class _ReadingRules(tf.Module):
+  """The export's reading rules (their name scope), then a lookup in another function, as the
+  transform layer is: a missing fixed-length string becomes the default."""
+
+  def __init__(self, vocabulary_file):
+    super().__init__()
+    self.table = tf.lookup.StaticHashTable(
+        tf.lookup.TextFileInitializer(vocabulary_file, tf.string,
+                                      tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64,
+                                      tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+
+  @tf.function
+  def _transform(self, s):
+    return self.table.lookup(s)
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='s')])
+  def predict_raw(self, s):
+    with tf.name_scope(tflite_graph.CELL_RULES_SCOPE):
+      s = tf.strings.strip(s)
+      s = tf.where(tf.not_equal(s, '?'), s, tf.constant('b'))
+    return {'ids': self._transform(s)}
+
+
+def test_reading_rules_are_the_callers(tmp_path):
+  """TFLite takes values as the pipeline reads them (trimmed, NA as the default): the export's
+  own trim and NA rule pass values through, and what follows is TensorFlow's result."""
+  vocabulary = tmp_path / 'vocabulary'
+  vocabulary.write_text('a\nb\nc\n')
+  module = _ReadingRules(str(vocabulary))
+  saved = str(tmp_path / 'saved')
+  tf.saved_model.save(module, saved, signatures={'predict_raw': module.predict_raw})
+  content, _, replaced = export_tflite.convert(saved)
+  assert replaced['StringStrip of the reading rules'] == 1
+  assert replaced['SelectV2 of the reading rules'] == 1
+  runner = _interpreter(content=content).get_signature_runner('predict_raw')
+  read = np.array([b'c', b'b', b'zz', b'a'], dtype=bytes)  # '?' read as its default, 'b'
+  want = tf.saved_model.load(saved).signatures['predict_raw'](
+      s=tf.constant([' c', '?', 'zz ', 'a']))['ids'].numpy()
+  np.testing.assert_array_equal(runner(s=read)['ids'], want)
 
 
 def test_image_model_tflite_takes_pixels(tmp_path):

@@ -16,10 +16,11 @@ included (HASHTABLE, HASHTABLE_FIND). What it cannot take, measured on the censu
                     as a broadcast comparison and a sum (NaN as TensorFlow places it).
   SparseToDense, Pad, PadV2 and ZerosLike of strings: the built-ins take numbers only. Done on
                     the positions of the strings (numbers), then a gather of the strings.
-  StringStrip       in the export's own reading rules only (ServingModule, name scope
-                    CELL_RULES_SCOPE): the TFLite model takes strings already trimmed, as
-                    the pipeline reads them. A StringStrip of the preprocessing_fn stays
-                    (refused).
+  the export's own reading rules (ServingModule, name scope CELL_RULES_SCOPE): their
+                    StringStrip and their SelectV2 of strings (an NA value -> the feature's
+                    default) pass values through: the TFLite model takes values as the
+                    pipeline reads them (trimmed, a missing fixed-length string as its
+                    default). A StringStrip of the preprocessing_fn stays (refused).
 
 Each replacement is a small tf.function added to the SavedModel's function library and called by
 the node it replaces, so the converter inlines it where the original op was; the rest of the
@@ -150,15 +151,6 @@ class _Rewriter:
         for i, ref in enumerate(other.input):
           if ref.startswith(f'{name}:y:'):
             other.input[i] = f'{name}:output:0'
-    elif op == 'StringStrip' and (node.name.startswith(CELL_RULES_SCOPE + '/')
-                                  or f'/{CELL_RULES_SCOPE}/' in node.name):
-      data = [i for i in node.input if not i.startswith('^')]
-      control = [i for i in node.input if i.startswith('^')]
-      name = node.name
-      node.Clear()
-      node.name, node.op = name, 'Identity'
-      node.input.extend(data[:1] + control)
-      node.attr['T'].type = tf.string.as_datatype_enum
     elif op == 'InitializeTableFromTextFileV2':
       self._import_table(node, function)
     else:
@@ -291,6 +283,30 @@ class _Rewriter:
         if other is not imported and handle in other.input:
           other.input.append(f'^{imported.name}')
 
+  def _drop_cell_rules(self, function):
+    """The export's reading rules, which a TFLite model's caller applies (trimmed strings, a
+    missing value of a fixed-length string feature given as its default): their StringStrip
+    and their SelectV2 of strings (NA -> the default) pass their value through. TFLite has no
+    built-in for the first, and the second's strings leave the function into the transform."""
+    for node in function.node_def:
+      if not (node.name.startswith(CELL_RULES_SCOPE + '/') or f'/{CELL_RULES_SCOPE}/' in node.name):
+        continue
+      data = [i for i in node.input if not i.startswith('^')]
+      if node.op == 'StringStrip':
+        value = data[0]
+      elif node.op in ('SelectV2', 'Select') and node.attr['T'].type == tf.string.as_datatype_enum:
+        value = data[1]
+      else:
+        continue
+      self.replaced[f'{node.op} of the reading rules'] = \
+          self.replaced.get(f'{node.op} of the reading rules', 0) + 1
+      control = [i for i in node.input if i.startswith('^')]
+      name = node.name
+      node.Clear()
+      node.name, node.op = name, 'Identity'
+      node.input.extend([value] + control)
+      node.attr['T'].type = tf.string.as_datatype_enum
+
   def _signature_functions(self, signature):
     """The functions a signature runs: its own and all they call."""
     graph = self._meta.object_graph_def
@@ -330,6 +346,7 @@ class _Rewriter:
             self._rewrite_node(node, function)
     for function in list(self._library.function):
       if function.signature.name in serving:
+        self._drop_cell_rules(function)
         regions.rewrite(function)
         for node in list(function.node_def):
           self._rewrite_node(node, function)
