@@ -94,8 +94,9 @@ def test_census_tflite_gives_the_saved_models_predictions(census_tflite):
                                _saved_model_outputs(version, batch)['probabilities'], atol=1e-4)
 
 
-class _Strings(tf.Module):
-  """What the string rewrites must reproduce, as TensorFlow computes it."""
+class _Vocabulary(tf.Module):
+  """A vocabulary file's table, as TF Transform's apply_vocabulary builds one (filled from the
+  file: whole lines, line numbers)."""
 
   def __init__(self, vocabulary_file):
     super().__init__()
@@ -103,6 +104,10 @@ class _Strings(tf.Module):
         tf.lookup.TextFileInitializer(vocabulary_file, tf.string,
                                       tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64,
                                       tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+
+
+class _Strings(_Vocabulary):
+  """What the string rewrites must reproduce, as TensorFlow computes it."""
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='s'),
                                 tf.TensorSpec([None], tf.float32, name='x')])
@@ -121,15 +126,21 @@ class _Strings(tf.Module):
     }
 
 
-def test_rewrites_match_tensorflow(tmp_path):
+def _converted(module_class, words, tmp_path):
+  """module_class(vocabulary file of `words`) saved with its predict_raw, then converted:
+  (the SavedModel's directory, the interpreter's predict_raw runner, what was rewritten)."""
   vocabulary = tmp_path / 'vocabulary'
-  vocabulary.write_text('a\nb\nc\nzz\n')
-  module = _Strings(str(vocabulary))
+  vocabulary.write_text(''.join(w + '\n' for w in words))
+  module = module_class(str(vocabulary))
   saved = str(tmp_path / 'saved')
   tf.saved_model.save(module, saved, signatures={'predict_raw': module.predict_raw})
   content, _, replaced = export_tflite.convert(saved)
+  return saved, _interpreter(content=content).get_signature_runner('predict_raw'), replaced
+
+
+def test_rewrites_match_tensorflow(tmp_path):
+  saved, runner, replaced = _converted(_Strings, ['a', 'b', 'c', 'zz'], tmp_path)
   assert replaced['InitializeTableFromTextFileV2'] == 1
-  runner = _interpreter(content=content).get_signature_runner('predict_raw')
   cases = [
       (['a', '', 'c', 'q', 'b'], [-2.0, -1.0, 0.5, 2.5, np.nan]),
       (['', ''], [0.0, 3.0]),  # nothing but missing values: the merged strings are all defaults
@@ -145,16 +156,9 @@ def test_rewrites_match_tensorflow(tmp_path):
       np.testing.assert_array_equal(got[key], want[key], err_msg=f'{key} on {strings}')
 
 
-class _ReadingRules(tf.Module):
+class _ReadingRules(_Vocabulary):
   """The export's reading rules (their name scope), then a lookup in another function, as the
   transform layer is: a missing fixed-length string becomes the default."""
-
-  def __init__(self, vocabulary_file):
-    super().__init__()
-    self.table = tf.lookup.StaticHashTable(
-        tf.lookup.TextFileInitializer(vocabulary_file, tf.string,
-                                      tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64,
-                                      tf.lookup.TextFileIndex.LINE_NUMBER), -1)
 
   @tf.function
   def _transform(self, s):
@@ -171,15 +175,9 @@ class _ReadingRules(tf.Module):
 def test_reading_rules_are_the_callers(tmp_path):
   """TFLite takes values as the pipeline reads them (trimmed, NA as the default): the export's
   own trim and NA rule pass values through, and what follows is TensorFlow's result."""
-  vocabulary = tmp_path / 'vocabulary'
-  vocabulary.write_text('a\nb\nc\n')
-  module = _ReadingRules(str(vocabulary))
-  saved = str(tmp_path / 'saved')
-  tf.saved_model.save(module, saved, signatures={'predict_raw': module.predict_raw})
-  content, _, replaced = export_tflite.convert(saved)
+  saved, runner, replaced = _converted(_ReadingRules, ['a', 'b', 'c'], tmp_path)
   assert replaced['StringStrip of the reading rules'] == 1
   assert replaced['SelectV2 of the reading rules'] == 1
-  runner = _interpreter(content=content).get_signature_runner('predict_raw')
   read = np.array([b'c', b'b', b'zz', b'a'], dtype=bytes)  # '?' read as its default, 'b'
   want = tf.saved_model.load(saved).signatures['predict_raw'](
       s=tf.constant([' c', '?', 'zz ', 'a']))['ids'].numpy()
