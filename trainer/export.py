@@ -171,8 +171,8 @@ def export(model, tft_output, manifest, label_key_xf, task, kinds, model_dir, na
   staging = os.path.join(base, f'{STAGING}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}')
   tf.saved_model.save(module, staging, signatures=signatures)
   # How raw CSV rows map to features, for serving helpers (TensorFlow Serving ignores assets.extra).
-  tf.io.gfile.makedirs(os.path.join(staging, 'assets.extra'))
-  with tf.io.gfile.GFile(os.path.join(staging, 'assets.extra', 'raw_format.json'), 'w') as f:
+  tf.io.gfile.makedirs(os.path.dirname(os.path.join(staging, serving.RAW_FORMAT)))
+  with tf.io.gfile.GFile(os.path.join(staging, serving.RAW_FORMAT), 'w') as f:
     json.dump({'csv_columns': manifest.csv_columns, 'na_values': manifest.na_values,
                'label_key': manifest.label_key, 'binary': binary, 'task': task.kind,
                'classes': list(task.class_names),

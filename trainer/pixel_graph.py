@@ -18,12 +18,9 @@ is found, not assumed: the one TensorListStack downstream of a Decode* op.
 Freezing: trainer/freezing.py (gated on the TensorFlow versions it was tested with).
 """
 
-import json
-import os
-
 import tensorflow as tf
 
-from trainer import freezing
+from trainer import freezing, serving
 
 SIGNATURE = 'predict_pixels'
 _DECODES = ('DecodeImage', 'DecodePng', 'DecodeJpeg', 'DecodeBmp', 'DecodeGif',
@@ -65,11 +62,7 @@ def _decoded_stack(graph_def):
 
 def image_key(version_dir):
   """The encoded-image input of an image model (its one binary raw feature), or None."""
-  path = os.path.join(version_dir, 'assets.extra', 'raw_format.json')
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path) as f:
-    binary = json.load(f).get('binary') or []
+  binary = serving.raw_format(version_dir).get('binary') or []
   return binary[0] if len(binary) == 1 else None
 
 

@@ -44,6 +44,19 @@ def newest_version(model_base):
   return os.path.join(model_base, str(found[-1]))
 
 
+RAW_FORMAT = os.path.join('assets.extra', 'raw_format.json')  # in a version: trainer/export.py
+
+
+def raw_format(version_dir):
+  """How raw rows map to a version's features (its RAW_FORMAT, written by the export), or {}
+  for a SavedModel without one."""
+  path = os.path.join(version_dir, RAW_FORMAT)
+  if not tf.io.gfile.exists(path):
+    return {}
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
 def tf_error_detail(error):
   """The sentence of a TensorFlow error that says what is wrong, without graph node names."""
   boilerplate = ('[[', 'Graph execution error', 'Detected at node', '<stack traces')
@@ -134,8 +147,7 @@ class Model:
     self.signatures = self._loaded.signatures  # by name, for callers of other signatures
     self._serve = self.signatures['serving_default']
     self.raw_types = _raw_types(self._loaded.signatures['predict_raw'])
-    meta = os.path.join(self.path, 'assets.extra', 'raw_format.json')
-    fmt = json.load(tf.io.gfile.GFile(meta)) if tf.io.gfile.exists(meta) else {}
+    fmt = raw_format(self.path)
     self.csv_columns = fmt.get('csv_columns')
     self.na_values = tuple(fmt.get('na_values') or ())
     self.required = tuple(fmt.get('required') or ())

@@ -28,6 +28,7 @@ SavedModel (variables, assets, signatures, object graph) is copied unchanged. Pu
 SavedModel protos only.
 """
 
+import collections
 import os
 import shutil
 
@@ -35,6 +36,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from trainer import tflite_strings
+from trainer.tflite_strings import control_inputs, data_inputs
 
 CELL_RULES_SCOPE = 'raw_cell_rules'  # trainer/export.py: the reading rules applied at serving
 _CALLS = ('StatefulPartitionedCall', 'PartitionedCall')
@@ -57,10 +59,6 @@ def _lower_bound(out_type):
   return fn
 
 
-def _zero_bucket(x):
-  return tf.zeros(tf.shape(x), tf.int64)
-
-
 def _import_node(node, function, name, handle, keys, values, control):
   """`node` (cleared) becomes LookupTableImportV2 of constant keys and values into `handle`."""
   for suffix, tensor in (('keys', keys), ('values', values)):
@@ -72,6 +70,19 @@ def _import_node(node, function, name, handle, keys, values, control):
   node.input.extend([handle, f'{name}/keys:output:0', f'{name}/values:output:0'] + control)
   node.attr['Tin'].type = keys.dtype.as_datatype_enum
   node.attr['Tout'].type = values.dtype.as_datatype_enum
+
+
+def _read_output_as(function, name, old_arg, new_arg):
+  """What in `function` (its nodes, its results) read node `name`'s output `old_arg` reads its
+  `new_arg` instead (a FunctionDef names outputs as node:arg:index)."""
+  old, new = f'{name}:{old_arg}:', f'{name}:{new_arg}:'
+  for other in function.node_def:
+    for i, ref in enumerate(other.input):
+      if ref.startswith(old):
+        other.input[i] = new + ref[len(old):]
+  for key, ref in function.ret.items():
+    if ref.startswith(old):
+      function.ret[key] = new + ref[len(old):]
 
 
 class Refused(ValueError):
@@ -86,7 +97,7 @@ class _Rewriter:
     self._library = self._meta.graph_def.library
     self._functions = {f.signature.name: f for f in self._library.function}
     self._added = {}  # key -> FunctionDef name
-    self.replaced = {}  # op -> count
+    self.replaced = collections.Counter()  # what was rewritten -> how many nodes
 
   # --- replacements as library functions -------------------------------------------------
 
@@ -105,24 +116,16 @@ class _Rewriter:
     """`node` becomes a call of python_fn over `inputs` (dtypes: theirs), its control inputs
     kept, and what read its output `output_arg` reads the call's."""
     callee = self._function(key, python_fn, [tf.TensorSpec(None, d) for d in dtypes])
-    control = [i for i in node.input if i.startswith('^')]
+    control = control_inputs(node)
     name = node.name
     node.Clear()
     node.name, node.op = name, callee.signature.name
     node.input.extend(list(inputs) + control)
-    new = callee.signature.output_arg[0].name
-    old_prefix, new_prefix = f'{name}:{output_arg}:', f'{name}:{new}:'
-    for other in function.node_def:
-      for i, ref in enumerate(other.input):
-        if ref.startswith(old_prefix):
-          other.input[i] = new_prefix + ref[len(old_prefix):]
-    for key_, ref in function.ret.items():
-      if ref.startswith(old_prefix):
-        function.ret[key_] = new_prefix + ref[len(old_prefix):]
+    _read_output_as(function, name, output_arg, callee.signature.output_arg[0].name)
 
   def _call(self, node, key, python_fn, dtypes, output_arg, function):
-    data = [i for i in node.input if not i.startswith('^')]
-    self.call(function, node, key, python_fn, dtypes, data[:len(dtypes)], output_arg)
+    inputs = data_inputs(node)[:len(dtypes)]
+    self.call(function, node, key, python_fn, dtypes, inputs, output_arg)
 
   def _rewrite_node(self, node, function):
     op = node.op
@@ -134,7 +137,7 @@ class _Rewriter:
     if op == 'StringToHashBucketFast':
       if attr('num_buckets').i != 1:
         return False
-      self._call(node, op, _zero_bucket, [tf.string], 'output', function)
+      self._call(node, op, tflite_strings.zero_bucket, [tf.string], 'output', function)
     elif op in ('UpperBound', 'LowerBound'):
       dtype = tf.as_dtype(attr('T').type)
       out = tf.as_dtype(attr('out_type').type) if attr('out_type') else tf.int32
@@ -147,15 +150,12 @@ class _Rewriter:
       node.name, node.op = name, 'Const'
       node.attr['dtype'].type = string
       node.attr['value'].tensor.CopyFrom(tf.make_tensor_proto('', tf.string))
-      for other in function.node_def:
-        for i, ref in enumerate(other.input):
-          if ref.startswith(f'{name}:y:'):
-            other.input[i] = f'{name}:output:0'
+      _read_output_as(function, name, 'y', 'output')
     elif op == 'InitializeTableFromTextFileV2':
       self._import_table(node, function)
     else:
       return False
-    self.replaced[op] = self.replaced.get(op, 0) + 1
+    self.replaced[op] += 1
     return True
 
   # --- vocabulary tables -------------------------------------------------------------------
@@ -182,7 +182,7 @@ class _Rewriter:
         callee = node.attr['f'].func.name if node.op in _CALLS else node.op
         if callee not in self._functions:
           continue
-        for i, ref in enumerate(i for i in node.input if not i.startswith('^')):
+        for i, ref in enumerate(data_inputs(node)):
           if ref == arg:
             key = (callee, self._functions[callee].signature.input_arg[i].name)
             if key not in bound:
@@ -224,7 +224,7 @@ class _Rewriter:
     return tf.as_dtype(source.attr['key_dtype'].type), tf.as_dtype(source.attr['value_dtype'].type)
 
   def _import_table(self, node, function):
-    handle, filename = [i for i in node.input if not i.startswith('^')][:2]
+    handle, filename = data_inputs(node)[:2]
     path, types = self._asset_path(function, filename), self._table_types(function, handle)
     if path is None or types is None:
       raise Refused(f'a vocabulary table ({node.name}) whose file or types cannot be found in '
@@ -246,7 +246,7 @@ class _Rewriter:
     table = self._table_identity(function, handle)
     if table is not None:
       self._contents[table] = (keys, values)
-    control = [i for i in node.input if i.startswith('^')]
+    control = control_inputs(node)
     name = node.name
     node.Clear()
     _import_node(node, function, name, handle, keys, values, control)
@@ -291,16 +291,15 @@ class _Rewriter:
     for node in function.node_def:
       if not (node.name.startswith(CELL_RULES_SCOPE + '/') or f'/{CELL_RULES_SCOPE}/' in node.name):
         continue
-      data = [i for i in node.input if not i.startswith('^')]
+      data = data_inputs(node)
       if node.op == 'StringStrip':
         value = data[0]
       elif node.op in ('SelectV2', 'Select') and node.attr['T'].type == tf.string.as_datatype_enum:
         value = data[1]
       else:
         continue
-      self.replaced[f'{node.op} of the reading rules'] = \
-          self.replaced.get(f'{node.op} of the reading rules', 0) + 1
-      control = [i for i in node.input if i.startswith('^')]
+      self.replaced[f'{node.op} of the reading rules'] += 1
+      control = control_inputs(node)
       name = node.name
       node.Clear()
       node.name, node.op = name, 'Identity'
@@ -338,7 +337,7 @@ class _Rewriter:
     self._bound = self._bindings()
     regions = tflite_strings.StringRegions(self)
     serving = self._signature_functions(signature)
-    self._contents = {}  # a TF1 table's shared name -> (keys, values)
+    self._contents = {}  # a table's identity (_table_identity) -> its (keys, values)
     for function in list(self._library.function):  # the initializers first
       if function.signature.name not in serving:
         for node in list(function.node_def):
@@ -366,7 +365,12 @@ def rewrite_saved_model(saved_model_dir, output_dir, signature='predict_raw'):
     saved_model.ParseFromString(f.read())
   rewriter = _Rewriter(saved_model, saved_model_dir)
   rewriter.rewrite(signature)
-  shutil.copytree(saved_model_dir, output_dir, ignore=shutil.ignore_patterns('saved_model.pb'))
+  # the rewritten graph beside the variables and assets it reads; not the rest of the version
+  # directory (its own fingerprint, which is of the original graph, nor other exports in it)
+  os.makedirs(output_dir)
+  for part in ('variables', 'assets'):
+    if os.path.isdir(os.path.join(saved_model_dir, part)):
+      shutil.copytree(os.path.join(saved_model_dir, part), os.path.join(output_dir, part))
   with open(os.path.join(output_dir, 'saved_model.pb'), 'wb') as f:
     f.write(saved_model.SerializeToString())
-  return rewriter.replaced
+  return dict(rewriter.replaced)

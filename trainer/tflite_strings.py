@@ -39,16 +39,21 @@ class Unsupported(ValueError):
   pass
 
 
-def _data(node):
+def data_inputs(node):
   return [i for i in node.input if not i.startswith('^')]
 
 
-def _control(node):
+def control_inputs(node):
   return [i for i in node.input if i.startswith('^')]
 
 
 def _is_string(node, name):
   return name in node.attr and node.attr[name].type == STRING
+
+
+def zero_bucket(x):
+  """StringToHashBucketFast with one bucket: every string in bucket 0."""
+  return tf.zeros(tf.shape(x), tf.int64)
 
 
 def _string_merge(node):
@@ -77,7 +82,7 @@ class _Region:
     self.nodes = {n.name: n for n in function.node_def}
     self.consumers = {}
     for n in function.node_def:
-      for position, ref in enumerate(_data(n)):
+      for position, ref in enumerate(data_inputs(n)):
         self.consumers.setdefault(ref.split(':')[0], []).append((n, position))
     self.members = {}  # node name -> node whose first output is positions
     self.sinks = {}
@@ -117,13 +122,13 @@ class _Region:
             self.source(ref)
     for sink in self.sinks.values():
       if sink.op in ('Equal', 'NotEqual'):
-        a, b = _data(sink)[:2]
+        a, b = data_inputs(sink)[:2]
         if self.in_region(a) and self.in_region(b):
           raise Unsupported(f'{sink.op} ({sink.name}) compares two merged string tensors')
 
   @staticmethod
   def _string_inputs(node):
-    data = _data(node)
+    data = data_inputs(node)
     if node.op == 'SparseToDense':
       return data[2:4]
     if node.op in ('Pad', 'PadV2'):
@@ -154,7 +159,8 @@ class StringRegions:
 
   @staticmethod
   def _only_compared(function, node):
-    users = [n for n in function.node_def if any(r.split(':')[0] == node.name for r in _data(n))]
+    users = [n for n in function.node_def
+             if any(r.split(':')[0] == node.name for r in data_inputs(n))]
     return users and all(n.op in ('Equal', 'NotEqual') for n in users)
 
   def _constant(self, function, name, value):
@@ -181,7 +187,7 @@ class StringRegions:
     self.rewritten += len(region.members)
 
   def _merge(self, region, node, sources):
-    data, op = _data(node), node.op
+    data, op = data_inputs(node), node.op
     role = ['region' if region.in_region(r) else sources.index(r) if r in sources else None
             for r in data]
     name = node.name
@@ -233,7 +239,7 @@ class StringRegions:
                        inputs=data + sources, output_arg=_OUTPUT[op])
 
   def _sink(self, region, sink, sources):
-    data, op = _data(sink), sink.op
+    data, op = data_inputs(sink), sink.op
     if op == 'LookupTableFindV2':
       where, extra = 1, [data[0], data[2]]
       value = tf.as_dtype(sink.attr['Tout'].type)
@@ -250,7 +256,7 @@ class StringRegions:
       where, extra, extra_types = 0, [], []
 
       def apply(piece, extras):
-        return tf.zeros(tf.shape(piece), tf.int64)
+        return zero_bucket(piece)
     else:  # Equal, NotEqual against a tensor outside the region
       where = 0 if region.in_region(data[0]) else 1
       extra, extra_types = [data[1 - where]], [tf.string]
