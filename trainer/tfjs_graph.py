@@ -39,6 +39,7 @@ import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, graph_pb2
 
 from trainer import freezing
+from trainer.graph_nodes import control_inputs
 from transforms.errors import UserError
 
 SIGNATURE = 'predict_raw'
@@ -117,14 +118,6 @@ class _Graph:
     return tf.make_ndarray(node.attr['value'].tensor)
 
 
-def _data_inputs(node):
-  return [i for i in node.input if not i.startswith('^')]
-
-
-def _control_inputs(node):
-  return [i for i in node.input if i.startswith('^')]
-
-
 def _string_typed(node):
   return any(v.type == STRING or STRING in v.list.type for v in node.attr.values())
 
@@ -160,7 +153,7 @@ def _rewrite_pad(graph, node, fill_value):
     axis_node = graph.const(f'{node.name}/tfjs_pad/{axis}_axis', axis, tf.int32)
     current = graph.add(f'{node.name}/tfjs_pad/{axis}_concat', 'ConcatV2', parts + [axis_node],
                         N=len(parts), T=tf.string, Tidx=tf.int32)
-  graph.graph_def.node.add(name=node.name, op='Identity', input=[current] + _control_inputs(node),
+  graph.graph_def.node.add(name=node.name, op='Identity', input=[current] + control_inputs(node),
                            attr={'T': _attr(tf.string)})
 
 
@@ -175,7 +168,7 @@ def _rewrite_strings(graph, node, counts):
                       out_type=tf.int32)
     empty = graph.const(f'{node.name}/tfjs_empty', b'', tf.string)
     graph.graph_def.node.add(name=node.name, op='Fill',
-                             input=[shape, empty] + _control_inputs(node),
+                             input=[shape, empty] + control_inputs(node),
                              attr={'T': _attr(tf.string), 'index_type': _attr(tf.int32)})
   elif op == 'GatherV2' and node.attr['Tparams'].type == STRING:
     axis = graph.constant(node.input[2])
@@ -186,7 +179,7 @@ def _rewrite_strings(graph, node, counts):
     indices = graph.add(f'{node.name}/tfjs_indices', 'ExpandDims', [node.input[1], minus_one],
                         T=node.attr['Tindices'], Tdim=tf.int32)
     graph.graph_def.node.add(name=node.name, op='GatherNd',
-                             input=[node.input[0], indices] + _control_inputs(node),
+                             input=[node.input[0], indices] + control_inputs(node),
                              attr={'Tparams': _attr(tf.string),
                                    'Tindices': node.attr['Tindices']})
   elif op in ('Pad', 'PadV2') and node.attr['T'].type == STRING:

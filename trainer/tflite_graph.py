@@ -36,7 +36,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from trainer import tflite_strings
-from trainer.tflite_strings import control_inputs, data_inputs
+from trainer.graph_nodes import control_inputs, data_inputs
 
 CELL_RULES_SCOPE = 'raw_cell_rules'  # trainer/export.py: the reading rules applied at serving
 _CALLS = ('StatefulPartitionedCall', 'PartitionedCall')

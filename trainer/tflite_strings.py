@@ -22,6 +22,8 @@ op which is neither a shape op, a merge nor an element-wise lookup.
 
 import tensorflow as tf
 
+from trainer.graph_nodes import data_inputs
+
 STRING = tf.string.as_datatype_enum
 POSITION = tf.int32
 MERGES = ('SparseToDense', 'Pad', 'PadV2', 'SelectV2', 'Select', 'ZerosLike')
@@ -37,14 +39,6 @@ _OUTPUT = {'SparseToDense': 'dense', 'Pad': 'output', 'PadV2': 'output', 'Select
 
 class Unsupported(ValueError):
   pass
-
-
-def data_inputs(node):
-  return [i for i in node.input if not i.startswith('^')]
-
-
-def control_inputs(node):
-  return [i for i in node.input if i.startswith('^')]
 
 
 def _is_string(node, name):
