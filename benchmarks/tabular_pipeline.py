@@ -13,10 +13,11 @@ gzip TFRecords of tf.train.Example, all on Beam's in-process runner with one wor
   (c) this project: `python -m pipelines.tabular` with its defaults;
   (d) the single-process lower bound: pyarrow CSV read, numpy exact mean/std/quantiles and
       vocabularies, tfx_bsl's RecordBatchToExamplesEncoder, tf.io.TFRecordWriter.
-Each run is a separate process, timed as a whole command; peak RSS is the largest resident set of
-that process and its children. Runs go round the contenders; medians are reported. With
---scale-rows, (c) also runs on that many rows with 1 and 2 workers (multi-process) and its peak
-RSS is compared with the --rows run.
+Each run is a separate process, timed as a whole command; peak RSS is the largest total resident set
+of that process and its children at one time (sampled every 100 ms from /proc, and never below the
+largest single process's own peak). Runs go round the contenders; medians are reported. With
+--scale-rows, (c) also runs on that many rows with 1 and 2 workers (multi-process) and its peak RSS
+is compared with the --rows run.
 """
 
 import argparse
@@ -177,12 +178,43 @@ NAMES = {'a': '(a) tutorial: ReadFromText + instance dicts',
          'd': '(d) lower bound: pyarrow + numpy, 1 process'}
 
 _TIMED = r'''
-import resource, subprocess, sys, time
+import os, resource, subprocess, sys, threading, time
+
+PAGE_KIB = os.sysconf('SC_PAGE_SIZE') // 1024
+
+def tree_rss(root):
+  """The resident set, in KiB, of `root` and its descendants now (Linux /proc: each process's
+  parent and resident pages, fields 4 and 24 of /proc/PID/stat)."""
+  children, rss = {}, {}
+  for pid in os.listdir('/proc'):
+    if not pid.isdigit():
+      continue
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except (OSError, IndexError):  # ended meanwhile
+      continue
+    children.setdefault(int(fields[1]), []).append(int(pid))
+    rss[int(pid)] = int(fields[21]) * PAGE_KIB
+  total, stack = 0, [root]
+  while stack:
+    pid = stack.pop()
+    total += rss.get(pid, 0)
+    stack.extend(children.get(pid, ()))
+  return total
+
 start = time.perf_counter()
-code = subprocess.run(sys.argv[1:]).returncode
+proc = subprocess.Popen(sys.argv[1:])
+peak = [0]
+def sample():
+  while proc.poll() is None:
+    peak[0] = max(peak[0], tree_rss(proc.pid))
+    time.sleep(0.1)
+threading.Thread(target=sample, daemon=True).start()
+code = proc.wait()
 seconds = time.perf_counter() - start
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print('RESULT', code, seconds, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+print('RESULT', code, seconds, max(usage.ru_maxrss, peak[0]), usage.ru_utime + usage.ru_stime)
 '''
 
 

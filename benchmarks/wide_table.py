@@ -5,14 +5,14 @@
 
 The dataset is benchmarks/wide.py at each width (7 floats for every 3 strings: 300 columns are
 200 floats, each z-scored, 50 of them also in 10 quantile buckets, and 100 strings of up to
-2,000 Zipf-distributed values, each a vocabulary with one OOV bucket; plus an int label). At
-every width, (c) `python -m pipelines.tabular` with its defaults runs --runs times; at the
---baseline-widths, (b) TF Transform's recommended TFXIO pipeline (CsvTFXIO, RecordBatches,
+2,000 Zipf-distributed values, each a vocabulary with one OOV bucket; plus an int label). At every
+width, (c) `python -m pipelines.tabular` with its defaults runs --runs times; at the --baseline-
+widths, (b) TF Transform's recommended TFXIO pipeline (CsvTFXIO, RecordBatches,
 AnalyzeAndTransformDataset, the same preprocessing_fn, gzip TFRecords of tf.train.Example;
-tabular_pipeline.tfxio_path) runs as many times, alternating with (c). One worker (Beam's
-in-process runner) each; each run is a separate process timed as a whole command, peak RSS is
-the largest resident set of it and its children; medians are printed, with (b)/(c) and the
-growth of (c) with the width.
+tabular_pipeline.tfxio_path) runs as many times, alternating with (c). One worker (Beam's in-process
+runner) each; each run is a separate process timed as a whole command, peak RSS is the largest total
+resident set of it and its children at one time; medians are printed, with (b)/(c) and the growth of
+(c) with the width.
 """
 
 import argparse

@@ -22,9 +22,16 @@ unpacked vocabulary, ...) stays TF Transform's own and is bound in the same step
 the transform graph and its assets are unchanged: tests/test_binding_packing.py compares a wide
 analysis with TF Transform's own.
 
+The binding of the transform graph's phase also computes the graph's schema, in the graph and
+session it has just written the bound SavedModel from (write_deferred_schema), and TF Transform's
+ComputeDeferredMetadata step reads it (infer_metadata_from_saved_model) instead of loading the
+whole graph into one more session to compute the same: one load fewer of a graph that, at 300
+columns, has about 15,000 ops (benchmarks/RESULTS.md).
+
 It builds on private parts of TF Transform 1.21 (the node types named in NEEDS, impl's
-_TensorBinding, _CreateSavedModelImpl and _replace_tensors_with_constant_values), checked with
-the vocabulary packing's (pipelines/vocabulary.unfit_reason).
+_TensorBinding, _CreateSavedModelImpl, _get_tensor_replacement_map and
+_infer_metadata_from_saved_model), checked with the vocabulary packing's
+(pipelines/vocabulary.unfit_reason).
 """
 
 import collections
@@ -44,8 +51,11 @@ NEEDS = ((analyzer_nodes, 'PackedCombineMerge'),
          (beam_nodes, 'CreateTensorBinding'), (beam_nodes, 'CreateSavedModel'),
          (beam_nodes, 'ExtractFromDict'),
          (tft_impl, '_TensorBinding'), (tft_impl, '_CreateSavedModelImpl'),
-         (tft_impl, '_replace_tensors_with_constant_values'))
+         (tft_impl, '_get_tensor_replacement_map'),
+         (tft_impl, '_infer_metadata_from_saved_model'),
+         (tft_beam_common, 'get_unique_temp_path'))
 
+FINAL_LABEL = 'CreateSavedModel'
 # Where a packed binding's value comes from: a packed merge's dict, or packed vocabularies.
 FROM_MERGE, FROM_VOCABULARIES = 'merge', 'vocabularies'
 
@@ -172,13 +182,80 @@ def bindings_from_vocabularies(pairs, entries):
           for i, num_outputs, index, name, dtype, asset in entries]
 
 
-def bind_all(unbound_dir, base_temp_dir, *bindings):
+def bind_all(unbound_dir, base_temp_dir, *bindings, final=False):
   """TF Transform's replacement of the unbound SavedModel's placeholders, with the lists of
-  bindings flattened; returns the bound SavedModel's directory."""
+  bindings flattened; returns the bound SavedModel's directory. The steps are those of TF
+  Transform's _replace_tensors_with_constant_values, with TF Transform's own helpers. For the
+  phase that makes the transform graph (`final`), the graph and session then also give the
+  graph's schema, as TF Transform's ComputeDeferredMetadata would by loading the bound graph
+  once more (write_deferred_schema)."""
+  import tensorflow as tf
+  from tensorflow_transform.saved import saved_transform_io
+
   flat = []
   for b in bindings:
     flat.extend(b if isinstance(b, list) else [b])
-  return tft_impl._replace_tensors_with_constant_values(unbound_dir, base_temp_dir, *flat)
+  with tf.compat.v1.Graph().as_default() as graph:
+    replacements = tft_impl._get_tensor_replacement_map(graph, *flat)
+    with tf.compat.v1.Session(graph=graph) as session:
+      temp_dir = tft_beam_common.get_unique_temp_path(base_temp_dir)
+      inputs, outputs = saved_transform_io.partially_apply_saved_transform_internal(
+          unbound_dir, {}, replacements)
+      session.run(tf.compat.v1.global_variables_initializer())
+      saved_transform_io.write_saved_transform_from_session(session, inputs, outputs, temp_dir)
+      if final:
+        write_deferred_schema(temp_dir, outputs, graph, session)
+  return temp_dir
+
+
+def deferred_schema_path(saved_model_dir):
+  """Where bind_all leaves the schema of the transform graph in `saved_model_dir` (beside it, in
+  TF Transform's temp dir; the transform graph's own directory is left as TF Transform wrote
+  it)."""
+  return saved_model_dir.rstrip('/') + '.deferred_schema.pb'
+
+
+def write_deferred_schema(saved_model_dir, outputs, graph, session):
+  """TF Transform's _infer_metadata_from_saved_model_v1 on the graph and session that wrote
+  `saved_model_dir`: its tables initialized, then TF Transform's infer_feature_schema of the
+  outputs. A schema that cannot be computed here is left to TF Transform's own step."""
+  import tensorflow as tf
+  from tensorflow_transform import schema_inference
+
+  try:
+    session.run(tf.compat.v1.tables_initializer())
+    schema = schema_inference.infer_feature_schema(outputs, graph, session)
+  except Exception:  # TF Transform's own step computes it, or reports why it cannot
+    return
+  path = deferred_schema_path(saved_model_dir)
+  with tf.io.gfile.GFile(path + '.partial', 'wb') as f:
+    f.write(schema.SerializeToString())
+  tf.io.gfile.rename(path + '.partial', path, overwrite=True)
+
+
+def infer_metadata_from_saved_model(saved_model_dir, use_tf_compat_v1):
+  """TF Transform's ComputeDeferredMetadata step: the schema bind_all computed where it did,
+  read; TF Transform's own _infer_metadata_from_saved_model (which loads the graph into a new
+  session, 2 to 5 s on a 300-column graph here) everywhere else."""
+  import tensorflow as tf
+  from tensorflow_metadata.proto.v0 import schema_pb2
+  from tensorflow_transform.tf_metadata import dataset_metadata
+
+  path = deferred_schema_path(saved_model_dir)
+  if use_tf_compat_v1 and tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      return dataset_metadata.DatasetMetadata(schema_pb2.Schema.FromString(f.read()))
+  return _TFT_INFER_METADATA(saved_model_dir, use_tf_compat_v1)
+
+
+_TFT_INFER_METADATA = getattr(tft_impl, '_infer_metadata_from_saved_model', None)
+
+
+def install_deferred_metadata(enabled):
+  """Has TF Transform's ComputeDeferredMetadata read the schema bind_all computed (enabled), or
+  always compute it itself (not)."""
+  tft_impl._infer_metadata_from_saved_model = (
+      infer_metadata_from_saved_model if enabled else _TFT_INFER_METADATA)
 
 
 class _PackedTensorBindingsImpl(beam.PTransform):
@@ -203,6 +280,9 @@ class _PackedCreateSavedModelImpl(beam.PTransform):
     super().__init__()
     self._unbound = tft_impl._CreateSavedModelImpl(operation, extra_args)
     self._base_temp_dir = extra_args.base_temp_dir
+    # TF Transform's label of the transform graph's CreateSavedModel (a phase's own are
+    # CreateSavedModelForAnalyzerInputs[...]): the one whose schema is the metadata.
+    self._final = operation.label == FINAL_LABEL
 
   def expand(self, inputs):
     pipeline = inputs[0].pipeline
@@ -210,7 +290,8 @@ class _PackedCreateSavedModelImpl(beam.PTransform):
     # its directory.
     unbound = pipeline | 'Unbound' >> self._unbound
     return unbound | 'BindTensors' >> beam.Map(
-        bind_all, self._base_temp_dir, *[beam.pvalue.AsSingleton(p) for p in inputs])
+        bind_all, self._base_temp_dir, *[beam.pvalue.AsSingleton(p) for p in inputs],
+        final=self._final)
 
 
 tft_beam_common.register_ptransform(PackedTensorBindings)(_PackedTensorBindingsImpl)

@@ -20,7 +20,7 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import analysis_cache, output_dir, report, stages
+from pipelines import analysis_cache, output_dir, report, stages, transform_graph
 from pipelines.runner import launch, progress
 from pipelines.sinks import dead_letters
 from pipelines.sources import reading
@@ -194,6 +194,7 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None,
   the project's own code failed (internal_failure), a UserError otherwise.
   """
   command.settle_before_run()
+  state = None
   try:
     with progress.Reporter(pipeline, what):
       state = pipeline.run().wait_until_finish()
@@ -203,6 +204,8 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None,
       raise InternalError(f'the pipeline failed in {where}: {out.failure(e)}') from e
     raise UserError(out.failure(e)) from e
   finally:
+    if state != PipelineState.DONE:  # the job failed: nothing of it is published
+      transform_graph.kill_background()
     if spill is not None:  # what a retried or unfinished read left
       shutil.rmtree(spill.directory, ignore_errors=True)
   if launch.is_dry_run(pipeline):
@@ -283,8 +286,9 @@ def publish(out, args, argv, beam_args, started, what='rows', cache=None, refere
       versions=output_dir.package_versions(),
       run_id=out.run_id,
       elapsed_seconds=round(time.time() - started, 1))
-  manifest = out.publish(report.write_report(out, manifest, report.Options.from_args(args),
-                                             reference))
+  manifest = report.write_report(out, manifest, report.Options.from_args(args), reference)
+  transform_graph.wait_for_background()  # the TF2 rewrite, where it ran beside the job
+  manifest = out.publish(manifest)
   print_summary(manifest, args.output, what)
   return manifest
 

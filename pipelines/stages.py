@@ -88,24 +88,26 @@ class AnalyzeTrain(beam.PTransform):
     written = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(self._out.out)
     if tft_beam.Context.get_use_tf_compat_v1():  # graph mode wrote a TF1 graph
       _ = written | 'RewriteAsTF2' >> beam.Map(_rewrite_as_tf2, self._out.out, self._out.tmp,
-                                               self._adapter_config)
+                                               self._adapter_config,
+                                               transform_graph.PROCESS_TOKEN)
     return transform_fn
 
 
-def _rewrite_as_tf2(unused_done, directory, temp_dir, adapter_config):
-  """transform_graph.rewrite_as_tf2 of the written transform graph. A graph it cannot rewrite
-  stays the TF1 one, which the trainer, the export and serving read too, with one warning."""
-  import logging
-
+def _rewrite_as_tf2(unused_done, directory, temp_dir, adapter_config, job_process):
+  """transform_graph.rewrite_as_tf2 of the written transform graph: for a large graph, in a child
+  process where this step runs in the process that runs the job (`job_process`, its
+  transform_graph.PROCESS_TOKEN; job.publish waits for it before publishing); here elsewhere. A
+  graph it cannot rewrite stays the TF1 one, which the trainer, the export and serving read too,
+  with one warning."""
+  if job_process == transform_graph.PROCESS_TOKEN and transform_graph.worth_a_child(directory):
+    transform_graph.start_in_background(directory, adapter_config, temp_dir)
+    return
   from tfx_bsl.tfxio import tensor_adapter
   try:
     transform_graph.rewrite_as_tf2(
         directory, tensor_adapter.TensorAdapter(adapter_config).OriginalTypeSpecs(), temp_dir)
   except Exception as e:  # an op or a composite the rewrite does not know
-    logging.getLogger('pipelines').warning(
-        'the transform graph stays a TF1 SavedModel (TFTransformOutput.transform_raw_features '
-        'then needs a tf.compat.v1 graph; --tracing tf2 writes a TF2 one): it could not be '
-        'rewritten as TF2: %s: %s', type(e).__name__, output_dir.error_cause(e))
+    transform_graph.warn_not_rewritten(f'{type(e).__name__}: {output_dir.error_cause(e)}')
 
 
 def traced_failure(error, out):

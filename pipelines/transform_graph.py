@@ -22,11 +22,25 @@ Values are the TF1 graph's own ops: the transformed shards (written by the TF1 g
 graph agree (tests/test_tabular_pipeline.py). Public APIs only: tf.saved_model,
 tf.compat.v1.saved_model.utils, the SavedModel protos.
 
-No Beam here: stages.AnalyzeTrain calls it once TF Transform has written the transform graph.
+No Beam here: stages.AnalyzeTrain calls it once TF Transform has written the transform graph, in its
+own step or, where that step runs in the process that runs the job (Beam's in-process runner), in a
+child process (`start_in_background`), which the job waits for before it publishes
+(`wait_for_background`, once the report is written). The rewrite is Python graph building (a
+300-column graph: 12 s of one core here, benchmarks/RESULTS.md), which holds the GIL: on a thread it
+ran no faster; in a child process it runs on the machine's other core while the job transforms the
+splits.
 """
 
+import atexit
 import collections
+import logging
 import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
 
 # TF Transform's names for a transform graph: the TF1 SavedModel's tag and signature, and the
 # attribute its TF2 loader reads the transform function from.
@@ -106,6 +120,12 @@ def _load_unsigned(saved_model_dir):
       f.write(original)
 
 
+def _paths(output_dir, temp_dir):
+  """(the transform graph, the new one while it is written, the old one while it is replaced)."""
+  return (output_dir.rstrip('/') + '/transform_fn', os.path.join(temp_dir, 'transform_fn.tf2'),
+          os.path.join(temp_dir, 'transform_fn.tf1'))
+
+
 def rewrite_as_tf2(output_dir, type_specs, temp_dir):
   """Replaces output_dir/transform_fn, a TF1 SavedModel that TF Transform wrote, by the same
   transform as a TF2 SavedModel taking `type_specs` ({raw feature: batched tf.TypeSpec}, the
@@ -114,7 +134,7 @@ def rewrite_as_tf2(output_dir, type_specs, temp_dir):
   TF1 graph where it was, and nothing of the new one."""
   import tensorflow as tf
 
-  final = output_dir.rstrip('/') + '/transform_fn'
+  final, staged, old = _paths(output_dir, temp_dir)
   meta_graph = tf1_meta_graph(final)
   if meta_graph is None:
     return
@@ -139,8 +159,6 @@ def rewrite_as_tf2(output_dir, type_specs, temp_dir):
   module = tf.Module()
   module.loaded = loaded  # its tables' initializer, vocabulary assets and variables
   setattr(module, FUNCTION, transform.get_concrete_function())
-  staged = os.path.join(temp_dir, 'transform_fn.tf2')
-  old = os.path.join(temp_dir, 'transform_fn.tf1')
   for path in (staged, old):
     if tf.io.gfile.exists(path):
       tf.io.gfile.rmtree(path)
@@ -156,3 +174,108 @@ def rewrite_as_tf2(output_dir, type_specs, temp_dir):
     if tf.io.gfile.exists(staged):
       tf.io.gfile.rmtree(staged)
   tf.io.gfile.rmtree(old)
+
+
+# This process, as the job's steps see it: a step that finds the same token runs in the process
+# that built the job (a worker process or machine imports this module afresh).
+PROCESS_TOKEN = uuid.uuid4().hex
+_LOG = logging.getLogger('pipelines')
+_RUNNING = {}  # output_dir -> (child process, its log file's path)
+
+
+def warn_not_rewritten(cause):
+  _LOG.warning(
+      'the transform graph stays a TF1 SavedModel (TFTransformOutput.transform_raw_features '
+      'then needs a tf.compat.v1 graph; --tracing tf2 writes a TF2 one): it could not be '
+      'rewritten as TF2: %s', cause)
+
+
+# A child process pays for importing TensorFlow (about 5 s of CPU here) before it rewrites: less
+# than the rewrite of a 300-column graph (about 15,000 nodes, 12 s), more than a census graph's.
+BACKGROUND_MIN_NODES = 5000
+
+
+def worth_a_child(output_dir):
+  """Whether output_dir's TF1 transform graph is large enough for start_in_background."""
+  meta_graph = tf1_meta_graph(output_dir.rstrip('/') + '/transform_fn')
+  return meta_graph is not None and len(meta_graph.graph_def.node) >= BACKGROUND_MIN_NODES
+
+
+def start_in_background(output_dir, adapter_config, temp_dir):
+  """rewrite_as_tf2 of output_dir's transform graph in a child process of this one, with the
+  raw features' TypeSpecs of `adapter_config` (a tfx_bsl TensorAdapterConfig); the rewrite's
+  files go to `temp_dir` as inline, the child's arguments and output to a local directory."""
+  if output_dir in _RUNNING:  # the step ran again
+    _stop(_RUNNING.pop(output_dir))
+  job = tempfile.mkdtemp(prefix='transform-graph-rewrite-')
+  with open(os.path.join(job, 'config.pickle'), 'wb') as f:
+    pickle.dump(adapter_config, f)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root] + [p for p in [os.environ.get('PYTHONPATH')] if p]), TF_CPP_MIN_LOG_LEVEL='2')
+  with open(os.path.join(job, 'log'), 'wb') as log:
+    child = subprocess.Popen(
+        [sys.executable, '-m', 'pipelines.transform_graph', output_dir, temp_dir,
+         os.path.join(job, 'config.pickle')],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+  atexit.unregister(kill_background)
+  atexit.register(kill_background)  # a command that fails after the job ran
+  _RUNNING[output_dir] = _Child(child, job, temp_dir)
+
+
+class _Child(collections.namedtuple('_Child', ['process', 'job', 'temp_dir'])):
+  __slots__ = ()
+
+
+def wait_for_background():
+  """Waits for the rewrites start_in_background began. A rewrite that failed, or a child that
+  died, leaves the TF1 graph where it was (put back if it died between its two renames), with
+  the warning an inline rewrite gives."""
+  import tensorflow as tf
+
+  while _RUNNING:
+    output_dir, child = _RUNNING.popitem()
+    try:
+      status = child.process.wait()
+      if status != 0:
+        final, old = _paths(output_dir, child.temp_dir)[::2]
+        if not tf.io.gfile.exists(final) and tf.io.gfile.exists(old):
+          tf.io.gfile.rename(old, final)
+        with open(os.path.join(child.job, 'log'), errors='replace') as f:
+          lines = [line.strip() for line in f if line.strip()]
+        warn_not_rewritten(lines[-1] if status == _FAILED and lines
+                           else f'its process ended with exit status {status}')
+    finally:
+      shutil.rmtree(child.job, ignore_errors=True)
+
+
+def kill_background():
+  """Stops the rewrites still running (a job that failed publishes nothing)."""
+  while _RUNNING:
+    _stop(_RUNNING.popitem()[1])
+
+
+def _stop(child):
+  child.process.kill()
+  child.process.wait()
+  shutil.rmtree(child.job, ignore_errors=True)
+
+
+_FAILED = 3  # the child's exit status for a rewrite that raised; its last line is the cause
+
+
+def _main(output_dir, temp_dir, config_path):
+  from tfx_bsl.tfxio import tensor_adapter
+  with open(config_path, 'rb') as f:
+    adapter_config = pickle.load(f)
+  try:
+    rewrite_as_tf2(output_dir, tensor_adapter.TensorAdapter(adapter_config).OriginalTypeSpecs(),
+                   temp_dir)
+  except Exception as e:  # an op or a composite the rewrite does not know
+    cause = str(e).strip().splitlines()
+    print(f'{type(e).__name__}: {cause[0] if cause else ""}', flush=True)
+    sys.exit(_FAILED)
+
+
+if __name__ == '__main__':
+  _main(*sys.argv[1:])

@@ -110,8 +110,11 @@ def install():
     _register(_BatchCountedVocabularyAccumulate)
     _STATE['ours'] = True
     analysis_graph.set_enabled(True, REWRITES)
+    binding_packing.install_deferred_metadata(True)
     return
   analysis_graph.set_enabled(False)
+  if reason is None:
+    binding_packing.install_deferred_metadata(False)
   if reason is not None and not _STATE['logged']:
     _STATE['logged'] = True
     _LOG.warning('TF Transform %s: its own VocabularyAccumulate runs, not pipelines/vocabulary.py '
@@ -129,6 +132,8 @@ def tft_implementation():
     _register(_TFT_IMPLEMENTATION)
     _STATE['ours'] = False
   analysis_graph.set_enabled(False)
+  if unfit_reason() is None:
+    binding_packing.install_deferred_metadata(False)
   try:
     yield
   finally:

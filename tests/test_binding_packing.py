@@ -10,6 +10,8 @@ Beam stages on their own.
 """
 
 import collections
+import glob
+import os
 
 import numpy as np
 import pytest
@@ -149,7 +151,10 @@ def _analyze(root):
            **{s: f'{s}_{int(rng.zipf(1.5)) % (10 + 7 * i)}'.encode()
               for i, s in enumerate(STRINGS)}} for _ in range(600)]
   files, out, transforms = helpers.analyze_in_graph_mode(_wide, spec, rows, root, batch_size=100)
-  return files, {key: np.array([row[key] for row in out]) for key in out[0]}, transforms
+  schema = tft.TFTransformOutput(root).transformed_metadata.schema
+  deferred = glob.glob(os.path.join(root, 'tmp', '**', '*.deferred_schema.pb'), recursive=True)
+  return (files, {key: np.array([row[key] for row in out]) for key in out[0]}, transforms,
+          schema, deferred)
 
 
 @pytest.fixture(scope='module')
@@ -161,7 +166,8 @@ def wide_runs(tmp_path_factory):
 
 
 def test_a_packed_wide_analysis_gives_tensorflow_transforms_results(wide_runs):
-  (their_files, theirs, their_count), (files, ours, count) = wide_runs
+  (their_files, theirs, their_count, their_schema, _), (files, ours, count, schema,
+                                                          deferred) = wide_runs
   assert files == their_files and len(files) == len(STRINGS)
   assert sorted(ours) == sorted(theirs)
   for key, values in theirs.items():
@@ -172,3 +178,9 @@ def test_a_packed_wide_analysis_gives_tensorflow_transforms_results(wide_runs):
   # Per-analyzer transforms are gone: 12 means and variances, 4 quantiles, 3 min-max and 6
   # vocabularies had about three each, and one side input per binding.
   assert count < their_count - 3 * (12 + 4 + 3 + 6), (count, their_count)
+  # The schema computed where the graph was bound is TF Transform's ComputeDeferredMetadata's,
+  # analyzer-dependent domains included (a vocabulary's ids: its size plus the OOV bucket).
+  assert len(deferred) == 1
+  assert schema == their_schema
+  domains = {f.name: f.int_domain for f in schema.feature if f.HasField('int_domain')}
+  assert domains['s1_id'].max == len(files['s1'].splitlines()) and domains['s1_id'].min == 0

@@ -153,3 +153,60 @@ def test_a_failed_rewrite_leaves_the_tf1_graph_and_nothing_else(tf1_output, tmp_
   for name, content in before.items():  # the signature is back, byte for byte
     assert open(os.path.join(out, 'transform_fn', name), 'rb').read() == content
   assert transform_graph.tf1_meta_graph(os.path.join(out, 'transform_fn')) is not None
+
+
+def _adapter_config(spec=SPEC):
+  """The TensorAdapterConfig a pipeline gives the rewrite for `spec`'s raw RecordBatches."""
+  import pyarrow as pa
+
+  from pipelines import job
+  types = {tf.float32: pa.float32(), tf.string: pa.large_binary(), tf.int64: pa.int64()}
+  arrow = pa.schema([(name, pa.large_list(types[f.dtype])) for name, f in spec.items()])
+  return job.adapter_config(arrow, spec)
+
+
+def test_a_rewrite_in_a_child_process_gives_the_inline_rewrite(tf1_output, tmp_path):
+  """stages.AnalyzeTrain's rewrite where the job runs in this process: a child process rewrites
+  the graph while the job goes on; wait_for_background gives the same graph as inline."""
+  import shutil
+  inline, child = str(tmp_path / 'inline'), str(tmp_path / 'child')
+  for out in (inline, child):
+    shutil.copytree(tf1_output, out)
+  os.makedirs(tmp_path / 'tmp')
+  transform_graph.start_in_background(child, _adapter_config(), str(tmp_path / 'tmp'))
+  transform_graph.rewrite_as_tf2(inline, _specs(), str(tmp_path))
+  transform_graph.wait_for_background()
+  assert transform_graph.tf1_meta_graph(os.path.join(child, 'transform_fn')) is None
+  assert os.listdir(tmp_path / 'tmp') == []
+  raw = _raw(ROWS[:20], tuple(SPEC))
+  want = tft.TFTransformOutput(inline).transform_raw_features(raw)
+  got = tft.TFTransformOutput(child).transform_raw_features(raw)
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(np.asarray(_dense(got[key]), dtype=object),
+                                  np.asarray(_dense(value), dtype=object), err_msg=key)
+
+
+def test_a_child_rewrite_that_fails_or_dies_leaves_the_tf1_graph_with_a_warning(
+    tf1_output, tmp_path, caplog):
+  """A rewrite that raises in the child (here: specs without one of the graph's inputs) and a
+  child killed part way both leave the TF1 graph, published with the one warning."""
+  import shutil
+  import signal
+  spec = {k: v for k, v in SPEC.items() if k != 'tags'}
+  for case in ('raises', 'killed'):
+    out = str(tmp_path / case)
+    shutil.copytree(tf1_output, out)
+    os.makedirs(tmp_path / f'{case}-tmp')
+    caplog.clear()
+    transform_graph.start_in_background(
+        out, _adapter_config(spec if case == 'raises' else SPEC), str(tmp_path / f'{case}-tmp'))
+    if case == 'killed':
+      (child,) = transform_graph._RUNNING.values()
+      child.process.send_signal(signal.SIGKILL)
+    transform_graph.wait_for_background()
+    assert transform_graph.tf1_meta_graph(os.path.join(out, 'transform_fn')) is not None
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tf1_output))
+    (record,) = [r for r in caplog.records if 'stays a TF1 SavedModel' in r.getMessage()]
+    assert ('KeyError' in record.getMessage() if case == 'raises'
+            else 'exit status -9' in record.getMessage()), record.getMessage()
