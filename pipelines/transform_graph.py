@@ -223,8 +223,7 @@ def start_in_background(output_dir, adapter_config, temp_dir):
   _RUNNING[output_dir] = _Child(child, job, temp_dir)
 
 
-class _Child(collections.namedtuple('_Child', ['process', 'job', 'temp_dir'])):
-  __slots__ = ()
+_Child = collections.namedtuple('_Child', ['process', 'job', 'temp_dir'])
 
 
 def wait_for_background():
