@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from tfx_bsl.coders import example_coder
 
 from pipelines.output_dir import join, mkdirs
+from pipelines.sinks import example_encoding
 from transforms.run_contract import shard_name
 
 GZIP_LEVEL = 1
@@ -68,8 +69,9 @@ def frame_records(records):
 class _WriteShardPartsFn(beam.DoFn):
   """RecordBatches -> part files of the shards (main output: (shard, (part path, examples))).
 
-  Each RecordBatch is encoded by tfx_bsl's RecordBatchToExamplesEncoder (what TF Transform's
-  EncodeTransformedDataset uses), framed as TFRecords in one buffer and compressed as one gzip
+  Each RecordBatch is encoded by example_encoding (batches of fixed-length numeric columns) or
+  else by tfx_bsl's RecordBatchToExamplesEncoder (what TF Transform's EncodeTransformedDataset
+  uses), framed as TFRecords in one buffer and compressed as one gzip
   member (gzip members concatenate), then appended to this bundle's part file of one shard
   (batches go round the shards). Encoding and compression release the GIL, so they run on two
   threads beside the bundle's other work (TF Transform, reading), a few batches in flight.
@@ -108,7 +110,10 @@ class _WriteShardPartsFn(beam.DoFn):
       self._write_oldest()
 
   def _encode(self, batch):
-    data = frame_records(self._encoder.encode(batch))
+    records = example_encoding.encode(batch)  # None unless every column is fixed-length numeric
+    if records is None:
+      records = self._encoder.encode(batch)
+    data = frame_records(records)
     if self._compression == 'gzip':
       return gzip_member(data)
     return data
