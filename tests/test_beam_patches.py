@@ -34,7 +34,7 @@ if sys.argv[1] == 'mismatch':
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.transforms import userstate
 from apache_beam.runners.worker import bundle_processor, statecache, statesampler
-from apache_beam.runners.portability.fn_api_runner import execution, worker_handlers
+from apache_beam.runners.portability.fn_api_runner import execution, fn_runner, worker_handlers
 def targets():
   return {
       'PipelineOptions.view_as': PipelineOptions.view_as,
@@ -46,6 +46,7 @@ def targets():
       'ControlConnection.push': worker_handlers.ControlConnection.push,
       'FnApiRunnerExecutionContext._build_data_side_inputs_map':
           execution.FnApiRunnerExecutionContext._build_data_side_inputs_map,
+      'FnApiRunner._execute_bundle': fn_runner.FnApiRunner._execute_bundle,
   }
 originals = targets()
 from pipelines.runner import beam_patches, launch
@@ -64,6 +65,7 @@ print(json.dumps({
 '''
 
 _ALL = ['BundleProcessor.__init__', 'ControlConnection._read', 'ControlConnection.push',
+        'FnApiRunner._execute_bundle',
         'FnApiRunnerExecutionContext._build_data_side_inputs_map', 'PipelineOptions.view_as',
         'statecache.get_deep_size', 'statesampler.StateSampler', 'userstate.get_dofn_specs']
 
@@ -275,3 +277,36 @@ def test_the_side_input_index_is_beams_own(monkeypatch):
     _ = shifted | 'Again' >> beam.Map(lambda x, t: x - t, beam.pvalue.AsSingleton(total))
   assert seen and all(a == b for a, b in seen)
   assert sum(len(v) for v in seen[0][0].values()) >= 5  # the side inputs were indexed
+
+
+
+def test_a_finished_stage_is_torn_down_before_the_next_one_runs(tmp_path):
+  """_release_finished_stages: the DoFn of a stage whose output is complete is torn down (and
+  what it holds freed) before a stage after a GroupByKey runs, not when the job ends; the job's
+  result is the same. (The DoFns are pickled: they tell each other through a file.)"""
+  import apache_beam as beam
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+  from apache_beam.testing.util import assert_that, equal_to
+  beam_patches.install('release_finished_stages')
+  if 'release_finished_stages' not in beam_patches.applied():
+    pytest.skip('the patch does not apply to this Beam')
+  marker = str(tmp_path / 'torn_down')
+
+  class Holds(beam.DoFn):
+    def setup(self):
+      self.big = bytearray(1 << 20)  # what a TF Transform stage's session would be
+
+    def process(self, x):
+      yield x % 2, x
+
+    def teardown(self):
+      with open(marker, 'w') as f:
+        f.write('first stage')
+
+  def after_the_grouping(kv):
+    return kv[0], sum(kv[1]), os.path.exists(marker)
+
+  with beam.Pipeline(runner=FnApiRunner()) as p:
+    result = (p | beam.Create(range(10)) | beam.ParDo(Holds()) | beam.GroupByKey()
+              | beam.Map(after_the_grouping))
+    assert_that(result, equal_to([(0, 20, True), (1, 25, True)]))

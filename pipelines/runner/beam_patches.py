@@ -83,8 +83,9 @@ def install_worker_speedups():
 
 def install_runner_patches():
   """Where the job service runs in this process (Beam's in-process runner, or PortableRunner
-  with an embedded job service): _fail_instructions_of_lost_workers, _index_side_inputs_once."""
-  install('fail_instructions_of_lost_workers', 'index_side_inputs_once')
+  with an embedded job service): _fail_instructions_of_lost_workers, _index_side_inputs_once,
+  _release_finished_stages."""
+  install('fail_instructions_of_lost_workers', 'index_side_inputs_once', 'release_finished_stages')
 
 
 Patch = collections.namedtuple('Patch', 'name targets tested apply')
@@ -406,6 +407,44 @@ def _fail_instructions_of_lost_workers():
   connection._fails_when_lost = True
 
 
+def _release_finished_stages():
+  """Beam's in-process runner keeps every stage's BundleProcessor (its operations and DoFns, and
+  what those hold) cached after the stage has run, until the job ends or the processor has been
+  idle for a minute (BundleProcessorCache's periodic shutdown). A stage whose output watermark
+  has reached the end of time gets no more bundles: its processors are shut down (DoFn teardown)
+  as that periodic shutdown would. TF Transform's analysis and transform stages each hold a
+  TensorFlow session of the whole transform graph, so on wide tables the sessions of finished
+  stages were most of what the transform pass kept beside its own (benchmarks/RESULTS.md).
+  A bundle that came later after all would find no processor and make a new one, as after the
+  periodic shutdown. Could live upstream: the runner could release a stage once it is done."""
+  from apache_beam.runners.portability.fn_api_runner import fn_runner, worker_handlers
+  from apache_beam.runners.worker import sdk_worker
+  from apache_beam.utils import timestamp
+  runner = fn_runner.FnApiRunner
+  if getattr(runner, '_releases_finished_stages', False):
+    return
+  execute = runner._execute_bundle
+
+  def _execute_bundle(self, context, bundle_context_manager, bundle_input):
+    result = execute(self, context, bundle_context_manager, bundle_input)
+    try:
+      done = (context.watermark_manager.get_stage_node(bundle_context_manager.stage.name)
+              .output_watermark() >= timestamp.MAX_TIMESTAMP)
+      if done:
+        descriptor = bundle_context_manager.process_bundle_descriptor.id
+        for handler in bundle_context_manager.worker_handlers:
+          if isinstance(handler, worker_handlers.EmbeddedWorkerHandler):
+            cached = handler.bundle_processor_cache.cached_bundle_processors
+            sdk_worker.BundleProcessorCache._shutdown_cached_bundle_processors(
+                cached.pop(descriptor, []))
+    except AttributeError:  # another Beam version: processors stay until the job ends
+      pass
+    return result
+
+  runner._execute_bundle = _execute_bundle
+  runner._releases_finished_stages = True
+
+
 # Every patch of Beam in this project, and the one private Beam API that launch.py builds on.
 # 'plugins_for_local_workers' patches nothing: launch.py hands Beam's in-process runner an
 # ExtendedProvisionInfo of its own so that its multi-process workers import the worker plugin
@@ -437,6 +476,11 @@ PATCHES = (
           ('apache_beam.runners.portability.fn_api_runner.worker_handlers:ControlConnection._read',
            'apache_beam.runners.portability.fn_api_runner.worker_handlers:ControlConnection.push'),
           ('2.77',), _fail_instructions_of_lost_workers),
+    Patch('release_finished_stages',
+          ('apache_beam.runners.portability.fn_api_runner.fn_runner:FnApiRunner._execute_bundle',
+           'apache_beam.runners.worker.sdk_worker:BundleProcessorCache.'
+           '_shutdown_cached_bundle_processors'),
+          ('2.77',), _release_finished_stages),
     Patch('plugins_for_local_workers',
           ('apache_beam.runners.portability.fn_api_runner.fn_runner:ExtendedProvisionInfo',
            'apache_beam.runners.job.utils:dict_to_struct'),
