@@ -100,11 +100,11 @@ def plan_cache(request, out, preprocessing_fn, adapter_config, graph_mode):
   from tfx_bsl.tfxio import tensor_adapter
   specs = tensor_adapter.TensorAdapter(adapter_config).OriginalTypeSpecs()
   try:
-    graph = analysis_cache.graph_digest(preprocessing_fn, specs, graph_mode)
+    traced = analysis_cache.trace(preprocessing_fn, specs, graph_mode)
   except Exception as e:  # the user's function, as stages.AnalyzeTrain reports it
     raise stages.TraceError(stages.traced_failure(e, out)) from e
   plan = analysis_cache.plan(request, output_dir.join(out.staging, 'analysis_cache'),
-                             preprocessing_fn, specs, graph_mode, graph)
+                             preprocessing_fn, specs, graph_mode, traced)
   _LOG.info('analysis cache %s: %d of %d spans cached, %d to read', request.directory,
             len(plan.cached), len(plan.spans), len(plan.to_read))
   return plan

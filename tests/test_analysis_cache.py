@@ -209,6 +209,41 @@ def test_a_changed_preprocessing_fn_misses_where_tft_keys_would_not(runs, tmp_pa
   assert entry_keys(plus) == entry_keys(minus)
 
 
+COUNTED = '''
+from transforms.census import *  # noqa: F401,F403 (the contract)
+from transforms import census
+
+
+
+def preprocessing_fn(inputs):
+  with open({calls!r}, 'a') as f:  # a file: the test loads the module apart from the run
+    f.write('traced\\n')
+  return census.preprocessing_fn(inputs)
+'''
+
+
+def test_the_plan_traces_the_function_once_and_plans_as_two_traces_would(runs, tmp_path,
+                                                                         monkeypatch):
+  """The digest's trace is handed to TF Transform's inspection of which spans to read, which
+  otherwise traces again: the same plan (a new span is read, the cached ones are not)."""
+  calls = tmp_path / 'calls'
+  module = _write_module(tmp_path, 'counted', COUNTED.format(calls=str(calls)))
+  cache = tmp_path / 'cache'
+  shutil.copytree(runs['cache'], cache)
+  new = tmp_path / 'new.csv'
+  text = open(runs['paths'][0]).read()
+  new.write_text(text.replace(', 40,', ', 42,', 1))
+  paths = [runs['paths'][0], str(new)]
+  once = _plan(tmp_path, paths, cache, module)
+  assert calls.read_text().count('traced') == 1
+  calls.unlink()
+  monkeypatch.setattr(analysis_cache, '_REUSE_TESTED', ())  # another TF Transform: traced twice
+  twice = _plan(tmp_path, paths, cache, module)
+  assert calls.read_text().count('traced') == 2
+  assert once.to_read == twice.to_read == {str(new)} and once.keys == twice.keys
+  assert once.cached.keys() == twice.cached.keys()
+
+
 def test_a_changed_contract_reader_flag_tracing_or_version_misses(runs, tmp_path, monkeypatch):
   paths, cache = runs['paths'][:1], runs['cache']
   contract = _write_module(tmp_path, 'other_na', 'from transforms.census import *  # noqa\n'
