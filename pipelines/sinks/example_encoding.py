@@ -1,21 +1,22 @@
-"""TFRecord files of tf.train.Example for RecordBatches whose every column holds a fixed number of
-float32 or int64 values per row (the dense outputs of a preprocessing_fn), built with whole-batch
+"""Serialized tf.train.Example for RecordBatches whose every column holds a fixed number of
+float32 or int64 values per row (the dense outputs of a preprocessing_fn), made with whole-batch
 numpy operations instead of one protobuf message per row.
 
 Why it exists: tfx_bsl's RecordBatchToExamplesEncoder builds a protobuf map per row and
-serializes it; on a 351-feature table that is about 0.5 us per value, the largest single cost of
-the transform pass (17 s of CPU for 100,000 rows on the machine of benchmarks/RESULTS.md, with two
-cores shared by everything). Every row of such a batch has the same layout except for the varint
-bytes of its int64 values and the lengths that depend on them, so the batch is written as one
-byte matrix (a template row broadcast, the values written column-wise, the variable slots
-masked), compacted with a boolean mask, and framed as TFRecords in the same pass.
+serializes it. On a 351-feature table that is the largest single cost of the writer threads:
+8.9 s of their CPU for 100,000 rows, against 2.6 s here (benchmarks/RESULTS.md); on two cores
+that CPU is taken from everything else. Every row of such a batch has the same layout, except for
+the varint bytes of its int64 values and the lengths that depend on them. So the float items of
+all rows are one byte matrix (a template row broadcast, the values written through strided
+views), the int items another, compacted with a boolean mask where varints are shorter than
+their slot, and each row is joined from its pieces.
 
 The bytes are protobuf's canonical encoding of the Example (minimal varints, packed repeated
 values), its map entries the float features', then the int64 features', each in key order (with
 one kind, that is protobuf's deterministic serialization exactly): tests/test_example_encoding.py
-checks them against what tfx_bsl's encoder writes. Batches with any
-other column (strings, ragged or sparse values, nulls, other types) return None from `framed`,
-and the caller encodes them with tfx_bsl.
+checks them against what tfx_bsl's encoder writes. A batch with any other column (strings,
+ragged or sparse values, nulls, other types) gets None from `encode`, and the caller encodes it
+with tfx_bsl.
 """
 
 import numpy as np
