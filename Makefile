@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install tfjs demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-small bench-cache bench-input bench-images bench-serve clean
+.PHONY: install tfjs demo demo-images demo-text demo-regression fashion-mnist lint test bench bench-wide bench-small bench-cache bench-encode bench-input bench-images bench-serve clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -111,6 +111,10 @@ bench-small: install
 # The analysis cache: an 11th span added to 10 cached ones of 200,000 rows, against analyzing all.
 bench-cache: install
 	$(PY) benchmarks/analysis_cache.py --spans 11 --rows 200000 --runs 3
+
+# The sink's numpy Example encoder against tfx_bsl's, on a wide and a narrow batch.
+bench-encode: install
+	$(PY) benchmarks/example_encoding.py
 
 # The trainer's tf.data input against a plain TFRecordDataset + parse_example (issue: >= 0.8x).
 bench-input: install
