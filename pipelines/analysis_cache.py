@@ -113,23 +113,20 @@ def graph_digest(preprocessing_fn, type_specs, graph_mode):
   return digest_of(trace(preprocessing_fn, type_specs, graph_mode)[0])
 
 
-# TF Transform versions on which _reusing_trace was tested: its inspection of the analysis graph
-# (analysis_graph_builder.get_analysis_dataset_keys) traces through impl_helper's module attribute.
-_REUSE_TESTED = ('1.21',)
-
-
 @contextlib.contextmanager
 def _reusing_trace(preprocessing_fn, traced):
   """Within the block, TF Transform's next trace of `preprocessing_fn` is `traced` (a trace of
   the same function with the same specs and mode, made and digested before) instead of a new
   one: the plan traced the function twice, once for its digest and once more in TF Transform's
-  inspection of which spans to read (4 s each on a 300-column table). On another TF Transform,
-  or without `traced`, TF Transform traces again as released."""
-  import tensorflow_transform as tft
+  inspection of which spans to read (4 s each on a 300-column table). That inspection
+  (analysis_graph_builder.get_analysis_dataset_keys) traces through impl_helper's module
+  attribute on the TF Transform versions vocabulary.TESTED_TFT names; on another, or without
+  `traced`, TF Transform traces again as released."""
   from tensorflow_transform import impl_helper
+
+  from pipelines import vocabulary
   original = getattr(impl_helper, 'trace_preprocessing_function', None)
-  if (traced is None or original is None
-      or '.'.join(tft.__version__.split('.')[:2]) not in _REUSE_TESTED):
+  if traced is None or original is None or not vocabulary.tft_tested():
     yield
     return
   unused = [traced]

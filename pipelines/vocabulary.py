@@ -49,11 +49,17 @@ _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
 REWRITES = (vocabulary_packing.pack, merge_packing.pack, binding_packing.pack)
 
 
+def tft_tested(tft_version=None):
+  """Whether TF Transform `tft_version` (the installed one by default) is one of TESTED_TFT, by
+  major and minor version: the gate of every reach into TF Transform's internals."""
+  tft_version = tft.__version__ if tft_version is None else tft_version
+  return '.'.join(tft_version.split('.')[:2]) in TESTED_TFT
+
+
 def unfit_reason(tft_version=None):
   """Why the per-batch counting and the packing (vocabulary_packing.py) do not fit TF Transform
   `tft_version` (the installed one by default): None where they do."""
-  tft_version = tft.__version__ if tft_version is None else tft_version
-  if '.'.join(tft_version.split('.')[:2]) not in TESTED_TFT:
+  if not tft_tested(tft_version):
     return f'tested on TF Transform {", ".join(TESTED_TFT)} only'
   if vocabulary_packing.FREQUENCY is None or _TFT_IMPLEMENTATION is None:
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '

@@ -13,7 +13,7 @@ import tensorflow_transform as tft
 from tensorflow_transform.beam import analysis_graph_builder
 from tfx_bsl.tfxio import tensor_adapter
 
-from pipelines import analysis_cache, job, output_dir, tabular
+from pipelines import analysis_cache, job, output_dir, tabular, vocabulary
 from tests.conftest import REPO
 from tests.helpers import read_split
 from transforms import contract as contract_lib
@@ -237,7 +237,7 @@ def test_the_plan_traces_the_function_once_and_plans_as_two_traces_would(runs, t
   once = _plan(tmp_path, paths, cache, module)
   assert calls.read_text().count('traced') == 1
   calls.unlink()
-  monkeypatch.setattr(analysis_cache, '_REUSE_TESTED', ())  # another TF Transform: traced twice
+  monkeypatch.setattr(vocabulary, 'TESTED_TFT', ())  # another TF Transform: traced twice
   twice = _plan(tmp_path, paths, cache, module)
   assert calls.read_text().count('traced') == 2
   assert once.to_read == twice.to_read == {str(new)} and once.keys == twice.keys

@@ -144,22 +144,23 @@ def _float_block(columns, rows):
   if not columns:
     return b'', 0
   runs = []  # (first byte, items, item length, values' offset in the item, [columns])
-  width = 0
+  template = bytearray()
   for column in columns:
     item, offset = _float_item(column.key, column.width)
     if runs and runs[-1][2] == len(item) and runs[-1][3] == offset:
       runs[-1][1] += 1
       runs[-1][4].append(column)
     else:
-      runs.append([width, 1, len(item), offset, [column]])
-    width += len(item)
-  template = b''.join(_float_item(column.key, column.width)[0] for column in columns)
+      runs.append([len(template), 1, len(item), offset, [column]])
+    template += item
+  width = len(template)
+  template = np.frombuffer(bytes(template), np.uint8)
   matrix = np.empty((rows, width), np.uint8)
   chunk = max(1, _CHUNK_BYTES // width)
   for begin in range(0, rows, chunk):
     end = min(rows, begin + chunk)
     part = matrix[begin:end]
-    part[:] = np.frombuffer(template, np.uint8)
+    part[:] = template
     for first, items, length, offset, run in runs:
       values = np.stack([c.values[begin:end] for c in run], axis=1).astype(_LITTLE, copy=False)
       view = part[:, first:first + items * length].reshape(end - begin, items, length)
@@ -200,6 +201,7 @@ def _int_block(columns, rows):
     template += prefix + bytes(sum(slots))
     keep_row += [True] * len(prefix) + [False] * sum(slots)
   width = len(template)
+  template, keep_row = np.frombuffer(bytes(template), np.uint8), np.array(keep_row)
   value_starts = np.cumsum([0] + [c.width for c in columns])
 
   chunk = max(1, _CHUNK_BYTES // width)
@@ -208,9 +210,9 @@ def _int_block(columns, rows):
     end = min(rows, begin + chunk)
     count = end - begin
     matrix = np.empty((count, width), np.uint8)
-    matrix[:] = np.frombuffer(bytes(template), np.uint8)
+    matrix[:] = template
     keep = np.empty((count, width), bool)
-    keep[:] = np.array(keep_row)
+    keep[:] = keep_row
     for first, column, items, prefix, slots in runs:
       length = prefix + sum(slots)
       view = matrix[:, first:first + items * length].reshape(count, items, length)
