@@ -32,13 +32,16 @@ import apache_beam
 if sys.argv[1] == 'mismatch':
   apache_beam.__version__ = '2.78.0'
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
-from apache_beam.transforms import userstate
+from apache_beam.transforms import core, userstate
+from apache_beam.typehints import decorators
 from apache_beam.runners.worker import bundle_processor, statecache, statesampler
 from apache_beam.runners.portability.fn_api_runner import execution, fn_runner, worker_handlers
 def targets():
   return {
       'PipelineOptions.view_as': PipelineOptions.view_as,
       'userstate.get_dofn_specs': userstate.get_dofn_specs,
+      'decorators.get_signature': decorators.get_signature,
+      'core.get_signature': core.get_signature,
       'BundleProcessor.__init__': bundle_processor.BundleProcessor.__init__,
       'statecache.get_deep_size': statecache.get_deep_size,
       'statesampler.StateSampler': statesampler.StateSampler,
@@ -67,7 +70,8 @@ print(json.dumps({
 _ALL = ['BundleProcessor.__init__', 'ControlConnection._read', 'ControlConnection.push',
         'FnApiRunner._execute_bundle',
         'FnApiRunnerExecutionContext._build_data_side_inputs_map', 'PipelineOptions.view_as',
-        'statecache.get_deep_size', 'statesampler.StateSampler', 'userstate.get_dofn_specs']
+        'core.get_signature', 'decorators.get_signature', 'statecache.get_deep_size',
+        'statesampler.StateSampler', 'userstate.get_dofn_specs']
 
 
 def _env(patches):
@@ -310,3 +314,30 @@ def test_a_finished_stage_is_torn_down_before_the_next_one_runs(tmp_path):
     result = (p | beam.Create(range(10)) | beam.ParDo(Holds()) | beam.GroupByKey()
               | beam.Map(after_the_grouping))
     assert_that(result, equal_to([(0, 20, True), (1, 25, True)]))
+
+
+def test_remembered_signatures_are_inspects_and_follow_a_changed_function():
+  if not beam_patches.applies('remember_signatures'):
+    pytest.skip('the patch does not apply to this Beam')
+  beam_patches.install('remember_signatures')
+  import inspect
+
+  import apache_beam as beam
+  from apache_beam.typehints import decorators
+
+  def f(a, b=1):
+    return a + b
+
+  assert decorators.get_signature(f) == inspect.signature(f)
+  assert decorators.get_signature(f) is decorators.get_signature(f)  # kept
+  f.__defaults__ = (2,)
+  assert decorators.get_signature(f).parameters['b'].default == 2
+
+  class Fn(beam.DoFn):
+    def process(self, element, when=beam.DoFn.TimestampParam):
+      yield element
+
+  one, other = Fn(), Fn()
+  assert list(decorators.get_signature(one.process).parameters) == ['element', 'when']
+  assert decorators.get_signature(other.process) == inspect.signature(other.process)
+  assert decorators.get_signature(len) == inspect.signature(len)  # a builtin, not kept
