@@ -14,6 +14,8 @@ between the two steps (pipelines/vocabulary.REWRITES, in this order):
     one step, instead of a chain of stages and a side input per result.
 Each leaves what it does not recognize as TF Transform built it; all are off where the analysis
 reads or writes an analyzer cache (the cache keys each analyzer's accumulator on its own).
+Where it reads one, pipelines/cache_packing.py (vocabulary.CACHE_REWRITES) decodes each
+analyzer's cached accumulators of all spans in one step instead of one per span.
 
 This builds on private parts of TF Transform 1.21 (analysis_graph_builder.build, the node types
 of analyzer_nodes and beam_nodes), so pipelines/vocabulary.install switches it on only on the TF
@@ -22,19 +24,23 @@ Transform versions it was tested with, and not where this project's Beam patches
 """
 
 import collections
+import functools
 
 from tensorflow_transform import nodes
 from tensorflow_transform.beam import analysis_graph_builder
 
 _ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
-# 'rewrites': functions (leaves, graph_mode) -> new leaves, applied in order; none when off.
-_STATE = {'rewrites': ()}
+# 'rewrites': functions (leaves, graph_mode) -> new leaves, applied in order where no analyzer
+# cache is read or written; 'cache_rewrites': functions (leaves, cache_dict) -> new leaves,
+# applied where a cache is read. None when off.
+_STATE = {'rewrites': (), 'cache_rewrites': ()}
 
 
-def set_enabled(on, rewrites=()):
-  """Applies `rewrites` to the analyses built after this call (on), or none; the first call
-  that turns it on puts the rewriting into analysis_graph_builder.build."""
+def set_enabled(on, rewrites=(), cache_rewrites=()):
+  """Applies `rewrites` and `cache_rewrites` to the analyses built after this call (on), or
+  none; the first call that turns it on puts the rewriting into analysis_graph_builder.build."""
   _STATE['rewrites'] = tuple(rewrites) if on else ()
+  _STATE['cache_rewrites'] = tuple(cache_rewrites) if on else ()
   if on and analysis_graph_builder.build is _ORIGINAL_BUILD:
     analysis_graph_builder.build = _build_and_rewrite
 
@@ -46,12 +52,16 @@ def enabled():
 def _build_and_rewrite(graph, *args, **kwargs):
   root, cache, side_effects = _ORIGINAL_BUILD(graph, *args, **kwargs)
   # An analyzer cache (read: a cache_dict, even an empty one; or written) keys each analyzer's
-  # accumulator on its own.
-  reads_cache = kwargs.get('cache_dict', args[3] if len(args) > 3 else None) is not None
-  if not _STATE['rewrites'] or cache or reads_cache:
+  # accumulator on its own: only the cache rewrites apply.
+  cache_dict = kwargs.get('cache_dict', args[3] if len(args) > 3 else None)
+  if cache_dict is not None:
+    rewrites = [functools.partial(r, cache_dict=cache_dict) for r in _STATE['cache_rewrites']]
+  else:
+    rewrites = () if cache else _STATE['rewrites']
+  if not rewrites:
     return root, cache, side_effects
   leaves = (root, *side_effects)
-  for rewrite in _STATE['rewrites']:
+  for rewrite in rewrites:
     # TF Transform's graph mode traces into a tf.Graph, its TF2 behaviours into a FuncGraph.
     leaves = rewrite(leaves, graph_mode=not graph.building_function)
   root, *side_effects = leaves

@@ -35,7 +35,13 @@ from tensorflow_transform import analyzer_nodes
 from tensorflow_transform.beam import analyzer_impls
 from tensorflow_transform.beam import common as tft_beam_common
 
-from pipelines import analysis_graph, binding_packing, merge_packing, vocabulary_packing
+from pipelines import (
+  analysis_graph,
+  binding_packing,
+  cache_packing,
+  merge_packing,
+  vocabulary_packing,
+)
 from pipelines.runner import beam_patches
 
 _LOG = logging.getLogger('pipelines')
@@ -47,6 +53,9 @@ _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
 # The rewrites of TF Transform's analysis graph that install() switches on with the counting, in
 # their order: the bindings' packing recognizes the packed vocabularies and merges.
 REWRITES = (vocabulary_packing.pack, merge_packing.pack, binding_packing.pack)
+# ... and those where it reads an analyzer cache (analysis_graph.py).
+CACHE_REWRITES = (cache_packing.decode_together, cache_packing.flatten_once,
+                  vocabulary_packing.pack_merges)
 
 
 def tft_tested(tft_version=None):
@@ -65,7 +74,7 @@ def unfit_reason(tft_version=None):
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
             'beam.analyzer_impls._VocabularyAccumulateImpl')
   missing = (vocabulary_packing.missing() + merge_packing.missing() +
-             binding_packing.missing())
+             binding_packing.missing() + cache_packing.missing())
   if missing:
     return f'TF Transform has no {", ".join(missing)}'
   return None
@@ -115,7 +124,7 @@ def install():
   if reason is None and beam_patches.enabled():
     _register(_BatchCountedVocabularyAccumulate)
     _STATE['ours'] = True
-    analysis_graph.set_enabled(True, REWRITES)
+    analysis_graph.set_enabled(True, REWRITES, CACHE_REWRITES)
     binding_packing.install_deferred_metadata(True)
     return
   analysis_graph.set_enabled(False)

@@ -50,7 +50,7 @@ from tensorflow_transform import analyzers as tft_analyzers
 from tensorflow_transform.beam import analysis_graph_builder, beam_nodes
 from tensorflow_transform.beam import common as tft_beam_common
 
-from pipelines import analysis_graph
+from pipelines import analysis_graph, cache_packing
 from pipelines.analysis_graph import value_key
 
 # TF Transform's ordering type of the frequency vocabularies (private; pipelines/vocabulary.py
@@ -86,6 +86,14 @@ class PackedVocabularies(
   __slots__ = ()
 
 
+class PackedVocabularyMerges(
+    collections.namedtuple('PackedVocabularyMerges', ['specs', 'owners', 'label']),
+    nodes.OperationDef):
+  """PCollections of (token, count), cached and new counts, input i of spec owners[i] -> as
+  PackedVocabularies; writes each vocabulary file."""
+  __slots__ = ()
+
+
 class ExtractPackedVocabulary(
     collections.namedtuple('ExtractPackedVocabulary', ['index', 'label']), nodes.OperationDef):
   """PackedVocabularies' output -> its spec `index`'s file path, unpruned and pruned sizes: the
@@ -117,23 +125,40 @@ def _next_and_counts(consumers, op, kind):
 
 def _chain(accumulate, consumers):
   """The packable vocabulary chain that starts at VocabularyAccumulate `accumulate`, as
-  (batches ValueNode, spec, {replaced value key: output index}); None if it is not one."""
+  (batches ValueNode, spec, {replaced value key: output index}, label); None if it is not one."""
   acc = accumulate.operation_def
   if FREQUENCY is None or acc.vocab_ordering_type != FREQUENCY or len(accumulate.inputs) != 1:
     return None
+  batches = _batches_of(accumulate)
+  if batches is None:
+    return None
+  merges = consumers[value_key(accumulate.outputs[0])]
+  if not _only(merges, analyzer_nodes.VocabularyMerge):
+    return None
+  found = _merged_chain(merges[0], consumers)
+  if found is None:
+    return None
+  keys = accumulate.inputs[0].parent_operation.operation_def.keys
+  spec, replaced, label = found
+  return batches, spec._replace(key=keys[0] if isinstance(keys, tuple) else keys), replaced, label
+
+
+def _batches_of(accumulate):
+  """The batches of analyzer inputs that VocabularyAccumulate `accumulate` counts one key of
+  (through an ExtractFromDict of that one key); None otherwise."""
   extract = accumulate.inputs[0].parent_operation
   if not isinstance(extract.operation_def, beam_nodes.ExtractFromDict):
     return None
   keys = extract.operation_def.keys
-  if isinstance(keys, tuple):
-    if len(keys) != 1:
-      return None
-    (keys,) = keys
-  merges = consumers[value_key(accumulate.outputs[0])]
-  if not _only(merges, analyzer_nodes.VocabularyMerge):
+  if isinstance(keys, tuple) and len(keys) != 1:
     return None
-  (merge,) = merges
-  if merge.operation_def.vocab_ordering_type != FREQUENCY:
+  return extract.inputs[0]
+
+
+def _merged_chain(merge, consumers):
+  """The packable chain that starts at VocabularyMerge `merge` (of frequencies), as (spec without
+  its key, {replaced value key: output index}, label); None if it is not one."""
+  if FREQUENCY is None or merge.operation_def.vocab_ordering_type != FREQUENCY:
     return None
   prune, merge_counts = _next_and_counts(consumers, merge, analyzer_nodes.VocabularyPrune)
   if prune is None:
@@ -149,12 +174,12 @@ def _chain(accumulate, consumers):
   w = write.operation_def
   if len(write.inputs) != 1 or w.fingerprint_shuffle or w.file_format != 'text':
     return None
-  spec = VocabularySpec(keys, str(w.input_dtype), p.frequency_threshold, p.top_k,
+  spec = VocabularySpec(None, str(w.input_dtype), p.frequency_threshold, p.top_k,
                         bool(w.store_frequency), w.vocab_filename)
   replaced = {value_key(write.outputs[0]): 0}
   replaced.update({value_key(op.outputs[0]): 1 for op in merge_counts})
   replaced.update({value_key(op.outputs[0]): 2 for op in prune_counts})
-  return extract.inputs[0], spec, replaced, w.label
+  return spec, replaced, w.label
 
 
 def pack(leaves, graph_mode=True):
@@ -162,31 +187,88 @@ def pack(leaves, graph_mode=True):
   PackedVocabularies per phase's batches (either tracing); returns the new leaves, in order."""
   del graph_mode
   ops, consumers = analysis_graph.operations(leaves)
-  groups = collections.defaultdict(list)  # batches key -> [(spec, replaced, label)]
-  batches_of = {}
+  groups = collections.defaultdict(list)  # batches key -> [(spec, replaced, label, batches)]
   for op in ops.values():
     if isinstance(op.operation_def, analyzer_nodes.VocabularyAccumulate):
       chain = _chain(op, consumers)
       if chain is not None:
         batches, spec, replaced, label = chain
-        groups[value_key(batches)].append((spec, replaced, label))
-        batches_of[value_key(batches)] = batches
+        groups[value_key(batches)].append((spec, replaced, label, batches))
+
+  def packed_op(value, chains):
+    batches = chains[0][3]
+    return nodes.apply_operation(
+        PackedVocabularies, value(batches), specs=tuple(chain[0] for chain in chains),
+        label=f'PackedVocabularies[{batches.parent_operation.operation_def.label}]')
+
+  return _substitute_packed(leaves, groups, packed_op)
+
+
+def pack_merges(leaves, graph_mode=True, cache_dict=None):
+  """Where the analysis reads an analyzer cache: the graph under `leaves` with the vocabulary
+  chains that start at a merge of cached and new counts (VocabularyMerge of a FlattenCache)
+  packed, one PackedVocabularyMerges for the merges whose new counts come from the same
+  phase's batches (or from none: every span cached). Returns the new leaves, in order."""
+  del graph_mode, cache_dict
+  ops, consumers = analysis_graph.operations(leaves)
+  groups = collections.defaultdict(list)  # the phases' batches -> [(spec, replaced, label, in)]
+  for op in ops.values():
+    if not isinstance(op.operation_def, analyzer_nodes.VocabularyMerge) or len(op.inputs) != 1:
+      continue
+    flatten = op.inputs[0].parent_operation
+    if (not isinstance(flatten.operation_def, beam_nodes.Flatten) or
+        len(consumers[value_key(op.inputs[0])]) != 1):
+      continue
+    phases = _phases_of(flatten)
+    found = _merged_chain(op, consumers)
+    if phases is not None and found is not None:
+      groups[phases].append((*found, op.inputs[0]))
+
+  def packed_op(value, chains):
+    # The FlattenCaches' inputs, not the FlattenCaches: each would be a stage of its own.
+    parts = [(index, part) for index, chain in enumerate(chains)
+             for part in chain[3].parent_operation.inputs]
+    return nodes.apply_operation(
+        PackedVocabularyMerges, *(value(part) for _, part in parts),
+        specs=tuple(chain[0] for chain in chains), owners=tuple(i for i, _ in parts),
+        label=f'PackedVocabularyMerges[{chains[0][2]}]')
+
+  return _substitute_packed(leaves, groups, packed_op)
+
+
+def _phases_of(flatten):
+  """The batches (as value keys) whose counts a FlattenCache merges with cached ones, or None
+  where one of its inputs is neither cached counts nor a frequency count of batches."""
+  found = set()
+  for value in flatten.inputs:
+    op = value.parent_operation
+    if isinstance(op.operation_def, (analyzer_nodes.DecodeCache,
+                                     cache_packing.DecodeCachedSpans)):
+      continue
+    if (not isinstance(op.operation_def, analyzer_nodes.VocabularyAccumulate) or
+        op.operation_def.vocab_ordering_type != FREQUENCY or len(op.inputs) != 1):
+      return None
+    batches = _batches_of(op)
+    if batches is None:
+      return None
+    found.add(value_key(batches))
+  return frozenset(found)
+
+
+def _substitute_packed(leaves, groups, packed_op):
+  """The graph under `leaves` with each group's chains (group -> [(spec, {replaced value key:
+  output index}, label, ...)]) replaced by the outputs of one packed operation,
+  `packed_op(value, chains)`, through an ExtractPackedVocabulary per chain."""
   if not groups:
     return tuple(leaves)
   for chains in groups.values():  # a deterministic order: the graph walk's is not
     chains.sort(key=lambda chain: chain[2])
-
   packed, extracted = {}, {}
 
   def extracted_outputs(value, group, index):
     if (group, index) not in extracted:
       if group not in packed:
-        batches = batches_of[group]
-        label = batches.parent_operation.operation_def.label
-        packed[group] = nodes.apply_operation(
-            PackedVocabularies, value(batches),
-            specs=tuple(spec for spec, _, _ in groups[group]),
-            label=f'PackedVocabularies[{label}]')
+        packed[group] = packed_op(value, groups[group])
       name = groups[group][index][2].replace('VocabularyOrderAndWrite', 'PackedVocabulary', 1)
       extracted[group, index] = nodes.apply_multi_output_operation(
           ExtractPackedVocabulary, packed[group], index=index, label=name)
@@ -194,8 +276,8 @@ def pack(leaves, graph_mode=True):
 
   replacements = {}  # replaced value key -> its new value
   for group, chains in groups.items():
-    for index, (_, replaced, _) in enumerate(chains):
-      for key, output in replaced.items():
+    for index, chain in enumerate(chains):
+      for key, output in chain[1].items():
         replacements[key] = functools.partial(
             lambda value, group, index, output: extracted_outputs(value, group, index)[output],
             group=group, index=index, output=output)
@@ -272,24 +354,46 @@ class _PackedVocabulariesImpl(beam.PTransform):
 
   def expand(self, inputs):
     (batches,) = inputs
-    specs = self._specs
-    keys = [spec.key for spec in specs]
+    keys = [spec.key for spec in self._specs]
     counted = (batches
-               | 'CountTokensPerBatch' >> beam.FlatMap(count_tokens, keys).with_output_types(Any)
-               | 'SumPerToken' >> beam.CombinePerKey(sum).with_input_types(Any)
-               .with_output_types(Any)
-               | 'ByVocabulary' >> beam.MapTuple(
-                   lambda key, count: (key[0], (count, key[1]))).with_output_types(Any))
-    # One None per vocabulary, so that a vocabulary without a single token is written too.
-    every = (batches.pipeline
-             | 'EveryVocabulary' >> beam.Create([(i, None) for i in range(len(specs))])
-             .with_output_types(Any))
-    return ((counted, every)
-            | 'Together' >> beam.Flatten().with_output_types(Any)
-            | 'GroupByVocabulary' >> beam.GroupByKey().with_input_types(Any)
-            .with_output_types(Any)
-            | 'OrderPruneAndWrite' >> beam.ParDo(_WriteVocabularies(specs, self._temp_dir))
-            .with_output_types(Any))
+               | 'CountTokensPerBatch' >> beam.FlatMap(count_tokens, keys).with_output_types(Any))
+    return _sum_and_write(counted, self._specs, self._temp_dir)
+
+
+class _PackedVocabularyMergesImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._specs = operation.specs
+    self._owners = operation.owners
+    self._temp_dir = extra_args.base_temp_dir
+
+  def expand(self, inputs):
+    keyed = [counts | f'KeyByVocabulary{n}' >> beam.MapTuple(
+        lambda token, count, i=i: ((i, token), count)).with_output_types(Any)
+        for n, (i, counts) in enumerate(zip(self._owners, inputs))]
+    counted = keyed | 'AllCounts' >> beam.Flatten().with_output_types(Any)
+    return _sum_and_write(counted, self._specs, self._temp_dir)
+
+
+def _sum_and_write(counted, specs, temp_dir):
+  """((vocabulary index, token), count) of every vocabulary of `specs` -> (index, (path,
+  unpruned size, pruned size)) of each; writes the files."""
+  by_vocabulary = (counted
+                   | 'SumPerToken' >> beam.CombinePerKey(sum).with_input_types(Any)
+                   .with_output_types(Any)
+                   | 'ByVocabulary' >> beam.MapTuple(
+                       lambda key, count: (key[0], (count, key[1]))).with_output_types(Any))
+  # One None per vocabulary, so that a vocabulary without a single token is written too.
+  every = (counted.pipeline
+           | 'EveryVocabulary' >> beam.Create([(i, None) for i in range(len(specs))])
+           .with_output_types(Any))
+  return ((by_vocabulary, every)
+          | 'Together' >> beam.Flatten().with_output_types(Any)
+          | 'GroupByVocabulary' >> beam.GroupByKey().with_input_types(Any)
+          .with_output_types(Any)
+          | 'OrderPruneAndWrite' >> beam.ParDo(_WriteVocabularies(specs, temp_dir))
+          .with_output_types(Any))
 
 
 class _ExtractPackedVocabularyImpl(beam.PTransform):
@@ -309,4 +413,5 @@ class _ExtractPackedVocabularyImpl(beam.PTransform):
 
 
 tft_beam_common.register_ptransform(PackedVocabularies)(_PackedVocabulariesImpl)
+tft_beam_common.register_ptransform(PackedVocabularyMerges)(_PackedVocabularyMergesImpl)
 tft_beam_common.register_ptransform(ExtractPackedVocabulary)(_ExtractPackedVocabularyImpl)

@@ -1,0 +1,176 @@
+"""Fewer Beam stages where the analysis merges cached accumulators with new ones.
+
+With an analyzer cache, TF Transform 1.21 gives every cached entry, every (span, analyzer), a
+DecodeCache operation of its own, and flattens an analyzer's decoded entries with its new
+accumulators (FlattenCache) before the merge: 10 cached spans of a 20-analyzer function are 200
+Beam transforms, each built, pickled, translated and set up by the runner, and 20 flattens,
+each a stage of its own on Beam's in-process runner, whatever their size. Two rewrites of TF
+Transform's analysis graph (between analysis_graph_builder.build and the Beam stages,
+pipelines/analysis_graph.py) cut them:
+  - decode_together: each FlattenCache gets one DecodeCachedSpans in place of its DecodeCaches:
+    one Map decoding that entry's records of every cached span, which analysis_cache.read_cache
+    puts on one PCollection (under `TOGETHER`, an extra key of the cache dict that TF Transform
+    hands to the operations' implementations and otherwise leaves alone). Only where the
+    DecodeCaches of an entry are those of every span whose cache holds it (what read_cache puts
+    together).
+  - flatten_once: where TF Transform's packed merge of combiners flattens one AddKey per
+    analyzer, each of a FlattenCache, the AddKeys take the FlattenCache's inputs and the one
+    flatten takes them all (a key added to a union is the union of the keyed parts).
+(pipelines/vocabulary_packing.pack_merges packs the vocabularies' merges of cached and new
+counts the same way.) A flatten is a union, so each merge sees the same multiset of
+accumulators; anything the rewrites do not recognize stays as TF Transform built it. They
+build on private parts of TF Transform 1.21 (the DecodeCache and AddKey nodes, the Flatten of
+beam_nodes), so pipelines/vocabulary.install switches them on where it switches on the other
+rewrites.
+"""
+
+import collections
+
+import apache_beam as beam
+from tensorflow_transform import analyzer_nodes, nodes
+from tensorflow_transform.beam import analyzer_cache, beam_nodes
+from tensorflow_transform.beam import common as tft_beam_common
+
+from pipelines import analysis_graph
+from pipelines.analysis_graph import is_a, value_key
+
+NEEDS = ((analyzer_nodes, 'DecodeCache'), (analyzer_nodes, 'AddKey'), (beam_nodes, 'Flatten'))
+
+# The key of the cache dict under which read_cache puts, per cache entry key, the records of
+# that entry of every cached span.
+TOGETHER = analyzer_cache.DatasetKey('cached-spans-together')
+
+
+def missing():
+  """The names of NEEDS that the installed TF Transform lacks."""
+  return analysis_graph.missing(NEEDS)
+
+
+class DecodeCachedSpans(
+    collections.namedtuple('DecodeCachedSpans', ['cache_key', 'coder', 'label']),
+    nodes.OperationDef):
+  """-> the decoded accumulators of entry `cache_key` of every cached span."""
+  __slots__ = ()
+
+  def get_field_str(self, field_name):
+    if field_name == 'cache_key':
+      return '<bytes>'
+    return super().get_field_str(field_name)
+
+
+@tft_beam_common.register_ptransform(DecodeCachedSpans)
+class _DecodeCachedSpansImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._records = extra_args.cache_pcoll_dict[TOGETHER].get(operation.cache_key)
+    self._coder = operation.coder
+
+  def expand(self, pbegin):
+    del pbegin  # the records come from the cache's read
+    return self._records | 'Decode' >> beam.Map(self._coder.decode_cache)
+
+
+def decode_together(leaves, graph_mode, cache_dict):
+  """The analysis graph under `leaves` with each FlattenCache's DecodeCaches of an entry, one
+  per cached span holding it, replaced by one DecodeCachedSpans. `cache_dict`: the cache dict
+  TF Transform's build was given; without its TOGETHER key nothing changes. (`graph_mode`:
+  as the other rewrites are called; the same either way.)"""
+  del graph_mode
+  together = (cache_dict or {}).get(TOGETHER)
+  if together is None:
+    return leaves
+  holders = collections.defaultdict(set)  # cache entry key -> the dataset keys holding it
+  for dataset_key, dataset_cache in cache_dict.items():
+    if dataset_key != TOGETHER:
+      for cache_key in dataset_cache.keys():
+        holders[cache_key].add(dataset_key)
+
+  def rebuilt(op, consumers):
+    decodes = collections.defaultdict(list)  # cache entry key -> input positions
+    for at, value in enumerate(op.inputs):
+      if is_a(value.parent_operation, analyzer_nodes.DecodeCache):
+        decodes[value.parent_operation.operation_def.cache_key].append(at)
+    packable = {key: at for key, at in decodes.items()
+                if together.get(key) is not None and len(at) > 1 and
+                {op.inputs[i].parent_operation.operation_def.dataset_key for i in at} ==
+                holders[key] and len(at) == len(holders[key])}
+    return _repacked(op, packable) if packable else None
+
+  return _rewrite_flattens(leaves, rebuilt)
+
+
+def _rewrite_flattens(leaves, rebuilt):
+  """The graph under `leaves` with each one-output Flatten `op` for which `rebuilt(op,
+  consumers)` gives a rebuild (for analysis_graph.substitute) rebuilt by it."""
+  ops, consumers = analysis_graph.operations(leaves)
+  replacements = {}
+  for op in ops.values():
+    if is_a(op, beam_nodes.Flatten) and op.operation_def.num_outputs == 1:
+      rebuild = rebuilt(op, consumers)
+      if rebuild is not None:
+        replacements[value_key(op.outputs[0])] = rebuild
+  if not replacements:
+    return leaves
+  return analysis_graph.substitute(leaves, replacements)
+
+
+def _repacked(flatten, packable):
+  """For analysis_graph.substitute: `flatten` rebuilt with the inputs of each entry of
+  `packable` (cache entry key -> input positions) in one DecodeCachedSpans."""
+
+  def rebuild(value):
+    replaced = {i for at in packable.values() for i in at}
+    inputs = [value(v) for i, v in enumerate(flatten.inputs) if i not in replaced]
+    for n, (key, at) in enumerate(sorted(packable.items())):
+      coder = flatten.inputs[at[0]].parent_operation.operation_def.coder
+      inputs.append(nodes.apply_operation(
+          DecodeCachedSpans, cache_key=key, coder=coder,
+          label=f'DecodeCachedSpans[{flatten.operation_def.label}][{n}]'))
+    (output,) = nodes.OperationNode(flatten.operation_def, tuple(inputs)).outputs
+    return output
+
+  return rebuild
+
+
+def flatten_once(leaves, graph_mode, cache_dict):
+  """The analysis graph under `leaves` with each Flatten of AddKeys of FlattenCaches (each the
+  one consumer of the other) flattening AddKeys of the FlattenCaches' inputs instead."""
+  del graph_mode, cache_dict
+
+  def rebuilt(op, consumers):
+    hoisted = {}  # input position -> (its AddKey's definition, the inner flatten's inputs)
+    for at, value in enumerate(op.inputs):
+      add_key = value.parent_operation
+      if (not is_a(add_key, analyzer_nodes.AddKey) or len(add_key.inputs) != 1 or
+          len(consumers[value_key(value)]) != 1):
+        continue
+      inner = add_key.inputs[0]
+      if (is_a(inner.parent_operation, beam_nodes.Flatten) and
+          inner.parent_operation.operation_def.num_outputs == 1 and
+          len(consumers[value_key(inner)]) == 1):
+        hoisted[at] = (add_key.operation_def, inner.parent_operation.inputs)
+    return _hoisted(op, hoisted) if hoisted else None
+
+  return _rewrite_flattens(leaves, rebuilt)
+
+
+def _hoisted(flatten, hoisted):
+  """For analysis_graph.substitute: `flatten` rebuilt with each input of `hoisted` (position ->
+  (AddKey definition, the inputs of the flatten it keys)) replaced by an AddKey per input."""
+
+  def rebuild(value):
+    inputs = []
+    for at, old in enumerate(flatten.inputs):
+      if at not in hoisted:
+        inputs.append(value(old))
+        continue
+      add_key, parts = hoisted[at]
+      for n, part in enumerate(parts):
+        (keyed,) = nodes.OperationNode(
+            add_key._replace(label=f'{add_key.label}[{n}]'), (value(part),)).outputs
+        inputs.append(keyed)
+    (output,) = nodes.OperationNode(flatten.operation_def, tuple(inputs)).outputs
+    return output
+
+  return rebuild
