@@ -328,25 +328,26 @@ def _records(framed):
 
 
 class _ReadEntriesFn(beam.DoFn):
-  """A cached entry's file -> its records (the encoded accumulators), on the outputs of the entry
-  it belongs to (its own, and the one of that entry of every span). The file is checked against
-  the SHA-256 the plan found it had: one that changed since is a failure naming it, never
-  another run's accumulators."""
+  """A cached entry's file -> its records (the encoded accumulators), one by one on the output of
+  the entry it belongs to, and as one list on the output of that entry of every span. The file
+  is checked against the SHA-256 the plan found it had: one that changed since is a failure
+  naming it, never another run's accumulators."""
 
   def __init__(self, files):
-    self._files = files  # file path -> (output tags, SHA-256)
+    self._files = files  # file path -> ((its entry's tag, the spans-together tag), SHA-256)
 
   def process(self, path):
-    tags, expected = self._files[path]
+    (own, together), expected = self._files[path]
     data = _read(path)
     if hashlib.sha256(data).hexdigest() != expected:
       raise ValueError(f'analysis cache: {path} changed while this run read it (another run '
                        'writing the same cache?); run again')
     if path.endswith('.gz'):
       data = zlib.decompress(data, wbits=31)  # gzip, as TF Transform writes the entries
-    for record in _records(data):
-      for tag in tags:
-        yield beam.pvalue.TaggedOutput(tag, record)
+    records = _records(data)
+    for record in records:
+      yield beam.pvalue.TaggedOutput(own, record)
+    yield beam.pvalue.TaggedOutput(together, records)
 
 
 def read_cache(pipeline, p: Plan):
@@ -376,8 +377,9 @@ def read_cache(pipeline, p: Plan):
   cache = {p.keys[name]: tft_beam.analyzer_cache.DatasetCache(
       {entry: read[by_entry[(name, entry)]] for entry in entries}, None)
       for name, entries in p.cached.items()}
-  # Each entry's records of every span, for cache_packing's rewrite (TF Transform reads only
-  # the keys of the spans it analyzes); the per-span outputs it replaces are left unread.
+  # Each entry's records of every span, a list per file, for cache_packing's rewrite (TF
+  # Transform reads only the keys of the spans it analyzes); the per-span outputs it replaces
+  # are left unread.
   cache[cache_packing.TOGETHER] = tft_beam.analyzer_cache.DatasetCache(
       {entry: read[tag] for entry, tag in together.items()}, None)
   return cache

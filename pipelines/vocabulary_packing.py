@@ -25,8 +25,11 @@ tests/test_vocabulary.py compares the files byte for byte with TF Transform's ow
 Packed: the unweighted frequency vocabularies in the text format, without key_fn coverage,
 reserved tokens or fingerprint_shuffle, whose chain is used only as tft.vocabulary uses it.
 Every other vocabulary (weighted, mutual information, labels, tfrecord_gzip, ...) keeps TF
-Transform's chain, and nothing is packed where the analysis reads or writes an analyzer cache
-(the cache stores each vocabulary's accumulator under its own key).
+Transform's chain. Where the analysis reads an analyzer cache, the cache keeps each span's
+counts of each vocabulary under its own key, so the counting stays TF Transform's (one
+VocabularyAccumulate per vocabulary and new span, whose counts are also written to the cache)
+and pack_merges packs what follows: the merges of cached and new counts, the pruning, ordering
+and writing (PackedVocabularyMerges), the same files.
 
 It builds on private parts of TF Transform 1.21 (analysis_graph_builder.build and the node
 types of analyzer_nodes and beam_nodes); pipelines/analysis_graph.py runs it, switched on by
@@ -50,7 +53,7 @@ from tensorflow_transform import analyzers as tft_analyzers
 from tensorflow_transform.beam import analysis_graph_builder, beam_nodes
 from tensorflow_transform.beam import common as tft_beam_common
 
-from pipelines import analysis_graph, cache_packing
+from pipelines import analysis_graph
 from pipelines.analysis_graph import value_key
 
 # TF Transform's ordering type of the frequency vocabularies (private; pipelines/vocabulary.py
@@ -242,8 +245,7 @@ def _phases_of(flatten):
   found = set()
   for value in flatten.inputs:
     op = value.parent_operation
-    if isinstance(op.operation_def, (analyzer_nodes.DecodeCache,
-                                     cache_packing.DecodeCachedSpans)):
+    if not op.inputs:  # counts read from the cache (DecodeCache, DecodeCachedSpans)
       continue
     if (not isinstance(op.operation_def, analyzer_nodes.VocabularyAccumulate) or
         op.operation_def.vocab_ordering_type != FREQUENCY or len(op.inputs) != 1):
