@@ -14,8 +14,10 @@ between the two steps (pipelines/vocabulary.REWRITES, in this order):
     one step, instead of a chain of stages and a side input per result.
 Each leaves what it does not recognize as TF Transform built it; all are off where the analysis
 reads or writes an analyzer cache (the cache keys each analyzer's accumulator on its own).
-Where it reads one, pipelines/cache_packing.py (vocabulary.CACHE_REWRITES) decodes each
-analyzer's cached accumulators of all spans in one step instead of one per span.
+Where it reads one, vocabulary.CACHE_REWRITES apply instead: pipelines/cache_packing.py decodes
+each analyzer's cached accumulators of all spans in one step instead of one per span and
+flattens the combiners' once, vocabulary_packing.pack_merges packs the vocabularies' merges of
+cached and new counts, and the bindings are packed as without a cache.
 
 This builds on private parts of TF Transform 1.21 (analysis_graph_builder.build, the node types
 of analyzer_nodes and beam_nodes), so pipelines/vocabulary.install switches it on only on the TF
@@ -31,8 +33,8 @@ from tensorflow_transform.beam import analysis_graph_builder
 
 _ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
 # 'rewrites': functions (leaves, graph_mode) -> new leaves, applied in order where no analyzer
-# cache is read or written; 'cache_rewrites': functions (leaves, cache_dict) -> new leaves,
-# applied where a cache is read. None when off.
+# cache is read or written; 'cache_rewrites': functions (leaves, graph_mode, cache_dict) -> new
+# leaves, applied in order where a cache is read. None when off.
 _STATE = {'rewrites': (), 'cache_rewrites': ()}
 
 

@@ -105,9 +105,11 @@ def _source(binding_op):
   return None
 
 
-def pack(leaves, graph_mode):
+def pack(leaves, graph_mode, cache_dict=None):
   """The graph under `leaves` with the bindings of its packed merges and packed vocabularies
-  packed, in graph mode; returns the new leaves."""
+  packed, in graph mode; returns the new leaves. (`cache_dict`: an analyzer cache's, where the
+  analysis reads one; the bindings are the same either way.)"""
+  del cache_dict
   if not graph_mode:  # the TF2 path traces the preprocessing_fn again with the bindings
     return tuple(leaves)
   ops, consumers = analysis_graph.operations(leaves)

@@ -55,7 +55,7 @@ _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
 REWRITES = (vocabulary_packing.pack, merge_packing.pack, binding_packing.pack)
 # ... and those where it reads an analyzer cache (analysis_graph.py).
 CACHE_REWRITES = (cache_packing.decode_together, cache_packing.flatten_once,
-                  vocabulary_packing.pack_merges)
+                  vocabulary_packing.pack_merges, binding_packing.pack)
 
 
 def tft_tested(tft_version=None):

@@ -53,6 +53,8 @@ def test_cached_spans_are_decoded_together_and_merged_without_a_flatten_per_anal
   assert kinds['VocabularyOrderAndWrite'] == 0
   assert 'FlattenCache' not in flattens, flattens  # one flatten of the combiners' merges
   assert flattens.count('FlattenInputForPackedCombineMerge') == 1
+  # The bindings packed as without a cache: one step binds every analyzer result.
+  assert kinds['PackedCreateSavedModel'] == 1 and kinds['CreateTensorBinding'] == 0, kinds
 
 
 def test_without_the_spans_together_tf_transform_decodes_each_span():
