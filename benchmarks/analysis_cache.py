@@ -12,12 +12,15 @@ cache directory. Then, side by side and alternating, each in a fresh process:
   (B) the same with the cache, on a fresh copy of the 10-span cache each time: every span's
       digest, the cache's plan (two traces of the preprocessing_fn), the cached spans'
       accumulators read, the new span's analysis, the merge, the new entry published;
+  (N) for scale, the analysis of the new span alone without a cache: what an analysis of one
+      span costs, the pipeline's fixed costs included, a floor that (B), which reads the new
+      span too, can approach but not go under;
 and whole commands, for the cost of a run:
   (u) `python -m pipelines.tabular` over all spans, no cache;
   (c) the same with --analysis-cache (a fresh copy of the 10-span cache).
 (A) and (B) are timed from before the inputs are inspected to the end of the job (not the
 imports, which both pay); (u) and (c) as whole commands. Medians of --runs, (B)/(A) with the
-median of the per-round ratios (target <= 0.25), and (c)/(u).
+median of the per-round ratios (target <= 0.25), (N)/(A), and (c)/(u).
 """
 
 import argparse
@@ -108,11 +111,12 @@ def main():
       _write(path, args.rows, seed=100 + i)
     seeded = os.path.join(work, 'cache_seeded')
     _timed_analysis(_argv(spans[:-1], os.path.join(work, 'seed_out'), seeded), 'seeding')
-    times = {k: [] for k in 'ABuc'}
+    times = {k: [] for k in 'ABNuc'}
     for run in range(args.runs):
       times['A'].append(_timed_analysis(_argv(spans, os.path.join(work, 'a')), '(A)'))
       times['B'].append(_timed_analysis(
           _argv(spans, os.path.join(work, 'b'), _fresh_copy(seeded, work)), '(B)'))
+      times['N'].append(_timed_analysis(_argv(spans[-1:], os.path.join(work, 'n')), '(N)'))
       times['u'].append(tabular_pipeline.timed_command(
           [sys.executable, '-m', 'pipelines.tabular', *_argv(spans, os.path.join(work, 'u'))],
           '(u)')[0])
@@ -127,12 +131,15 @@ def main():
           'medians:')
     names = {'A': '(A) analysis of all spans, no cache',
              'B': f'(B) analysis, {args.spans - 1} spans cached + 1 new',
+             'N': '(N) analysis of the new span alone, no cache',
              'u': '(u) whole run, no cache', 'c': '(c) whole run, with the cache'}
     for key, name in names.items():
       print(f'  {name:44s} {median[key]:7.1f} s')
     rounds = statistics.median(b / a for a, b in zip(times['A'], times['B']))
+    floor = statistics.median(n / a for a, n in zip(times['A'], times['N']))
     print(f'  (B)/(A): {median["B"] / median["A"]:.2f} of medians, {rounds:.2f} median of '
-          f'rounds (target <= 0.25); (c)/(u): {median["c"] / median["u"]:.2f}')
+          f'rounds (target <= 0.25); (N)/(A): {floor:.2f}; (c)/(u): '
+          f'{median["c"] / median["u"]:.2f}')
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
