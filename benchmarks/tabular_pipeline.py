@@ -182,9 +182,9 @@ import os, resource, subprocess, sys, threading, time
 
 PAGE_KIB = os.sysconf('SC_PAGE_SIZE') // 1024
 
-def tree_rss(root):
-  """The resident set, in KiB, of `root` and its descendants now (Linux /proc: each process's
-  parent and resident pages, fields 4 and 24 of /proc/PID/stat)."""
+def tree(root):
+  """{pid: resident KiB} of `root` and its descendants now (Linux /proc: each process's parent
+  and resident pages, fields 4 and 24 of /proc/PID/stat)."""
   children, rss = {}, {}
   for pid in os.listdir('/proc'):
     if not pid.isdigit():
@@ -196,25 +196,40 @@ def tree_rss(root):
       continue
     children.setdefault(int(fields[1]), []).append(int(pid))
     rss[int(pid)] = int(fields[21]) * PAGE_KIB
-  total, stack = 0, [root]
+  found, stack = {}, [root]
   while stack:
     pid = stack.pop()
-    total += rss.get(pid, 0)
+    found[pid] = rss.get(pid, 0)
     stack.extend(children.get(pid, ()))
-  return total
+  return found
+
+def pss(pid):
+  """The proportional set size of `pid` in KiB (/proc/PID/smaps_rollup): its private pages,
+  and each page it shares with other processes divided among them; 0 where unreadable."""
+  try:
+    with open(f'/proc/{pid}/smaps_rollup') as f:
+      for line in f:
+        if line.startswith('Pss:'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
 
 start = time.perf_counter()
 proc = subprocess.Popen(sys.argv[1:])
-peak = [0]
+peak = [0, 0]  # the tree's summed RSS, its summed PSS
 def sample():
   while proc.poll() is None:
-    peak[0] = max(peak[0], tree_rss(proc.pid))
+    found = tree(proc.pid)
+    peak[0] = max(peak[0], sum(found.values()))
+    peak[1] = max(peak[1], sum(pss(pid) for pid in found))
     time.sleep(0.1)
 threading.Thread(target=sample, daemon=True).start()
 code = proc.wait()
 seconds = time.perf_counter() - start
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-print('RESULT', code, seconds, max(usage.ru_maxrss, peak[0]), usage.ru_utime + usage.ru_stime)
+print('RESULT', code, seconds, max(usage.ru_maxrss, peak[0]), usage.ru_utime + usage.ru_stime,
+      peak[1])
 '''
 
 
@@ -231,9 +246,13 @@ def timed(contender, csv_path, out, workers=None):
   return timed_command(command, contender)
 
 
-def timed_command(command, name, env=None):
+def timed_command(command, name, env=None, pss=False):
   """(seconds, peak RSS in MiB, CPU seconds of all its processes) of `command` run as a whole
-  in a fresh process (with `env` added to the environment); exits naming `name` if it fails."""
+  in a fresh process (with `env` added to the environment); exits naming `name` if it fails.
+  The peak RSS is the largest total of the process tree's resident sets: pages that two of its
+  processes map from the same file (TensorFlow's libraries in a child) count twice. With `pss`,
+  also the tree's peak total PSS in MiB, which counts each shared page once, divided among the
+  processes sharing it."""
   proc = subprocess.run([sys.executable, '-c', _TIMED] + command, capture_output=True, text=True,
                         cwd=ROOT, env={**os.environ, **(env or {})})
   # (c)'s summary goes to stdout too: only RESULT lines are read
@@ -241,7 +260,8 @@ def timed_command(command, name, env=None):
           if out_line.startswith('RESULT')][-1].split()
   if line[1] != '0':
     sys.exit(f'error: contender {name} failed:\n{proc.stderr[-3000:]}')
-  return float(line[2]), int(line[3]) / 1024, float(line[4])
+  result = (float(line[2]), int(line[3]) / 1024, float(line[4]))
+  return (*result, int(line[5]) / 1024) if pss else result
 
 
 def _row(name, seconds, rss, rows):

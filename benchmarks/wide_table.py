@@ -11,7 +11,9 @@ widths, (b) TF Transform's recommended TFXIO pipeline (CsvTFXIO, RecordBatches,
 AnalyzeAndTransformDataset, the same preprocessing_fn, gzip TFRecords of tf.train.Example;
 tabular_pipeline.tfxio_path) runs as many times, alternating with (c). One worker (Beam's in-process
 runner) each; each run is a separate process timed as a whole command, peak RSS is the largest total
-resident set of it and its children at one time; medians are printed, with (b)/(c) and the growth of
+resident set of it and its children at one time, peak PSS the largest total of their proportional
+set sizes (a page that the pipeline and its TF2-rewrite child both map from TensorFlow's libraries
+counts twice in the one, once in the other); medians are printed, with (b)/(c) and the growth of
 (c) with the width.
 """
 
@@ -85,11 +87,12 @@ def main():
           out = os.path.join(work, 'out')
           shutil.rmtree(out, ignore_errors=True)
           os.makedirs(out)
-          seconds, rss, _ = tabular_pipeline.timed_command(command(csv_path, out), c, env)
-          runs[c].append((seconds, rss))
-          print(f'{width} columns, run {run + 1} ({c}): {seconds:7.1f} s {rss:7.0f} MiB',
-                flush=True)
-      results[width] = {c: (statistics.median(s for s, _ in r), statistics.median(m for _, m in r))
+          seconds, rss, _, pss = tabular_pipeline.timed_command(command(csv_path, out), c, env,
+                                                                pss=True)
+          runs[c].append((seconds, rss, pss))
+          print(f'{width} columns, run {run + 1} ({c}): {seconds:7.1f} s {rss:7.0f} MiB RSS '
+                f'{pss:7.0f} MiB PSS', flush=True)
+      results[width] = {c: tuple(statistics.median(x[i] for x in r) for i in range(3))
                         for c, r in runs.items()}
       os.remove(csv_path)
   finally:
@@ -97,17 +100,19 @@ def main():
 
   print(f'\n{args.rows:,} rows, {os.cpu_count()} CPUs, one worker, median of {args.runs} runs, '
         'each a whole command (start-up included)')
-  print(f'  {"columns":>8} {"(c) s":>9} {"(c) MiB":>9} {"(b) s":>9} {"(b) MiB":>9} '
-        f'{"(b)/(c)":>8}')
+  print('  peak memory of the process tree: RSS summed (a page two processes share counts twice),'
+        ' PSS summed (once)')
+  print(f'  {"columns":>8} {"(c) s":>9} {"(c) RSS":>9} {"(c) PSS":>9} {"(b) s":>9} '
+        f'{"(b) RSS":>9} {"(b)/(c)":>8}')
   for width, r in results.items():
-    seconds, rss = r['c']
-    line = f'  {width:8d} {seconds:9.1f} {rss:9.0f}'
+    seconds, rss, pss = r['c']
+    line = f'  {width:8d} {seconds:9.1f} {rss:9.0f} {pss:9.0f}'
     if 'b' in r:
       line += f' {r["b"][0]:9.1f} {r["b"][1]:9.0f} {r["b"][0] / seconds:7.2f}x'
     print(line)
   first = widths[0]
   for width in widths[1:]:
-    (seconds, rss), (seconds_0, rss_0) = results[width]['c'], results[first]['c']
+    (seconds, rss, _), (seconds_0, rss_0, _) = results[width]['c'], results[first]['c']
     print(f'  (c) at {width} columns / at {first}: time {seconds / seconds_0:.2f}x, '
           f'peak RSS {rss / rss_0:.2f}x (width {width / first:.1f}x)')
   print('  targets: 300 columns <= 30 s and <= 2,048 MiB, (b)/(c) >= 8x; 1,000 columns '
