@@ -117,21 +117,29 @@ def graph_digest(preprocessing_fn, type_specs, graph_mode):
 
 
 @contextlib.contextmanager
-def _reusing_trace(preprocessing_fn, traced):
+def reusing_trace(preprocessing_fn, traced):
   """Within the block, TF Transform's next trace of `preprocessing_fn` is `traced` (a trace of
   the same function with the same specs and mode, made and digested before) instead of a new
-  one: the plan traced the function twice, once for its digest and once more in TF Transform's
-  inspection of which spans to read (4 s each on a 300-column table). That inspection
-  (analysis_graph_builder.get_analysis_dataset_keys) traces through impl_helper's module
-  attribute on the TF Transform versions vocabulary.TESTED_TFT names; on another, or without
-  `traced`, TF Transform traces again as released."""
-  from tensorflow_transform import impl_helper
+  one. A cached run traced the function three times: once for its digest, once more in TF
+  Transform's inspection of which spans to read, once more in its analysis (4 s each on a
+  300-column table); the digest's trace serves all three (Plan.traced). TF Transform's graph
+  builder takes the analyzers' tensors to replace out of the graph's collection
+  (analyzer_nodes.TENSOR_REPLACEMENTS) as it reads them, so the block puts them back as they
+  were when it ends: the next use finds the trace as it was made (tests/test_analysis_cache.py).
+  Both trace through impl_helper's module attribute on the TF Transform versions
+  vocabulary.TESTED_TFT names; on another, or without `traced`, TF Transform traces again as
+  released."""
+  from tensorflow_transform import analyzer_nodes, impl_helper
 
   from pipelines import vocabulary
   original = getattr(impl_helper, 'trace_preprocessing_function', None)
-  if traced is None or original is None or not vocabulary.tft_tested():
+  sinks_key = getattr(analyzer_nodes, 'TENSOR_REPLACEMENTS', None)
+  if (traced is None or original is None or sinks_key is None or
+      not vocabulary.tft_tested()):
     yield
     return
+  graph = traced[0]
+  sinks = list(graph.get_collection(sinks_key))
   unused = [traced]
 
   def trace_once(fn, *args, **kwargs):
@@ -144,6 +152,9 @@ def _reusing_trace(preprocessing_fn, traced):
     yield
   finally:
     impl_helper.trace_preprocessing_function = original
+    graph.clear_collection(sinks_key)
+    for sink in sinks:
+      graph.add_to_collection(sinks_key, sink)
 
 
 def _canonical_graph_def(graph_def):
@@ -257,6 +268,9 @@ class Plan:
   #   ...)}, in DIR
   to_read: FrozenSet[str]  # the spans the analysis reads
   staging: str  # where TF Transform writes the new entries
+  # The plan's trace of the preprocessing_fn, for the analysis (reusing_trace); graph mode only
+  # (TF2 behaviours trace with the analysis's temporary directory for their assets).
+  traced: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
 
   def summary(self):
     """The manifest's entry: each span, its key and whether its accumulators came from DIR."""
@@ -303,7 +317,7 @@ def plan(req: Request, staging, preprocessing_fn, type_specs, graph_mode, traced
     entries = cached_entries(output_dir.join(directory, keys[s.name].key))
     if entries is not None:
       cached[s.name] = entries
-  with _reusing_trace(preprocessing_fn, traced):
+  with reusing_trace(preprocessing_fn, traced):
     needed = analysis_graph_builder.get_analysis_dataset_keys(
         preprocessing_fn, type_specs, list(keys.values()),
         {keys[name]: tft_beam.analyzer_cache.DatasetCache({entry: True for entry in entries},
@@ -312,7 +326,8 @@ def plan(req: Request, staging, preprocessing_fn, type_specs, graph_mode, traced
         graph_mode)
   needed = set(needed)
   to_read = frozenset(s.name for s in span_list if keys[s.name] in needed)
-  return Plan(directory, tuple(span_list), keys, cached, to_read, staging)
+  return Plan(directory, tuple(span_list), keys, cached, to_read, staging,
+              traced if graph_mode else None)
 
 
 def _records(framed):

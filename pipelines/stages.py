@@ -79,9 +79,11 @@ class AnalyzeTrain(beam.PTransform):
       else:
         pipeline = self.pipeline
         input_cache = analysis_cache.read_cache(pipeline, self._cache)
-        transform_fn, output_cache = (
-            (batches, input_cache, self._adapter_config)
-            | 'Analyze' >> tft_beam.AnalyzeDatasetWithCache(self._fn, pipeline=pipeline))
+        with analysis_cache.reusing_trace(self._fn, self._cache.traced):
+          transform_fn, output_cache = (
+              (batches, input_cache, self._adapter_config)
+              | 'Analyze' >> tft_beam.AnalyzeDatasetWithCache(self._fn, pipeline=pipeline))
+        self._cache.traced = None  # used (the analysis keeps what it needs of it)
         analysis_cache.write_cache(pipeline, output_cache, self._cache)
     except Exception as e:  # the user's function (a wrong key, an op on the wrong type, ...)
       raise TraceError(traced_failure(e, self._out)) from e

@@ -199,14 +199,19 @@ def test_a_changed_preprocessing_fn_misses_where_tft_keys_would_not(runs, tmp_pa
   assert _cached(_plan(tmp_path, runs['paths'][:1], cache, minus)) == [False]
   # TF Transform's own cache entry keys describe `age + 1` and `age - 1` alike.
   def entry_keys(module):
-    contract = contract_lib.load(module)
-    specs = tensor_adapter.TensorAdapter(
-        tabular.inspect_inputs(tabular.parse_args(
-            ['--transforms', module, '--train', runs['paths'][0], '--output', 'x'])[0])
-        .adapter_config).OriginalTypeSpecs()
+    fn, specs = _fn_and_specs(module, runs['paths'][0])
     return analysis_graph_builder.get_analysis_cache_entry_keys(
-        contract.preprocessing_fn, specs, [tft.beam.analyzer_cache.DatasetKey('a')], True)
+        fn, specs, [tft.beam.analyzer_cache.DatasetKey('a')], True)
   assert entry_keys(plus) == entry_keys(minus)
+
+
+def _fn_and_specs(module, train):
+  """The module's preprocessing_fn and the type specs of its inputs, as a run over `train`."""
+  specs = tensor_adapter.TensorAdapter(
+      tabular.inspect_inputs(tabular.parse_args(
+          ['--transforms', module, '--train', train, '--output', 'x'])[0])
+      .adapter_config).OriginalTypeSpecs()
+  return contract_lib.load(module).preprocessing_fn, specs
 
 
 COUNTED = '''
@@ -224,8 +229,9 @@ def preprocessing_fn(inputs):
 
 def test_the_plan_traces_the_function_once_and_plans_as_two_traces_would(runs, tmp_path,
                                                                          monkeypatch):
-  """The digest's trace is handed to TF Transform's inspection of which spans to read, which
-  otherwise traces again: the same plan (a new span is read, the cached ones are not)."""
+  """The digest's trace is handed to TF Transform's inspection of which spans to read and to its
+  analysis, which otherwise trace again: the same plan (a new span is read, the cached ones
+  are not), the same results."""
   calls = tmp_path / 'calls'
   module = _write_module(tmp_path, 'counted', COUNTED.format(calls=str(calls)))
   cache = tmp_path / 'cache'
@@ -236,12 +242,28 @@ def test_the_plan_traces_the_function_once_and_plans_as_two_traces_would(runs, t
   paths = [runs['paths'][0], str(new)]
   once = _plan(tmp_path, paths, cache, module)
   assert calls.read_text().count('traced') == 1
+  # TF Transform's inspection left the trace as a fresh one is (its graph and collections, the
+  # analyzers' tensors to replace among them), for the analysis to use.
+  fresh = analysis_cache.trace(*_fn_and_specs('transforms.census', paths[0]), True)[0]
+  used = once.traced[0]
+  assert analysis_cache.digest_of(used) == analysis_cache.digest_of(fresh)
+  assert {k: len(used.get_collection(k)) for k in used.get_all_collection_keys()} == {
+      k: len(fresh.get_collection(k)) for k in fresh.get_all_collection_keys()}
+  assert used.get_collection('tft_tensor_replacements')
   calls.unlink()
   monkeypatch.setattr(vocabulary, 'TESTED_TFT', ())  # another TF Transform: traced twice
   twice = _plan(tmp_path, paths, cache, module)
   assert calls.read_text().count('traced') == 2
   assert once.to_read == twice.to_read == {str(new)} and once.keys == twice.keys
   assert once.cached.keys() == twice.cached.keys()
+  monkeypatch.undo()
+  # A whole cached run traces once: the plan's trace serves the analysis too; its results are
+  # an uncached run's (over the same spans, traced as usual).
+  calls.unlink()
+  _run(tmp_path / 'counted_run', paths, cache, transforms=module)
+  assert calls.read_text().count('traced') == 1
+  _run(tmp_path / 'counted_uncached', paths, transforms='transforms.census')
+  _assert_same_results(tmp_path / 'counted_run', tmp_path / 'counted_uncached')
 
 
 def test_a_changed_contract_reader_flag_tracing_or_version_misses(runs, tmp_path, monkeypatch):
