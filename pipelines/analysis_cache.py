@@ -111,11 +111,6 @@ def digest_of(graph):
   return hashlib.sha256(_canonical_graph_def(graph.as_graph_def())).hexdigest()
 
 
-def graph_digest(preprocessing_fn, type_specs, graph_mode):
-  """digest_of a fresh trace of the preprocessing_fn. Raises what the trace raises."""
-  return digest_of(trace(preprocessing_fn, type_specs, graph_mode)[0])
-
-
 @contextlib.contextmanager
 def reusing_trace(preprocessing_fn, traced):
   """Within the block, TF Transform's next trace of `preprocessing_fn` is `traced` (a trace of
@@ -382,7 +377,7 @@ def read_cache(pipeline, p: Plan):
     return {}
   # The files are the elements, with their tags and checksums, not the DoFn's: the runner
   # unpickled the DoFn 224 times in the cache benchmark's run (0.22 s with 200 files in it).
-  files, by_entry, together = [], {}, {}  # (path, tags, SHA-256); (span, entry) -> tag;
+  files, by_entry, together = [], {}, {}  # (path, 2 tags, SHA-256); (span, entry) -> tag;
   for name, entries in p.cached.items():  # entry -> the tag of its records of every span
     for entry, checked in entries.items():
       by_entry[(name, entry)] = tag = f'entry{len(by_entry)}'

@@ -351,11 +351,8 @@ def test_the_graph_digest_sees_function_bodies_and_not_their_names(runs, tmp_pat
   """tf.map_fn's body is a function TF names with a counter of the process: two traces of one
   preprocessing_fn have one digest; another constant inside the body, another digest."""
   def digest(module):
-    args, _ = tabular.parse_args(['--transforms', module, '--train', runs['paths'][0],
-                                  '--output', str(tmp_path / 'x')])
-    inputs = tabular.inspect_inputs(args)
-    specs = tensor_adapter.TensorAdapter(inputs.adapter_config).OriginalTypeSpecs()
-    return analysis_cache.graph_digest(inputs.contract.preprocessing_fn, specs, True)
+    return analysis_cache.digest_of(
+        analysis_cache.trace(*_fn_and_specs(module, runs['paths'][0]), True)[0])
   one = _write_module(tmp_path, 'mapped_one', MAPPED.format(c='1.0'))
   two = _write_module(tmp_path, 'mapped_two', MAPPED.format(c='2.0'))
   assert digest(one) == digest(one)
