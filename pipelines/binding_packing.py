@@ -42,7 +42,7 @@ from tensorflow_transform.beam import beam_nodes
 from tensorflow_transform.beam import common as tft_beam_common
 from tensorflow_transform.beam import impl as tft_impl
 
-from pipelines import analysis_graph, vocabulary_packing
+from pipelines import analysis_graph, transform_graph, vocabulary_packing, warm_session
 from pipelines.analysis_graph import is_a as _is
 from pipelines.analysis_graph import value_key
 
@@ -184,29 +184,40 @@ def bindings_from_vocabularies(pairs, entries):
           for i, num_outputs, index, name, dtype, asset in entries]
 
 
-def bind_all(unbound_dir, base_temp_dir, *bindings, final=False):
+def bind_all(unbound_dir, base_temp_dir, *bindings, final=False, config=None, job_process=None):
   """TF Transform's replacement of the unbound SavedModel's placeholders, with the lists of
   bindings flattened; returns the bound SavedModel's directory. The steps are those of TF
   Transform's _replace_tensors_with_constant_values, with TF Transform's own helpers. For the
   phase that makes the transform graph (`final`), the graph and session then also give the
   graph's schema, as TF Transform's ComputeDeferredMetadata would by loading the bound graph
-  once more (write_deferred_schema)."""
+  once more (write_deferred_schema); and where this runs in the process that built the job
+  (`job_process`, its transform_graph.PROCESS_TOKEN), the session, made with TF Transform's
+  `config` for its sessions, is kept for the transform (pipelines/warm_session.py)."""
   import tensorflow as tf
   from tensorflow_transform.saved import saved_transform_io
 
   flat = []
   for b in bindings:
     flat.extend(b if isinstance(b, list) else [b])
+  warm = final and job_process == transform_graph.PROCESS_TOKEN
   with tf.compat.v1.Graph().as_default() as graph:
     replacements = tft_impl._get_tensor_replacement_map(graph, *flat)
-    with tf.compat.v1.Session(graph=graph) as session:
+    session = tf.compat.v1.Session(graph=graph, config=config if warm else None)
+    kept = False
+    try:
       temp_dir = tft_beam_common.get_unique_temp_path(base_temp_dir)
       inputs, outputs = saved_transform_io.partially_apply_saved_transform_internal(
           unbound_dir, {}, replacements)
       session.run(tf.compat.v1.global_variables_initializer())
       saved_transform_io.write_saved_transform_from_session(session, inputs, outputs, temp_dir)
       if final:
-        write_deferred_schema(temp_dir, outputs, graph, session)
+        tables_ready = write_deferred_schema(temp_dir, outputs, graph, session)
+        if warm:
+          kept = warm_session.keep(temp_dir, graph, session, inputs, outputs, config,
+                                   tables_ready)
+    finally:
+      if not kept:
+        session.close()
   return temp_dir
 
 
@@ -220,19 +231,24 @@ def deferred_schema_path(saved_model_dir):
 def write_deferred_schema(saved_model_dir, outputs, graph, session):
   """TF Transform's _infer_metadata_from_saved_model_v1 on the graph and session that wrote
   `saved_model_dir`: its tables initialized, then TF Transform's infer_feature_schema of the
-  outputs. A schema that cannot be computed here is left to TF Transform's own step."""
+  outputs. A schema that cannot be computed here is left to TF Transform's own step. Returns
+  whether the session's tables were initialized."""
   import tensorflow as tf
   from tensorflow_transform import schema_inference
 
   try:
     session.run(tf.compat.v1.tables_initializer())
-    schema = schema_inference.infer_feature_schema(outputs, graph, session)
   except Exception:  # TF Transform's own step computes it, or reports why it cannot
-    return
+    return False
+  try:
+    schema = schema_inference.infer_feature_schema(outputs, graph, session)
+  except Exception:  # as above
+    return True
   path = deferred_schema_path(saved_model_dir)
   with tf.io.gfile.GFile(path + '.partial', 'wb') as f:
     f.write(schema.SerializeToString())
   tf.io.gfile.rename(path + '.partial', path, overwrite=True)
+  return True
 
 
 def infer_metadata_from_saved_model(saved_model_dir, use_tf_compat_v1):
@@ -282,6 +298,7 @@ class _PackedCreateSavedModelImpl(beam.PTransform):
     super().__init__()
     self._unbound = tft_impl._CreateSavedModelImpl(operation, extra_args)
     self._base_temp_dir = extra_args.base_temp_dir
+    self._config = extra_args.tf_config  # what TF Transform's sessions are made with
     # TF Transform's label of the transform graph's CreateSavedModel (a phase's own are
     # CreateSavedModelForAnalyzerInputs[...]): the one whose schema is the metadata.
     self._final = operation.label == FINAL_LABEL
@@ -293,7 +310,7 @@ class _PackedCreateSavedModelImpl(beam.PTransform):
     unbound = pipeline | 'Unbound' >> self._unbound
     return unbound | 'BindTensors' >> beam.Map(
         bind_all, self._base_temp_dir, *[beam.pvalue.AsSingleton(p) for p in inputs],
-        final=self._final)
+        final=self._final, config=self._config, job_process=transform_graph.PROCESS_TOKEN)
 
 
 tft_beam_common.register_ptransform(PackedTensorBindings)(_PackedTensorBindingsImpl)

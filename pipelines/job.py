@@ -20,7 +20,7 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipelines import analysis_cache, output_dir, report, stages, transform_graph
+from pipelines import analysis_cache, output_dir, report, stages, transform_graph, warm_session
 from pipelines.runner import launch, progress
 from pipelines.sinks import dead_letters
 from pipelines.sources import reading
@@ -206,6 +206,7 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None,
   finally:
     if state != PipelineState.DONE:  # the job failed: nothing of it is published
       transform_graph.kill_background()
+    warm_session.drop()  # a transform graph's session its transform did not take
     if spill is not None:  # what a retried or unfinished read left
       shutil.rmtree(spill.directory, ignore_errors=True)
   if launch.is_dry_run(pipeline):

@@ -41,6 +41,7 @@ from pipelines import (
   cache_packing,
   merge_packing,
   vocabulary_packing,
+  warm_session,
 )
 from pipelines.runner import beam_patches
 
@@ -74,7 +75,7 @@ def unfit_reason(tft_version=None):
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
             'beam.analyzer_impls._VocabularyAccumulateImpl')
   missing = (vocabulary_packing.missing() + merge_packing.missing() +
-             binding_packing.missing() + cache_packing.missing())
+             binding_packing.missing() + cache_packing.missing() + warm_session.missing())
   if missing:
     return f'TF Transform has no {", ".join(missing)}'
   return None
@@ -126,10 +127,12 @@ def install():
     _STATE['ours'] = True
     analysis_graph.set_enabled(True, REWRITES, CACHE_REWRITES)
     binding_packing.install_deferred_metadata(True)
+    warm_session.install(True)
     return
   analysis_graph.set_enabled(False)
   if reason is None:
     binding_packing.install_deferred_metadata(False)
+    warm_session.install(False)
   if reason is not None and not _STATE['logged']:
     _STATE['logged'] = True
     _LOG.warning('TF Transform %s: its own VocabularyAccumulate runs, not pipelines/vocabulary.py '
@@ -149,6 +152,7 @@ def tft_implementation():
   analysis_graph.set_enabled(False)
   if unfit_reason() is None:
     binding_packing.install_deferred_metadata(False)
+    warm_session.install(False)
   try:
     yield
   finally:
