@@ -192,7 +192,9 @@ def bind_all(unbound_dir, base_temp_dir, *bindings, final=False, config=None, jo
   graph's schema, as TF Transform's ComputeDeferredMetadata would by loading the bound graph
   once more (write_deferred_schema); and where this runs in the process that built the job
   (`job_process`, its transform_graph.PROCESS_TOKEN), the session, made with TF Transform's
-  `config` for its sessions, is kept for the transform (pipelines/warm_session.py)."""
+  `config` for its sessions, is kept for the transform (pipelines/warm_session.py), and the
+  child process that will rewrite a large graph as TF2 is started first
+  (transform_graph.prepare_child)."""
   import tensorflow as tf
   from tensorflow_transform.saved import saved_transform_io
 
@@ -200,6 +202,8 @@ def bind_all(unbound_dir, base_temp_dir, *bindings, final=False, config=None, jo
   for b in bindings:
     flat.extend(b if isinstance(b, list) else [b])
   warm = final and job_process == transform_graph.PROCESS_TOKEN
+  if warm and transform_graph.is_large(unbound_dir):
+    transform_graph.prepare_child()  # the rewrite's child imports while this binds
   with tf.compat.v1.Graph().as_default() as graph:
     replacements = tft_impl._get_tensor_replacement_map(graph, *flat)
     session = tf.compat.v1.Session(graph=graph, config=config if warm else None)

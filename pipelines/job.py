@@ -207,6 +207,7 @@ def run_and_check(pipeline, out, splits, max_bad_rows, what='rows', spill=None,
     if state != PipelineState.DONE:  # the job failed: nothing of it is published
       transform_graph.kill_background()
     warm_session.drop()  # a transform graph's session its transform did not take
+    transform_graph.release_prepared()  # a rewrite's child that no rewrite took
     if spill is not None:  # what a retried or unfinished read left
       shutil.rmtree(spill.directory, ignore_errors=True)
   if launch.is_dry_run(pipeline):

@@ -165,15 +165,27 @@ def _adapter_config(spec=SPEC):
   return job.adapter_config(arrow, spec)
 
 
-def test_a_rewrite_in_a_child_process_gives_the_inline_rewrite(tf1_output, tmp_path):
+@pytest.mark.parametrize('started', ['fresh', 'prepared', 'prepared, died'])
+def test_a_rewrite_in_a_child_process_gives_the_inline_rewrite(tf1_output, tmp_path, started):
   """stages.AnalyzeTrain's rewrite where the job runs in this process: a child process rewrites
-  the graph while the job goes on; wait_for_background gives the same graph as inline."""
+  the graph while the job goes on; wait_for_background gives the same graph as inline. The
+  child started for it ahead (prepare_child, as the binding does) takes it; where that one died
+  before, a fresh one does."""
   import shutil
   inline, child = str(tmp_path / 'inline'), str(tmp_path / 'child')
   for out in (inline, child):
     shutil.copytree(tf1_output, out)
   os.makedirs(tmp_path / 'tmp')
+  prepared = None
+  if started != 'fresh':
+    transform_graph.prepare_child()
+    prepared = transform_graph._PREPARED['child'].process
+    if started == 'prepared, died':
+      prepared.kill()
+      prepared.wait()
   transform_graph.start_in_background(child, _adapter_config(), str(tmp_path / 'tmp'))
+  (running,) = transform_graph._RUNNING.values()
+  assert (running.process is prepared) == (started == 'prepared')
   transform_graph.rewrite_as_tf2(inline, _specs(), str(tmp_path))
   transform_graph.wait_for_background()
   assert transform_graph.tf1_meta_graph(os.path.join(child, 'transform_fn')) is None
@@ -185,6 +197,16 @@ def test_a_rewrite_in_a_child_process_gives_the_inline_rewrite(tf1_output, tmp_p
   for key, value in want.items():
     np.testing.assert_array_equal(np.asarray(_dense(got[key]), dtype=object),
                                   np.asarray(_dense(value), dtype=object), err_msg=key)
+
+
+def test_a_prepared_child_that_no_rewrite_takes_ends_and_leaves_nothing():
+  transform_graph.prepare_child()
+  child = transform_graph._PREPARED['child']
+  transform_graph.prepare_child()  # one at most: the same one
+  assert transform_graph._PREPARED['child'] is child
+  transform_graph.release_prepared()
+  assert child.process.returncode == 0 and not os.path.exists(child.job)
+  assert not transform_graph._PREPARED
 
 
 def test_a_child_rewrite_that_fails_or_dies_leaves_the_tf1_graph_with_a_warning(
