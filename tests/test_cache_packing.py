@@ -75,3 +75,21 @@ def test_spans_together_that_hold_more_than_the_analysis_reads_are_not_used():
 def test_a_single_cached_span_is_left_as_it_is():
   kinds, _, entries = _kinds(cached=1)
   assert kinds['DecodeCachedSpans'] == 0 and kinds['DecodeCache'] == entries
+
+
+def test_the_count_decoder_reads_tensorflow_transforms_own_records():
+  """count_decoder against TF Transform's coder: its own encoding of (token, count) pairs read
+  back as its decode_cache reads them; any other value, or another coder, is left to it."""
+  from tensorflow_transform import analyzer_nodes
+  coder = analyzer_nodes._VocabularyAccumulatorCoder()
+  count_of = cache_packing.count_decoder(coder)
+  pairs = [(b'red', 3), (b'', 1), (b'\xff\xfe not utf-8', 12), (b'x' * 5000, 2 ** 40),
+           ('caf\u00e9'.encode(), 0)]
+  for pair in pairs:
+    record = coder.encode_cache(pair)
+    assert count_of(record) == coder.decode_cache(record) == pair
+  for other in [(b'w', 0.5), (b'n', -2)]:  # a weight, a negative count: the coder's own read
+    assert count_of(coder.encode_cache(other)) is None
+  int_tokens = analyzer_nodes._VocabularyAccumulatorCoder(input_dtype=tf.int64.name)
+  assert cache_packing.count_decoder(int_tokens) is None
+  assert cache_packing.count_decoder(analyzer_nodes.JsonNumpyCacheCoder()) is None
