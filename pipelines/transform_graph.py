@@ -223,17 +223,12 @@ def prepare_child():
 
 
 def release_prepared():
-  """Ends the child prepare_child started, where no rewrite took it (its input closed, it
-  exits without doing anything)."""
+  """Ends the child prepare_child started, where no rewrite took it: it has written nothing
+  but its log, and may still be importing TensorFlow, which the job does not wait for."""
   child = _PREPARED.pop('child', None)
   if child is not None:
-    try:
-      child.process.stdin.close()
-      child.process.wait(timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-      child.process.kill()
-      child.process.wait()
-    shutil.rmtree(child.job, ignore_errors=True)
+    _stop(child)
+    child.process.stdin.close()
 
 
 def _spawn(job, arguments, stdin):
@@ -310,8 +305,7 @@ def kill_background():
   child."""
   while _RUNNING:
     _stop(_RUNNING.popitem()[1])
-  if _PREPARED:
-    _stop(_PREPARED.pop('child'))
+  release_prepared()
 
 
 def _stop(child):
