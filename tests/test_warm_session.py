@@ -1,8 +1,9 @@
 """pipelines/warm_session.py: the transform graph's session handed from its binding to TF
-Transform's transform in the same process.
+Transform's transform in the same process, and the traced graph to the first phase's apply.
 
-End to end, an analysis and transform with the hand-over gives the same transformed values as
-one where TF Transform loads the bound graph itself, and the hand-over did happen. Then TF
+End to end, an analysis and transform with the hand-overs gives the same vocabulary files and
+transformed values as one where TF Transform loads both graphs itself, and both hand-overs did
+happen. Then TF
 Transform's own DoFn on a small SavedModel: the kept session serves only its own SavedModel and
 TF Transform's session configuration; anything else loads as TF Transform does, and what is not
 taken is closed.
@@ -68,7 +69,8 @@ def runs(tmp_path_factory):
 
 def test_the_transform_takes_the_bound_session_and_gives_the_same_values(runs):
   (warm_files, warm_rows, _), warm_made, (cold_files, cold_rows, _), cold_made = runs
-  assert warm_made == [True] and cold_made == []
+  # the first phase's graph state from the traced graph, the transform's from the binding
+  assert warm_made == [True, True] and cold_made == []
   assert warm_files == cold_files
   assert [sorted(r.items()) for r in warm_rows] == [sorted(r.items()) for r in cold_rows]
   # and against numpy: the z-scores are the rows' own
