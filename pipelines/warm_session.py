@@ -33,6 +33,7 @@ It builds on private parts of TF Transform 1.21 (NEEDS), checked with the vocabu
 """
 
 import collections
+import contextlib
 import threading
 
 import apache_beam as beam
@@ -175,14 +176,8 @@ def _graph_state(dofn, saved_model_dir, kept):
     fetches = [outputs[key] for key in output_keys]
     # TF Transform finds the feeds from the graph's table initializers: a traced graph's are
     # every phase's, the SavedModel's only this phase's (as CreateSavedModel wrote them).
-    initializers = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
-    original = list(initializers)
-    if kept.initializers is not None:
-      initializers[:] = list(kept.initializers)
-    try:
+    with _table_initializers(graph, kept.initializers):
       tensor_inputs = graph_tools.get_dependent_inputs(graph, inputs, fetches)
-    finally:
-      initializers[:] = original
     input_keys = sorted(tensor_inputs)
     callable_get_outputs = session.make_callable(
         fetches, feed_list=[tensor_inputs[key] for key in input_keys])
@@ -191,6 +186,23 @@ def _graph_state(dofn, saved_model_dir, kept):
   _DoFn._GraphStateCommon.__init__(state, saved_model_dir, input_keys, output_keys,
                                    callable_get_outputs)
   return state
+
+
+@contextlib.contextmanager
+def _table_initializers(graph, ops):
+  """Within the block, `graph`'s table initializers are `ops` (a phase's), as TF Transform's
+  CreateSavedModel sets them to write that phase's SavedModel; all of them again after it.
+  None: the graph's own, unchanged."""
+  import tensorflow as tf
+
+  collection = graph.get_collection_ref(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
+  original = list(collection)
+  if ops is not None:
+    collection[:] = list(ops)
+  try:
+    yield
+  finally:
+    collection[:] = original
 
 
 class _TracedCreateSavedModelImpl(beam.PTransform):
@@ -216,16 +228,11 @@ class _TracedCreateSavedModelImpl(beam.PTransform):
 
     saved_model_dir = tft_beam_common.get_unique_temp_path(self._base_temp_dir)
     with self._graph.as_default():
-      with tf.compat.v1.Session(graph=self._graph) as session:
-        initializers = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
-        original = list(initializers)
-        initializers[:] = list(self._table_initializers)  # the phase's tables only
-        try:
-          session.run(tf.compat.v1.global_variables_initializer())
-          saved_transform_io.write_saved_transform_from_session(
-              session, self._inputs, self._outputs, saved_model_dir)
-        finally:
-          initializers[:] = original
+      with tf.compat.v1.Session(graph=self._graph) as session, _table_initializers(
+          self._graph, self._table_initializers):  # the phase's tables only
+        session.run(tf.compat.v1.global_variables_initializer())
+        saved_transform_io.write_saved_transform_from_session(
+            session, self._inputs, self._outputs, saved_model_dir)
     keep_traced(saved_model_dir, self._graph, self._inputs, self._outputs,
                 self._table_initializers)
     return (inputs
