@@ -11,9 +11,10 @@ a 300-column table with 100 vocabularies (benchmarks/wide.py, 20,000 rows, one w
 This module rewrites TF Transform's analysis graph (the `nodes` graph that
 analysis_graph_builder.build returns, before it becomes Beam stages) so that the vocabulary
 chains reading the same phase's analyzer inputs become one PackedVocabularies operation: one
-pass counting each batch's tokens of every vocabulary at once, one CombinePerKey keyed by
-(vocabulary, token), one GroupByKey by vocabulary, and one DoFn that prunes, orders and writes
-each vocabulary file exactly as TF Transform's chain does:
+pass counting each batch's tokens of every vocabulary at once (summed per bundle into tables of
+{token: count}, SHARDS per vocabulary, below), one CombinePerKey keyed by (vocabulary, shard),
+one GroupByKey by vocabulary, and one DoFn that prunes, orders and writes each vocabulary file
+exactly as TF Transform's chain does:
   - counts summed over all rows; frequency_threshold keeps count >= threshold; top_k keeps the
     k largest (count, token) pairs;
   - ordered by count, then token, both descending; numeric tokens written as their decimal text;
@@ -43,11 +44,13 @@ import collections
 import functools
 import os
 import uuid
+import zlib
 from typing import Any, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 from tensorflow_transform import analyzer_nodes, nodes
 from tensorflow_transform import analyzers as tft_analyzers
 from tensorflow_transform.beam import analysis_graph_builder, beam_nodes
@@ -296,11 +299,107 @@ def token_counts(tokens):
 
 
 def count_tokens(batch, keys):
-  """((vocabulary index, token), count) for each distinct token of each vocabulary in one batch
-  of analyzer inputs (a dict of arrays, as TF Transform's ApplySavedModel gives)."""
+  """(vocabulary index, its (token, count) pairs) for each vocabulary of one batch of analyzer
+  inputs (a dict of arrays, as TF Transform's ApplySavedModel gives), each distinct token once."""
   for index, key in enumerate(keys):
-    for token, count in token_counts(batch[key]):
-      yield (index, token), count
+    yield index, token_counts(batch[key])
+
+
+# Each vocabulary's counts cross the runner as tables of (token: count), SHARDS per vocabulary
+# and bundle, not one element per distinct token: on one machine, Beam's per-element coding and
+# grouping cost more than summing the counts (the cache benchmark's 97,000 cached counts crossed
+# the runner twice each); on a distributed runner, a vocabulary's shards are still summed on as
+# many workers. A token's shard is a function of the token alone, the same in every process.
+SHARDS = 16
+# A bundle's table of one vocabulary is handed on once it holds this many tokens, so that a
+# long bundle of a huge vocabulary does not keep every token in memory.
+MAX_TABLE = 1 << 20
+
+
+def shard_of(token):
+  if isinstance(token, str):
+    token = token.encode()
+  return (zlib.crc32(token) if isinstance(token, bytes) else int(token)) % SHARDS
+
+
+def sharded(index, table):
+  """((index, shard), {token: count}) for each shard of `table` that holds a token."""
+  shards = collections.defaultdict(dict)
+  for token, count in table.items():
+    shards[shard_of(token)][token] = count
+  return [((index, shard), part) for shard, part in sorted(shards.items())]
+
+
+class _BundleTables(beam.DoFn):
+  """Counts summed per vocabulary and token over a bundle, handed on as sharded tables."""
+
+  def start_bundle(self):
+    self._tables = collections.defaultdict(dict)
+
+  def _add(self, index, pairs):
+    table = self._tables[index]
+    if not table:
+      table.update(pairs)
+    else:
+      get = table.get
+      for token, count in pairs:
+        table[token] = get(token, 0) + count
+    if len(table) >= MAX_TABLE:
+      return sharded(index, self._tables.pop(index))
+    return None
+
+  def finish_bundle(self):
+    for index, table in sorted(self._tables.items()):
+      for element in sharded(index, table):
+        yield GlobalWindows.windowed_value(element)
+    self._tables = None
+
+
+class _CountBatches(_BundleTables):
+  """Batches of analyzer inputs -> ((vocabulary index, shard), {token: count}) of `keys`."""
+
+  def __init__(self, keys):
+    self._keys = keys
+
+  def process(self, batch):
+    for index, counts in count_tokens(batch, self._keys):
+      yield from self._add(index, counts) or ()
+
+
+class _CountPairs(_BundleTables):
+  """(token, count) pairs of vocabulary `index` -> as _CountBatches."""
+
+  def __init__(self, index):
+    self._index = index
+
+  def process(self, pair):
+    yield from self._add(self._index, (pair,)) or ()
+
+
+class _SumTables(beam.CombineFn):
+  """{token: count} tables -> one, counts summed (an input table is never changed)."""
+
+  def create_accumulator(self):
+    return {}
+
+  def add_input(self, accumulator, table):
+    if not accumulator:
+      accumulator.update(table)
+      return accumulator
+    get = accumulator.get
+    for token, count in table.items():
+      accumulator[token] = get(token, 0) + count
+    return accumulator
+
+  def merge_accumulators(self, accumulators):
+    accumulators = sorted(accumulators, key=len, reverse=True)  # the smaller ones into the largest
+    merged = accumulators[0]
+    for table in accumulators[1:]:
+      self.add_input(merged, table)
+    return merged
+
+  def extract_output(self, accumulator):
+    return accumulator
 
 
 def order_and_prune(spec, counts):
@@ -326,7 +425,8 @@ def vocabulary_lines(spec, counts):
 
 
 class _WriteVocabularies(beam.DoFn):
-  """(index, its (count, token) pairs and None markers) -> (index, (path, unpruned, pruned));
+  """(index, its shards' {token: count} tables and None markers) -> (index, (path, unpruned,
+  pruned));
   writes the file under a temporary name, then renames it, so a retried bundle rewrites it."""
 
   def __init__(self, specs, temp_dir):
@@ -334,9 +434,12 @@ class _WriteVocabularies(beam.DoFn):
     self._temp_dir = temp_dir
 
   def process(self, element):
-    index, pairs = element
+    index, tables = element
     spec = self._specs[index]
-    counts, unpruned, pruned = order_and_prune(spec, [p for p in pairs if p is not None])
+    # The shards hold disjoint tokens (shard_of), each summed over the whole split.
+    counts = [(count, token) for table in tables if table is not None
+              for token, count in table.items()]
+    counts, unpruned, pruned = order_and_prune(spec, counts)
     path = os.path.join(self._temp_dir, spec.vocab_filename)
     partial = f'{path}.incomplete-{uuid.uuid4().hex}'
     with FileSystems.create(partial) as f:
@@ -358,7 +461,7 @@ class _PackedVocabulariesImpl(beam.PTransform):
     (batches,) = inputs
     keys = [spec.key for spec in self._specs]
     counted = (batches
-               | 'CountTokensPerBatch' >> beam.FlatMap(count_tokens, keys).with_output_types(Any))
+               | 'CountTokensPerBundle' >> beam.ParDo(_CountBatches(keys)).with_output_types(Any))
     return _sum_and_write(counted, self._specs, self._temp_dir)
 
 
@@ -371,21 +474,20 @@ class _PackedVocabularyMergesImpl(beam.PTransform):
     self._temp_dir = extra_args.base_temp_dir
 
   def expand(self, inputs):
-    keyed = [counts | f'KeyByVocabulary{n}' >> beam.MapTuple(
-        lambda token, count, i=i: ((i, token), count)).with_output_types(Any)
-        for n, (i, counts) in enumerate(zip(self._owners, inputs))]
+    keyed = [counts | f'TablesOfVocabulary{n}' >> beam.ParDo(_CountPairs(i)).with_output_types(Any)
+             for n, (i, counts) in enumerate(zip(self._owners, inputs))]
     counted = keyed | 'AllCounts' >> beam.Flatten().with_output_types(Any)
     return _sum_and_write(counted, self._specs, self._temp_dir)
 
 
 def _sum_and_write(counted, specs, temp_dir):
-  """((vocabulary index, token), count) of every vocabulary of `specs` -> (index, (path,
-  unpruned size, pruned size)) of each; writes the files."""
+  """((vocabulary index, shard), {token: count}) tables of every vocabulary of `specs` ->
+  (index, (path, unpruned size, pruned size)) of each; writes the files."""
   by_vocabulary = (counted
-                   | 'SumPerToken' >> beam.CombinePerKey(sum).with_input_types(Any)
+                   | 'SumPerShard' >> beam.CombinePerKey(_SumTables()).with_input_types(Any)
                    .with_output_types(Any)
                    | 'ByVocabulary' >> beam.MapTuple(
-                       lambda key, count: (key[0], (count, key[1]))).with_output_types(Any))
+                       lambda key, table: (key[0], table)).with_output_types(Any))
   # One None per vocabulary, so that a vocabulary without a single token is written too.
   every = (counted.pipeline
            | 'EveryVocabulary' >> beam.Create([(i, None) for i in range(len(specs))])

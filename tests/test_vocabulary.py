@@ -12,6 +12,7 @@ against collections.Counter over the raw values.
 """
 
 import collections
+import zlib
 
 import numpy as np
 import pytest
@@ -172,5 +173,51 @@ def test_count_batch_counts_each_distinct_token_once():
   assert dict(vocabulary.count_batch((np.array([3, 3, 1]),))) == {3: 2, 1: 1}
   assert dict(vocabulary.count_batch((np.array([], dtype=object),))) == {}
   batch = {'x': np.array([b'a', b'a', b'b'], dtype=object), 'y': np.array([[1, 2], [2, 2]])}
-  assert sorted(vocabulary_packing.count_tokens(batch, ['x', 'y'])) == [
-      ((0, b'a'), 2), ((0, b'b'), 1), ((1, 1), 1), ((1, 2), 3)]
+  assert [(i, dict(pairs)) for i, pairs in vocabulary_packing.count_tokens(batch, ['x', 'y'])] \
+      == [(0, {b'a': 2, b'b': 1}), (1, {1: 1, 2: 3})]
+
+
+def _summed(elements):
+  """The {(vocabulary index, token): count} that a bundle's tables hold, checking that each
+  token is in its own shard."""
+  total = collections.Counter()
+  for (index, shard), table in elements:
+    for token, count in table.items():
+      assert vocabulary_packing.shard_of(token) == shard
+      total[index, token] += count
+  return total
+
+
+def test_counts_cross_the_runner_as_sharded_tables(monkeypatch):
+  rng = np.random.default_rng(0)
+  batches = [{'x': rng.integers(0, 50, 300).astype(str).astype(object).astype(bytes),
+              'y': rng.integers(-5, 500, (40, 3))} for _ in range(4)]
+  expected = collections.Counter()
+  for batch in batches:
+    for index, key in enumerate(['x', 'y']):
+      expected.update((index, t) for t in np.asarray(batch[key]).ravel().tolist())
+  for limit in (vocabulary_packing.MAX_TABLE, 7):  # 7: tables handed on within the bundle
+    monkeypatch.setattr(vocabulary_packing, 'MAX_TABLE', limit)
+    fn = vocabulary_packing._CountBatches(['x', 'y'])
+    fn.start_bundle()
+    early = [e for batch in batches for e in fn.process(batch)]
+    last = [w.value for w in fn.finish_bundle()]
+    assert bool(early) == (limit == 7)
+    assert _summed(early + last) == expected
+  pairs = vocabulary_packing._CountPairs(3)
+  pairs.start_bundle()
+  for pair in [(b'a', 2), (b'b', 1), (b'a', 5)]:
+    assert not list(pairs.process(pair))
+  assert _summed(w.value for w in pairs.finish_bundle()) == {(3, b'a'): 7, (3, b'b'): 1}
+  # The shard of a token is the same in every process (no per-process hash seed).
+  assert vocabulary_packing.shard_of(b'token') == zlib.crc32(b'token') % vocabulary_packing.SHARDS
+  assert vocabulary_packing.shard_of(-3) == -3 % vocabulary_packing.SHARDS
+
+
+def test_summing_tables_leaves_its_inputs_as_they_were():
+  fn = vocabulary_packing._SumTables()
+  a, b, c = {b'x': 1, b'y': 2}, {b'x': 3}, {b'z': 4}
+  accumulators = [fn.add_input(fn.add_input(fn.create_accumulator(), a), b),
+                  fn.add_input(fn.create_accumulator(), c)]
+  assert fn.extract_output(fn.merge_accumulators(accumulators)) == {b'x': 4, b'y': 2, b'z': 4}
+  assert a == {b'x': 1, b'y': 2} and b == {b'x': 3} and c == {b'z': 4}
