@@ -11,8 +11,9 @@ weights per batch inside the graph.
 This module registers, through TFT's own extension point (`register_ptransform`, which the
 analyzer graph consults when it builds the Beam pipeline), an implementation of the
 VocabularyAccumulate operation that counts each batch's tokens at once with a C-implemented
-`collections.Counter` and emits one (token, count) pair per distinct token of the batch; the
-pairs are summed per token. The output is the same (token, count) pairs TFT's `Count.PerElement`
+`collections.Counter`, sums the counts of a bundle in tables that cross the runner (16 shards of
+{token: count}, vocabulary_packing.SHARDS) and are summed per shard, and gives the (token, count)
+pairs of the sums. The output is the same (token, count) pairs TFT's `Count.PerElement`
 produces, so pruning, ordering (count, then token), the vocabulary files, the analyzer cache and
 everything downstream are unchanged; tests/test_fast_path.py compares the vocabulary files with
 TFT's own path byte for byte. Every other ordering (weighted, mutual information, labels) keeps
@@ -81,12 +82,6 @@ def unfit_reason(tft_version=None):
   return None
 
 
-def count_batch(batch_values):
-  """(token, count) for each distinct token of one batch; TFT hands the tokens as a 1-D array."""
-  (tokens,) = batch_values
-  return vocabulary_packing.token_counts(tokens)
-
-
 class _BatchCountedVocabularyAccumulate(beam.PTransform):
   """VocabularyAccumulate: per-batch counts for frequency vocabularies, TFT's own otherwise."""
 
@@ -99,9 +94,14 @@ class _BatchCountedVocabularyAccumulate(beam.PTransform):
     if not self._frequency:
       return self._tft.expand(inputs)
     (batches,) = inputs
+    # The counts cross the runner as tables, as the packed vocabularies' do (vocabulary_packing,
+    # SHARDS); TF Transform's (token, count) pairs come out of the summed tables.
     return (batches
-            | 'CountTokensPerBatch' >> beam.FlatMap(count_batch).with_output_types(Any)
-            | 'CountPerToken' >> beam.CombinePerKey(sum).with_input_types(Any)
+            | 'CountTokensPerBundle' >> beam.ParDo(vocabulary_packing.CountBatchValues())
+            .with_output_types(Any)
+            | 'SumPerShard' >> beam.CombinePerKey(vocabulary_packing.SumTables())
+            .with_input_types(Any).with_output_types(Any)
+            | 'PerToken' >> beam.FlatMap(lambda shard_table: shard_table[1].items())
             .with_output_types(Any))
 
 

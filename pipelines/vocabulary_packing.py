@@ -366,6 +366,15 @@ class _CountBatches(_BundleTables):
       yield from self._add(index, counts) or ()
 
 
+class CountBatchValues(_BundleTables):
+  """TF Transform's batches of one vocabulary's analyzer input, (tokens,) -> ((0, shard),
+  {token: count})."""
+
+  def process(self, batch_values):
+    (tokens,) = batch_values
+    yield from self._add(0, token_counts(tokens)) or ()
+
+
 class _CountPairs(_BundleTables):
   """(token, count) pairs of vocabulary `index` -> as _CountBatches."""
 
@@ -376,7 +385,7 @@ class _CountPairs(_BundleTables):
     yield from self._add(self._index, (pair,)) or ()
 
 
-class _SumTables(beam.CombineFn):
+class SumTables(beam.CombineFn):
   """{token: count} tables -> one, counts summed (an input table is never changed)."""
 
   def create_accumulator(self):
@@ -484,7 +493,7 @@ def _sum_and_write(counted, specs, temp_dir):
   """((vocabulary index, shard), {token: count}) tables of every vocabulary of `specs` ->
   (index, (path, unpruned size, pruned size)) of each; writes the files."""
   by_vocabulary = (counted
-                   | 'SumPerShard' >> beam.CombinePerKey(_SumTables()).with_input_types(Any)
+                   | 'SumPerShard' >> beam.CombinePerKey(SumTables()).with_input_types(Any)
                    .with_output_types(Any)
                    | 'ByVocabulary' >> beam.MapTuple(
                        lambda key, table: (key[0], table)).with_output_types(Any))

@@ -169,9 +169,15 @@ def test_the_graph_rewrite_packs_what_it_can_and_leaves_the_rest():
 
 def test_count_batch_counts_each_distinct_token_once():
   tokens = np.array([b'a', b'b', b'a', b'c', b'a'], dtype=object)
-  assert dict(vocabulary.count_batch((tokens,))) == {b'a': 3, b'b': 1, b'c': 1}
-  assert dict(vocabulary.count_batch((np.array([3, 3, 1]),))) == {3: 2, 1: 1}
-  assert dict(vocabulary.count_batch((np.array([], dtype=object),))) == {}
+  assert dict(vocabulary_packing.token_counts(tokens)) == {b'a': 3, b'b': 1, b'c': 1}
+  assert dict(vocabulary_packing.token_counts(np.array([3, 3, 1]))) == {3: 2, 1: 1}
+  assert dict(vocabulary_packing.token_counts(np.array([], dtype=object))) == {}
+  fn = vocabulary_packing.CountBatchValues()  # TF Transform's VocabularyAccumulate's batches
+  fn.start_bundle()
+  for batch in [tokens, np.array([b'c', b'd'], dtype=object), np.array([], dtype=object)]:
+    assert not list(fn.process((batch,)))
+  assert _summed(w.value for w in fn.finish_bundle()) == {
+      (0, b'a'): 3, (0, b'b'): 1, (0, b'c'): 2, (0, b'd'): 1}
   batch = {'x': np.array([b'a', b'a', b'b'], dtype=object), 'y': np.array([[1, 2], [2, 2]])}
   assert [(i, dict(pairs)) for i, pairs in vocabulary_packing.count_tokens(batch, ['x', 'y'])] \
       == [(0, {b'a': 2, b'b': 1}), (1, {1: 1, 2: 3})]
@@ -215,7 +221,7 @@ def test_counts_cross_the_runner_as_sharded_tables(monkeypatch):
 
 
 def test_summing_tables_leaves_its_inputs_as_they_were():
-  fn = vocabulary_packing._SumTables()
+  fn = vocabulary_packing.SumTables()
   a, b, c = {b'x': 1, b'y': 2}, {b'x': 3}, {b'z': 4}
   accumulators = [fn.add_input(fn.add_input(fn.create_accumulator(), a), b),
                   fn.add_input(fn.create_accumulator(), c)]
