@@ -3,7 +3,7 @@ string features, each split's share of its values. Built as markup (formatting.H
 value written into it, a feature's values and split names included, is escaped."""
 
 from pipelines import statistics
-from pipelines.report.formatting import Html, number, percent
+from pipelines.report.formatting import Html, escape, number, percent
 
 COLORS = {'train': '#3b6fb6', 'eval': '#e8772e'}
 
@@ -44,17 +44,22 @@ def histogram_svg(histograms, width, height, max_bins):
            Html('<text x="{}" y="{:.1f}" text-anchor="end">{}</text>').format(
                left - 5, pad + plot_h / 2 + 4, percent(top / 2)),
            Html('<text x="{}" y="{}" text-anchor="end">0</text>').format(left - 5, base + 4)]
+  # The bars are written with f-strings, not Html.format: a 300-column report has some 30,000
+  # of them (1.9 s of its 4 s here). Numbers need no escaping; the split's name and colour, and
+  # the edges' labels, are escaped once each.
+  labels = [escape(number(edge)) for edge in edges]
   for n, (split, values) in enumerate(shares.items()):
     counts = aligned[split].counts
+    name, fill = escape(split), escape(color(split))
     if n == 0:
-      for i, share in enumerate(values):
+      for i, share in enumerate(values.tolist()):
         if share:
+          top_y = y(share)
           parts.append(Html(
-              '<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}" fill="{}" '
-              'fill-opacity="0.75"><title>{} [{}, {}): {:,} ({:.1%})</title></rect>').format(
-                  left + i * bar + 0.5, y(share), max(1.0, bar - 1), max(1.0, base - y(share)),
-                  color(split), split, number(edges[i]), number(edges[i + 1]), int(counts[i]),
-                  share))
+              f'<rect x="{left + i * bar + 0.5:.1f}" y="{top_y:.1f}" '
+              f'width="{max(1.0, bar - 1):.1f}" height="{max(1.0, base - top_y):.1f}" '
+              f'fill="{fill}" fill-opacity="0.75"><title>{name} [{labels[i]}, {labels[i + 1]}): '
+              f'{int(counts[i]):,} ({share:.1%})</title></rect>'))
       continue
     points = [f'{left:.1f},{base:.1f}']
     for i, share in enumerate(values):

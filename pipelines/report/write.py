@@ -39,8 +39,10 @@ def write_report(out, manifest, options, reference=None):
                 'categorical_linf': options.categorical_threshold}
   result = summary.summarize(datasets, tft_output, summary.vocabulary_names(out.out),
                              constants.analyzer_constants(out.out), thresholds, **compare)
+  # One line: json's C encoder writes no indentation, and the indenting one is Python (0.65 s
+  # for a 300-column table's 2 MB summary, 0.09 s without).
   output_dir.write_text(output_dir.join(out.out, SUMMARY),
-                        json.dumps(result, indent=1, sort_keys=True) + '\n')
+                        json.dumps(result, sort_keys=True) + '\n')
   drifts = result['drift']['features']
   manifest = manifest.replace(statistics={
       'files': files, 'summary': SUMMARY,
