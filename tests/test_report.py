@@ -461,3 +461,55 @@ def test_image_report(image_report):
 def test_image_report_renders_in_chromium(image_report, tmp_path):
   assert_not_blank(screenshot(os.path.join(image_report['out'], 'report.html'),
                               tmp_path / 'shot.png'))
+
+
+def _string_batches(tokens, size):
+  return [pa.record_batch([pa.LargeListArray.from_arrays(
+      pa.array(np.arange(len(part) + 1)), pa.array(list(part), pa.large_binary()))], names=['s'])
+      for part in (tokens[i:i + size] for i in range(0, len(tokens), size))]
+
+
+def _string_stats(batches, order, groups):
+  """The string statistics of `batches` added in `order`, in `groups` accumulators merged."""
+  fn = statistics.StatisticsFn('t')
+  accumulators = [fn.create_accumulator() for _ in range(groups)]
+  for n, i in enumerate(order):
+    fn.add_input(accumulators[n % groups], batches[i])
+  proto, _ = fn.extract_output(fn.merge_accumulators(accumulators[::-1]))
+  (dataset,) = statistics_pb2.DatasetFeatureStatisticsList.FromString(proto).datasets
+  return dataset.features[0]
+
+
+def test_top_values_are_exact_and_the_same_in_any_order():
+  # 3,000 distinct values, Zipf-like: more than the Misra-Gries sketch holds (MG_BUCKETS), so
+  # its result would depend on the order of batches and merges.
+  rng = np.random.default_rng(3)
+  tokens = [b'v%d' % v for v in np.minimum(rng.zipf(1.2, 60_000), 3000)] + [
+      b'x' * 2000, b'y' * 1500, b'\xff\xfe']
+  batches = _string_batches(tokens, 997)
+  protos = {_string_stats(batches, order, groups).SerializeToString()
+            for order, groups in [(range(len(batches)), 1), (rng.permutation(len(batches)), 3),
+                                  (rng.permutation(len(batches)), 7)]}
+  assert len(protos) == 1
+  s = _string_stats(batches, range(len(batches)), 1).string_stats
+  counts = collections.Counter(
+      '__LARGE_BYTES__' if len(t) > 1024 else '__BYTES_VALUE__' if t == b'\xff\xfe' else t.decode()
+      for t in tokens)
+  expected = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+  assert [(b.label, b.sample_count) for b in s.rank_histogram.buckets] == \
+      expected[:statistics.accumulators.MG_BUCKETS]
+  assert [(t.value, t.frequency) for t in s.top_values] == expected[:20]
+  assert counts['__LARGE_BYTES__'] == 2
+
+
+def test_top_values_beyond_the_exact_limit_come_from_the_sketch(monkeypatch):
+  monkeypatch.setattr(statistics.accumulators, 'EXACT_VALUES', 500)
+  rng = np.random.default_rng(4)
+  tokens = [b'w%d' % v for v in np.minimum(rng.zipf(1.3, 30_000), 5000)]
+  s = _string_stats(_string_batches(tokens, 1000), range(30), 2).string_stats
+  counts = collections.Counter(t.decode() for t in tokens)
+  top = s.top_values[0]
+  assert top.value == counts.most_common(1)[0][0]
+  bound = len(tokens) / (statistics.accumulators.MG_BUCKETS + 1)
+  for t in s.top_values:  # Misra-Gries: lower bounds, off by at most n / (buckets + 1)
+    assert counts[t.value] - bound <= t.frequency <= counts[t.value]

@@ -2,6 +2,7 @@
 tfx_bsl calls, the CombineFn that holds them for every feature of a split, and its uniform sample
 of rows (see the package docstring)."""
 
+import collections
 import math
 
 import apache_beam as beam
@@ -14,8 +15,13 @@ from tfx_bsl import sketches
 from pipelines.statistics.histogram import FLOAT_MIN_EXPONENT, MAX_BINS, AlignedHistogram
 
 TOP_VALUES = 20  # StringStatistics.top_values; the rank histogram holds all that the sketch keeps
-# Misra-Gries counts are exact for a feature with at most this many distinct values, and lower
-# bounds (off by at most values / (MG_BUCKETS + 1)) beyond.
+# A string feature's top values are counted exactly (the same in every run, whatever the order
+# of batches and merges) while it has at most EXACT_VALUES distinct values of EXACT_BYTES in
+# all; beyond, by tfx_bsl's Misra-Gries sketch of MG_BUCKETS counts, lower bounds off by at
+# most values / (MG_BUCKETS + 1), whose result depends on that order. The report shows the
+# MG_BUCKETS most frequent either way.
+EXACT_VALUES = 10_000
+EXACT_BYTES = 1 << 20
 MG_BUCKETS = 1000
 KMV_BUCKETS = 1024  # KMV's distinct count is exact below this many distinct values
 SAMPLE_ROWS = 16
@@ -252,13 +258,18 @@ def _add_values(features, matrix):
 
 
 class _String(_Feature):
+  """A string feature's statistics. Its top values are exact counts while it has at most
+  EXACT_VALUES distinct values (EXACT_BYTES of them): those are the same whatever the order of
+  batches and merges, so identical runs give identical statistics; beyond, tfx_bsl's
+  Misra-Gries sketch takes over, whose result depends on that order within its error bound."""
 
   def __init__(self, kind):
     super().__init__(kind)
     self.kmv = sketches.KmvSketch(KMV_BUCKETS)
-    self.top = sketches.MisraGriesSketch(
-        MG_BUCKETS, invalid_utf8_placeholder=_BYTES_PLACEHOLDER,
-        large_string_threshold=_LARGE_STRING, large_string_placeholder=_LARGE_PLACEHOLDER)
+    self.parts = []  # exact counts: (distinct values, their counts) Arrow arrays, not yet summed
+    self.pending = 0  # the distinct values in parts
+    self.pending_bytes = 0  # and their bytes
+    self.top = None  # the Misra-Gries sketch, once there are too many distinct values
     self.bytes = 0
     self.min_bytes = None
     self.max_bytes = None
@@ -274,7 +285,7 @@ class _String(_Feature):
     counts = pc.value_counts(values)
     distinct = counts.field('values')
     self.kmv.AddValues(distinct)
-    self.top.AddValues(distinct, counts.field('counts').cast(pa.float32()))
+    self._count(distinct, counts.field('counts'))
     large = pa.types.is_large_binary(values.type) or pa.types.is_large_string(values.type)
     offsets = np.frombuffer(values.buffers()[1], np.int64 if large else np.int32)[
         values.offset:values.offset + len(values) + 1]  # a slice's own offsets
@@ -289,14 +300,77 @@ class _String(_Feature):
         invalid = np.array([not _is_utf8(v) for v in distinct.to_pylist()])
         self.invalid_utf8 += int(counts.field('counts').to_numpy()[invalid].sum())
 
+  def _count(self, distinct, counts):
+    if self.top is not None:
+      self.top.AddValues(distinct, counts.cast(pa.float32()))
+      return
+    # Values too long for the top values are counted under their placeholder (an image's
+    # bytes are not kept).
+    distinct = distinct.cast(pa.large_binary())
+    long = pc.greater(pc.binary_length(distinct), _LARGE_STRING)
+    if pc.any(long).as_py():
+      distinct = pc.if_else(long, pa.scalar(_LARGE_PLACEHOLDER.encode(), pa.large_binary()),
+                            distinct)
+    self.parts.append((distinct, counts.cast(pa.int64())))
+    self.pending += len(distinct)
+    self.pending_bytes += distinct.nbytes
+    if self.pending > 2 * EXACT_VALUES or self.pending_bytes > 2 * EXACT_BYTES:
+      self._sum_parts()
+
+  def _sum_parts(self):
+    """parts summed into one; the sketch instead, where they hold too many distinct values."""
+    if len(self.parts) > 1:
+      table = pa.table({'v': pa.concat_arrays([p[0] for p in self.parts]),
+                        'c': pa.concat_arrays([p[1] for p in self.parts])})
+      summed = table.group_by('v').aggregate([('c', 'sum')])
+      self.parts = [(summed['v'].combine_chunks(), summed['c_sum'].combine_chunks())]
+    self.pending = len(self.parts[0][0]) if self.parts else 0
+    self.pending_bytes = self.parts[0][0].nbytes if self.parts else 0
+    if self.pending > EXACT_VALUES or self.pending_bytes > EXACT_BYTES:
+      self._to_sketch()
+
+  def _to_sketch(self):
+    self.top = sketches.MisraGriesSketch(
+        MG_BUCKETS, invalid_utf8_placeholder=_BYTES_PLACEHOLDER,
+        large_string_threshold=_LARGE_STRING, large_string_placeholder=_LARGE_PLACEHOLDER)
+    for distinct, counts in self.parts:
+      self.top.AddValues(distinct, counts.cast(pa.float32()))
+    self.parts, self.pending, self.pending_bytes = None, 0, 0
+
   def merge(self, other):
     self.merge_rows(other)
     self.kmv.Merge(other.kmv)
-    self.top.Merge(other.top)
+    if self.top is None and other.top is None:
+      self.parts.extend(other.parts)
+      self.pending += other.pending
+      self.pending_bytes += other.pending_bytes
+      if self.pending > 2 * EXACT_VALUES or self.pending_bytes > 2 * EXACT_BYTES:
+        self._sum_parts()
+    else:
+      if self.top is None:
+        self._to_sketch()
+      if other.top is None:
+        other._to_sketch()
+      self.top.Merge(other.top)
     self.bytes += other.bytes
     self.min_bytes = _combine(min, self.min_bytes, other.min_bytes)
     self.max_bytes = _combine(max, self.max_bytes, other.max_bytes)
     self.invalid_utf8 += other.invalid_utf8
+
+  def top_values(self):
+    """[(label, count)], most frequent first (ties: by label), MG_BUCKETS at most."""
+    if self.top is not None:
+      return [(item['values'].decode('utf-8', 'replace'), item['counts'])
+              for item in self.top.Estimate().to_pylist()]
+    self._sum_parts()
+    if self.top is not None:
+      return self.top_values()
+    labels = collections.Counter()
+    if self.parts:
+      distinct, counts = self.parts[0]
+      for value, count in zip(distinct.to_pylist(), counts.to_pylist()):
+        labels[_BYTES_PLACEHOLDER if not _is_utf8(value) else value.decode('utf-8')] += count
+    return sorted(labels.items(), key=lambda item: (-item[1], item[0]))[:MG_BUCKETS]
 
   def to_proto(self, feature):
     if self.values and 2 * self.invalid_utf8 > self.values:  # encoded images, other binaries
@@ -317,12 +391,11 @@ class _String(_Feature):
       return
     stats.unique = self.kmv.Estimate()
     stats.avg_length = self.bytes / self.values
-    for rank, item in enumerate(self.top.Estimate().to_pylist()):
-      label = item['values'].decode('utf-8', 'replace')
+    for rank, (label, count) in enumerate(self.top_values()):
       if rank < TOP_VALUES:
-        stats.top_values.add(value=label, frequency=item['counts'])
+        stats.top_values.add(value=label, frequency=count)
       stats.rank_histogram.buckets.add(low_rank=rank, high_rank=rank, label=label,
-                                       sample_count=item['counts'])
+                                       sample_count=count)
 
 
 def _is_utf8(value):
