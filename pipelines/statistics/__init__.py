@@ -11,7 +11,10 @@ calls over whole columns (never per row), and every accumulator has a bounded si
                     deviation (population, merged with Chan's formula: exact up to float64
                     rounding), and an equal-width histogram (AlignedHistogram, below);
   string features   count, missing, distinct values (tfx_bsl's KmvSketch), top values and their
-                    counts (tfx_bsl's MisraGriesSketch), average length, invalid UTF-8 count;
+                    counts (exact while a feature has at most EXACT_VALUES distinct values, so
+                    the same in every run whatever the order of batches and merges; beyond,
+                    tfx_bsl's MisraGriesSketch, whose result depends on that order), average
+                    length, invalid UTF-8 count;
                     features whose values are mostly not UTF-8 (encoded images) become BYTES
                     statistics (distinct values, min/avg/max bytes).
 
