@@ -330,6 +330,17 @@ def sharded(index, table):
   return [((index, shard), part) for shard, part in sorted(shards.items())]
 
 
+def _sum_into(table, pairs):
+  """Adds the (token, count) `pairs` to the counts of `table` (a dict) and returns it."""
+  if not table:
+    table.update(pairs)
+    return table
+  get = table.get
+  for token, count in pairs:
+    table[token] = get(token, 0) + count
+  return table
+
+
 class _BundleTables(beam.DoFn):
   """Counts summed per vocabulary and token over a bundle, handed on as sharded tables."""
 
@@ -337,13 +348,7 @@ class _BundleTables(beam.DoFn):
     self._tables = collections.defaultdict(dict)
 
   def _add(self, index, pairs):
-    table = self._tables[index]
-    if not table:
-      table.update(pairs)
-    else:
-      get = table.get
-      for token, count in pairs:
-        table[token] = get(token, 0) + count
+    table = _sum_into(self._tables[index], pairs)
     if len(table) >= MAX_TABLE:
       return sharded(index, self._tables.pop(index))
     return None
@@ -392,19 +397,13 @@ class SumTables(beam.CombineFn):
     return {}
 
   def add_input(self, accumulator, table):
-    if not accumulator:
-      accumulator.update(table)
-      return accumulator
-    get = accumulator.get
-    for token, count in table.items():
-      accumulator[token] = get(token, 0) + count
-    return accumulator
+    return _sum_into(accumulator, table.items())
 
   def merge_accumulators(self, accumulators):
     accumulators = sorted(accumulators, key=len, reverse=True)  # the smaller ones into the largest
     merged = accumulators[0]
     for table in accumulators[1:]:
-      self.add_input(merged, table)
+      _sum_into(merged, table.items())
     return merged
 
   def extract_output(self, accumulator):

@@ -3,10 +3,9 @@ Transform's transform in the same process, and the traced graph to the first pha
 
 End to end, an analysis and transform with the hand-overs gives the same vocabulary files and
 transformed values as one where TF Transform loads both graphs itself, and both hand-overs did
-happen. Then TF
-Transform's own DoFn on a small SavedModel: the kept session serves only its own SavedModel and
-TF Transform's session configuration; anything else loads as TF Transform does, and what is not
-taken is closed.
+happen. Then TF Transform's own DoFn on a small SavedModel: the kept session serves only its
+own SavedModel and TF Transform's session configuration; anything else loads as TF Transform
+does, and what is not taken is closed.
 """
 
 import numpy as np

@@ -311,9 +311,14 @@ class _String(_Feature):
     if pc.any(long).as_py():
       distinct = pc.if_else(long, pa.scalar(_LARGE_PLACEHOLDER.encode(), pa.large_binary()),
                             distinct)
-    self.parts.append((distinct, counts.cast(pa.int64())))
-    self.pending += len(distinct)
-    self.pending_bytes += distinct.nbytes
+    self._add_parts([(distinct, counts.cast(pa.int64()))])
+
+  def _add_parts(self, parts):
+    """Exact counts added, summed once the parts hold twice the limits (the counters spare
+    summing their sizes at every batch)."""
+    self.parts.extend(parts)
+    self.pending += sum(len(values) for values, _ in parts)
+    self.pending_bytes += sum(values.nbytes for values, _ in parts)
     if self.pending > 2 * EXACT_VALUES or self.pending_bytes > 2 * EXACT_BYTES:
       self._sum_parts()
 
@@ -341,11 +346,7 @@ class _String(_Feature):
     self.merge_rows(other)
     self.kmv.Merge(other.kmv)
     if self.top is None and other.top is None:
-      self.parts.extend(other.parts)
-      self.pending += other.pending
-      self.pending_bytes += other.pending_bytes
-      if self.pending > 2 * EXACT_VALUES or self.pending_bytes > 2 * EXACT_BYTES:
-        self._sum_parts()
+      self._add_parts(other.parts)
     else:
       if self.top is None:
         self._to_sketch()
@@ -499,19 +500,15 @@ def _add_sample(acc, batch, priorities=None):
     priorities = _priorities(batch.num_rows, acc)
     if priorities is None:
       return
-  if not len(priorities):
-    return
+  pick = np.arange(len(priorities))
   if acc.sample is not None and acc.sample.num_rows >= SAMPLE_ROWS:
     # Only rows below the full sample's largest priority can enter it: take no others.
-    pick = np.flatnonzero(priorities < acc.priorities.max())
-    if len(pick) > SAMPLE_ROWS:
-      pick = pick[np.argpartition(priorities[pick], SAMPLE_ROWS)[:SAMPLE_ROWS]]
-    if not len(pick):
-      return
-    if len(pick) < len(priorities):
-      batch, priorities = batch.take(pa.array(pick)), priorities[pick]
-  elif len(priorities) > SAMPLE_ROWS:
-    pick = np.argpartition(priorities, SAMPLE_ROWS)[:SAMPLE_ROWS]
+    pick = pick[priorities < acc.priorities.max()]
+  if len(pick) > SAMPLE_ROWS:
+    pick = pick[np.argpartition(priorities[pick], SAMPLE_ROWS)[:SAMPLE_ROWS]]
+  if not len(pick):
+    return
+  if len(pick) < len(priorities):
     batch, priorities = batch.take(pa.array(pick)), priorities[pick]
   # Sorted columns: TF Transform's batches need not list them in one order.
   table = batch.select(sorted(batch.schema.names))
