@@ -35,6 +35,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+if __name__ == '__main__' and sys.argv[1:2] == ['--analyze-only']:
+  from transforms import command
+  command.start()  # as pipelines.tabular: before TensorFlow and Beam are imported
+
 import tabular_pipeline  # noqa: E402
 
 MODULE = os.path.join(HERE, 'synthetic.py')
@@ -51,12 +55,16 @@ def _argv(spans, out, cache=None):
 
 
 def _analyze_only(argv):
-  """(A)/(B) in this process: the run's analysis alone, as pipelines.tabular builds it."""
+  """(A)/(B) in this process: the run's analysis alone, as pipelines.tabular builds and runs it
+  (run as a command by transforms.command.main, as pipelines.tabular is, with its handling of
+  the garbage collector: off while the modules load, what they made frozen, and the built
+  pipeline frozen before it runs)."""
   import tensorflow_transform.beam as tft_beam
 
   from pipelines import analysis_cache, job, output_dir, stages, tabular
   from pipelines.runner import launch
   from pipelines.sources import csv_files
+  from transforms import command
   started = time.perf_counter()
   args, beam_args = tabular.parse_args(argv)
   inputs = tabular.inspect_inputs(args)
@@ -73,6 +81,7 @@ def _analyze_only(argv):
                           inputs.adapter_config, True)
     stages.add_analysis(pipeline, source, inputs.units['train'], 0.0,
                         inputs.contract.preprocessing_fn, inputs.adapter_config, out, None, plan)
+  command.settle_before_run()
   pipeline.run().wait_until_finish()
   analysis_cache.publish(plan)
   print('ANALYSIS', time.perf_counter() - started, flush=True)
@@ -97,8 +106,9 @@ def _fresh_copy(seeded, work):
 
 def main():
   if len(sys.argv) > 1 and sys.argv[1] == '--analyze-only':
-    _analyze_only(sys.argv[2:])
-    os._exit(0)  # as tabular_pipeline: no interpreter teardown of TensorFlow's objects
+    from transforms import command
+    del sys.argv[1]
+    command.main(_analyze_only)  # ends the process (no teardown of TensorFlow's objects)
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--spans', type=int, default=11)
   parser.add_argument('--rows', type=int, default=200_000, help='rows per span')
