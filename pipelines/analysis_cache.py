@@ -48,7 +48,7 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import cache_packing, output_dir
+from pipelines import analysis_graph, cache_packing, output_dir
 
 _LOG = logging.getLogger('pipelines')
 
@@ -342,13 +342,18 @@ def _records(framed):
 
 
 class _ReadEntriesFn(beam.DoFn):
-  """A cached entry's file -> its records (the encoded accumulators), one by one on the output of
-  the entry it belongs to, and as one list on the output of that entry of every span. The file
-  is checked against the SHA-256 the plan found it had: one that changed since is a failure
-  naming it, never another run's accumulators."""
+  """A cached entry's file -> its records (the encoded accumulators) on the output of the entry
+  it belongs to (one by one, or with `lists` as one list), and with `lists` also as one list on
+  the output of that entry of every span and as (cache entry key, that list) on the output of
+  every entry. The file is checked against the SHA-256 the plan found it had: one that changed
+  since is a failure naming it, never another run's accumulators."""
+
+  def __init__(self, lists):
+    self._lists = lists
 
   def process(self, file):
-    path, own, together, expected = file  # its entry's tag, the spans-together tag, SHA-256
+    # its entry's key, its tag, the spans-together tag, SHA-256
+    path, entry, own, together, expected = file
     data = _read(path)
     if hashlib.sha256(data).hexdigest() != expected:
       raise ValueError(f'analysis cache: {path} changed while this run read it (another run '
@@ -356,9 +361,13 @@ class _ReadEntriesFn(beam.DoFn):
     if path.endswith('.gz'):
       data = zlib.decompress(data, wbits=31)  # gzip, as TF Transform writes the entries
     records = _records(data)
-    for record in records:
-      yield beam.pvalue.TaggedOutput(own, record)
+    if not self._lists:
+      for record in records:
+        yield beam.pvalue.TaggedOutput(own, record)
+      return
+    yield beam.pvalue.TaggedOutput(own, records)
     yield beam.pvalue.TaggedOutput(together, records)
+    yield beam.pvalue.TaggedOutput(_EVERY_ENTRY_TAG, (entry, records))
 
 
 def read_cache(pipeline, p: Plan):
@@ -369,7 +378,10 @@ def read_cache(pipeline, p: Plan):
   own (and each span's metadata, which only its telemetry uses): 10 spans of a 20-analyzer
   function were 660 transforms and as many stages' fixed costs. Here one DoFn reads every
   entry's files, as the plan found and checked them, and puts each record on its entry's tagged
-  output. It reads each file whole: entries are small (a vocabulary's counts, a combiner's
+  output; where this project's rewrites of the analysis graph are on (which decode the entries
+  themselves: cache_packing), the records of each file as one list on it, on the output of that
+  entry of every span (under cache_packing.TOGETHER) and on one output of every entry. It reads
+  each file whole: entries are small (a vocabulary's counts, a combiner's
   accumulator), and Beam's ReadAllFromTFRecord (one read of them all before), which splits and
   reshuffles the files and reads the gzip stream in small pieces in Python, spent 0.8 s reading
   the 200 entries of the cache benchmark, where this DoFn spends 0.2 s (py-spy)."""
@@ -377,25 +389,32 @@ def read_cache(pipeline, p: Plan):
     return {}
   # The files are the elements, with their tags and checksums, not the DoFn's: the runner
   # unpickled the DoFn 224 times in the cache benchmark's run (0.22 s with 200 files in it).
-  files, by_entry, together = [], {}, {}  # (path, 2 tags, SHA-256); (span, entry) -> tag;
+  lists = analysis_graph.cache_rewrites_enabled()
+  files, by_entry, together = [], {}, {}  # (path, entry, 2 tags, SHA-256); (span, entry) -> tag;
   for name, entries in p.cached.items():  # entry -> the tag of its records of every span
     for entry, checked in entries.items():
       by_entry[(name, entry)] = tag = f'entry{len(by_entry)}'
       both = (tag, together.setdefault(entry, f'together{len(together)}'))
-      files.extend((path, *both, digest) for path, digest in checked)
+      files.extend((path, entry, *both, digest) for path, digest in checked)
   read = (pipeline
           | 'ListCachedEntries' >> beam.Create(sorted(files), reshuffle=False)
-          | 'ReadCachedEntries' >> beam.ParDo(_ReadEntriesFn()).with_outputs(
-              *by_entry.values(), *together.values()))
+          | 'ReadCachedEntries' >> beam.ParDo(_ReadEntriesFn(lists)).with_outputs(
+              *by_entry.values(), *together.values(), _EVERY_ENTRY_TAG))
   cache = {p.keys[name]: tft_beam.analyzer_cache.DatasetCache(
       {entry: read[by_entry[(name, entry)]] for entry in entries}, None)
       for name, entries in p.cached.items()}
-  # Each entry's records of every span, a list per file, for cache_packing's rewrite (TF
-  # Transform reads only the keys of the spans it analyzes); the per-span outputs it replaces
+  if not lists:
+    return cache
+  # Each entry's records of every span, a list per file, for cache_packing's rewrites (TF
+  # Transform reads only the keys of the spans it analyzes); the per-span outputs they replace
   # are left unread.
   cache[cache_packing.TOGETHER] = tft_beam.analyzer_cache.DatasetCache(
-      {entry: read[tag] for entry, tag in together.items()}, None)
+      {**{entry: read[tag] for entry, tag in together.items()},
+       cache_packing.EVERY_ENTRY: read[_EVERY_ENTRY_TAG]}, None)
   return cache
+
+
+_EVERY_ENTRY_TAG = 'every_entry'
 
 
 class _WriteEntryFn(beam.DoFn):
@@ -426,12 +445,22 @@ def write_cache(pipeline, output_cache, p: Plan):
 
   TF Transform's WriteAnalysisCacheToFS gives every entry of every span a WriteToTFRecord of its
   own: 10 new spans of a 20-analyzer function were 400 Beam stages, 9 s of a 52 s run. Here
-  every entry goes through one GroupByKey to one DoFn that writes each entry's file."""
+  every entry goes through one GroupByKey to one DoFn that writes each entry's file. The entries
+  cache_packing.encode_together packed come keyed by their cache entry key, under an
+  EncodedTogether key that names them."""
   keyed, every_entry = [], []
   for key, cache in output_cache.items():
     manifest = {}
-    for index, (entry, values) in enumerate(cache.cache_dict.items()):
-      manifest[entry] = index
+    for name, values in cache.cache_dict.items():
+      if isinstance(name, cache_packing.EncodedTogether):
+        at = {}
+        for entry in name.entries:
+          at[entry] = manifest[entry] = index = len(manifest)
+          every_entry.append(((key.key, index), None))
+        keyed.append(values | f'KeyCacheEntries{len(keyed)}' >> beam.Map(
+            lambda pair, span, at: ((span, at[pair[0]]), pair[1]), key.key, at))
+        continue
+      manifest[name] = index = len(manifest)
       every_entry.append(((key.key, index), None))
       keyed.append(values | f'KeyCacheEntry{len(keyed)}' >> beam.Map(
           lambda value, at: (at, value), (key.key, index)))

@@ -26,6 +26,7 @@ Transform versions it was tested with, and not where this project's Beam patches
 """
 
 import collections
+import contextlib
 import functools
 
 from tensorflow_transform import nodes
@@ -34,8 +35,10 @@ from tensorflow_transform.beam import analysis_graph_builder
 _ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
 # 'rewrites': functions (leaves, graph_mode) -> new leaves, applied in order where no analyzer
 # cache is read or written; 'cache_rewrites': functions (leaves, graph_mode, cache_dict) -> new
-# leaves, applied in order where a cache is read. None when off.
-_STATE = {'rewrites': (), 'cache_rewrites': ()}
+# leaves, applied in order where a cache is read; 'output_cache_rewrites': functions (the output
+# cache's value nodes) -> new ones, applied in order where a cache is written, within
+# rewriting_output_cache only. Empty when off.
+_STATE = {'rewrites': (), 'cache_rewrites': (), 'output_cache_rewrites': ()}
 
 
 def set_enabled(on, rewrites=(), cache_rewrites=()):
@@ -47,8 +50,25 @@ def set_enabled(on, rewrites=(), cache_rewrites=()):
     analysis_graph_builder.build = _build_and_rewrite
 
 
+@contextlib.contextmanager
+def rewriting_output_cache(rewrites):
+  """Within the block, where the other rewrites are on, `rewrites` apply to the output cache of
+  the analyses built: for a caller that reads that cache knowing what they make of it (they
+  change its layout, not only its Beam stages)."""
+  previous = _STATE['output_cache_rewrites']
+  _STATE['output_cache_rewrites'] = tuple(rewrites) if enabled() else ()
+  try:
+    yield
+  finally:
+    _STATE['output_cache_rewrites'] = previous
+
+
 def enabled():
   return bool(_STATE['rewrites'])
+
+
+def cache_rewrites_enabled():
+  return bool(_STATE['cache_rewrites'])
 
 
 def _build_and_rewrite(graph, *args, **kwargs):
@@ -60,13 +80,17 @@ def _build_and_rewrite(graph, *args, **kwargs):
     rewrites = [functools.partial(r, cache_dict=cache_dict) for r in _STATE['cache_rewrites']]
   else:
     rewrites = () if cache else _STATE['rewrites']
-  if not rewrites:
-    return root, cache, side_effects
-  leaves = (root, *side_effects)
-  for rewrite in rewrites:
-    # TF Transform's graph mode traces into a tf.Graph, its TF2 behaviours into a FuncGraph.
-    leaves = rewrite(leaves, graph_mode=not graph.building_function)
-  root, *side_effects = leaves
+  if rewrites:
+    leaves = (root, *side_effects)
+    for rewrite in rewrites:
+      # TF Transform's graph mode traces into a tf.Graph, its TF2 behaviours into a FuncGraph.
+      leaves = rewrite(leaves, graph_mode=not graph.building_function)
+    root, *side_effects = leaves
+  # The output cache holds accumulates of the first phase (of the raw inputs alone), which no
+  # rewrite rebuilds: its value nodes are those of the rewritten graph.
+  if cache is not None:
+    for rewrite in _STATE['output_cache_rewrites']:
+      cache = rewrite(cache)
   return root, cache, side_effects
 
 

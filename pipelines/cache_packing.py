@@ -16,9 +16,25 @@ pipelines/analysis_graph.py) cut them:
   - flatten_once: where TF Transform's packed merge of combiners flattens one AddKey per
     analyzer, each of a FlattenCache, the AddKeys take the FlattenCache's inputs and the one
     flatten takes them all (a key added to a union is the union of the keyed parts).
-(pipelines/vocabulary_packing.pack_merges packs the vocabularies' merges of cached and new
-counts the same way.) A flatten is a union, so each merge sees the same multiset of
-accumulators; anything the rewrites do not recognize stays as TF Transform built it. They
+  - decode_each: every DecodeCache left (an entry of one span) becomes a DecodeCachedSpan, which
+    decodes the records that read_cache puts on that span's output as one list per file (TF
+    Transform's DecodeCache takes one record an element: read_cache gave each of the cache
+    benchmark's 97,000 records a tagged output of its own, which nothing read once the entries
+    are decoded together).
+  - key_together (after flatten_once): the combiners' AddKeys of DecodeCachedSpans flattened
+    into one merge become one DecodeCachedByKey, which decodes every combiner entry's records of
+    every cached span (read_cache's EVERY_ENTRY) and keys each accumulator for the merge.
+(pipelines/merge_packing.pack then packs the new span's hand-over to the same merge, and
+pipelines/vocabulary_packing.pack_merges the vocabularies' merges of cached and new counts.)
+A flatten is a union, so each merge sees the same multiset of accumulators; anything the
+rewrites do not recognize stays as TF Transform built it.
+
+On the way out, encode_together packs the new spans' cache entries: TF Transform gives each
+combiner analyzer's accumulator of each span an ExtractFromDict and an EncodeCache of its own
+(and analysis_cache.write_cache keyed each entry for its file in one more Map): per span, the
+entries of one packed accumulate become one EncodeAccumulators, which encodes them all and keys
+each by its cache entry key, under an EncodedTogether key of the span's output cache.
+Together, 16 combiners of the cache benchmark went from about 180 Beam transforms to 4. They
 build on private parts of TF Transform 1.21 (the DecodeCache and AddKey nodes, the Flatten of
 beam_nodes), so pipelines/vocabulary.install switches them on where it switches on the other
 rewrites.
@@ -34,7 +50,7 @@ from tensorflow_transform import analyzer_nodes, nodes
 from tensorflow_transform.beam import analyzer_cache, beam_nodes
 from tensorflow_transform.beam import common as tft_beam_common
 
-from pipelines import analysis_graph, vocabulary_packing
+from pipelines import analysis_graph, merge_packing, vocabulary_packing
 from pipelines.analysis_graph import is_a, value_key
 
 NEEDS = ((analyzer_nodes, 'DecodeCache'), (analyzer_nodes, 'AddKey'), (beam_nodes, 'Flatten'))
@@ -42,6 +58,9 @@ NEEDS = ((analyzer_nodes, 'DecodeCache'), (analyzer_nodes, 'AddKey'), (beam_node
 # The key of the cache dict under which read_cache puts, per cache entry key, the records of
 # that entry of every cached span.
 TOGETHER = analyzer_cache.DatasetKey('cached-spans-together')
+# The key, in TOGETHER's cache, of (cache entry key, the records of one of its files) of every
+# entry of every cached span, which read_cache puts there too.
+EVERY_ENTRY = b'every-entry-of-every-span'
 
 
 def missing():
@@ -205,6 +224,57 @@ def _repacked(flatten, packable, sum_counts):
   return rebuild
 
 
+class DecodeCachedSpan(
+    collections.namedtuple('DecodeCachedSpan', ['dataset_key', 'cache_key', 'coder', 'label']),
+    nodes.OperationDef):
+  """-> the decoded accumulators of entry `cache_key` of the cached span `dataset_key`, whose
+  records read_cache puts on that entry's output as one list per file."""
+  __slots__ = ()
+
+  def get_field_str(self, field_name):
+    if field_name == 'cache_key':
+      return '<bytes>'
+    return super().get_field_str(field_name)
+
+
+def decode_records(records, coder):
+  return [coder.decode_cache(record) for record in records]
+
+
+@tft_beam_common.register_ptransform(DecodeCachedSpan)
+class _DecodeCachedSpanImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._lists = extra_args.cache_pcoll_dict[operation.dataset_key].get(operation.cache_key)
+    self._coder = operation.coder
+
+  def expand(self, pbegin):
+    del pbegin  # the records come from the cache's read, a list of them per file
+    return self._lists | 'Decode' >> beam.FlatMap(decode_records, self._coder)
+
+
+def decode_each(leaves, graph_mode, cache_dict):
+  """The analysis graph under `leaves` with every DecodeCache replaced by a DecodeCachedSpan of
+  the same entry. Only where `cache_dict` is read_cache's (its TOGETHER key): a span's entry
+  there is a list of records per file."""
+  del graph_mode
+  if (cache_dict or {}).get(TOGETHER) is None:
+    return leaves
+  ops, _ = analysis_graph.operations(leaves)
+  replacements = {}
+  for op in ops.values():
+    if is_a(op, analyzer_nodes.DecodeCache):
+      d = op.operation_def
+      replacements[value_key(op.outputs[0])] = (
+          lambda value, d=d: nodes.apply_operation(
+              DecodeCachedSpan, dataset_key=d.dataset_key, cache_key=d.cache_key,
+              coder=d.coder, label=d.label))
+  if not replacements:
+    return leaves
+  return analysis_graph.substitute(leaves, replacements)
+
+
 def flatten_once(leaves, graph_mode, cache_dict):
   """The analysis graph under `leaves` with each Flatten of AddKeys of FlattenCaches (each the
   one consumer of the other) flattening AddKeys of the FlattenCaches' inputs instead."""
@@ -246,3 +316,150 @@ def _hoisted(flatten, hoisted):
     return output
 
   return rebuild
+
+
+class DecodeCachedByKey(
+    collections.namedtuple('DecodeCachedByKey', ['entries', 'label']), nodes.OperationDef):
+  """-> (key, decoded accumulator) of every record of each entry of `entries` ((cache entry key,
+  its coder, the key its accumulators get), ...) of every cached span."""
+  __slots__ = ()
+
+  def get_field_str(self, field_name):
+    if field_name == 'entries':
+      return f'<{len(self.entries)} entries>'
+    return super().get_field_str(field_name)
+
+
+class _DecodeByKeyFn(beam.DoFn):
+  """(cache entry key, records) -> (key, decoded accumulator) of each record, for the entries
+  it was given (the others: nothing)."""
+
+  def __init__(self, entries):
+    self._entries = {cache_key: (coder, key) for cache_key, coder, key in entries}
+
+  def process(self, keyed_records):
+    cache_key, records = keyed_records
+    found = self._entries.get(cache_key)
+    if found is not None:
+      coder, key = found
+      for record in records:
+        yield key, coder.decode_cache(record)
+
+
+@tft_beam_common.register_ptransform(DecodeCachedByKey)
+class _DecodeCachedByKeyImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._records = extra_args.cache_pcoll_dict[TOGETHER].get(EVERY_ENTRY)
+    self._entries = operation.entries
+
+  def expand(self, pbegin):
+    del pbegin  # the records come from the cache's read
+    return self._records | 'DecodeAndKey' >> beam.ParDo(_DecodeByKeyFn(self._entries))
+
+
+def key_together(leaves, graph_mode, cache_dict):
+  """The analysis graph under `leaves` with each Flatten's inputs that are AddKeys of combiner
+  DecodeCachedSpans (each the one consumer of the other) replaced by one DecodeCachedByKey.
+  Without read_cache's EVERY_ENTRY in `cache_dict` nothing changes."""
+  del graph_mode
+  together = (cache_dict or {}).get(TOGETHER)
+  if together is None or together.get(EVERY_ENTRY) is None:
+    return leaves
+
+  def rebuilt(op, consumers):
+    found = {}  # input position -> (cache entry key, coder, key)
+    for at, value in enumerate(op.inputs):
+      add_key = value.parent_operation
+      if (not is_a(add_key, analyzer_nodes.AddKey) or len(add_key.inputs) != 1 or
+          len(consumers[value_key(value)]) != 1):
+        continue
+      decoded = add_key.inputs[0]
+      decode = decoded.parent_operation
+      if (is_a(decode, DecodeCachedSpans) and not decode.operation_def.sum_counts and
+          len(consumers[value_key(decoded)]) == 1):
+        found[at] = (decode.operation_def.cache_key, decode.operation_def.coder,
+                     add_key.operation_def.key)
+    return _keyed(op, found) if found else None
+
+  return _rewrite_flattens(leaves, rebuilt)
+
+
+def _keyed(flatten, found):
+  """For analysis_graph.substitute: `flatten` with the inputs of `found` (position -> (cache
+  entry key, coder, key)) replaced by one DecodeCachedByKey."""
+
+  def rebuild(value):
+    inputs = [value(v) for i, v in enumerate(flatten.inputs) if i not in found]
+    inputs.append(nodes.apply_operation(
+        DecodeCachedByKey, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
+        label=f'DecodeCachedByKey[{flatten.operation_def.label}]'))
+    (output,) = nodes.OperationNode(flatten.operation_def, tuple(inputs)).outputs
+    return output
+
+  return rebuild
+
+
+class EncodedTogether(collections.namedtuple('EncodedTogether', ['entries'])):
+  """The key, in a span's output cache, of (cache entry key, encoded accumulator) pairs of the
+  cache entries `entries` (their keys, in order): one EncodeAccumulators' output."""
+  __slots__ = ()
+
+
+class EncodeAccumulators(
+    collections.namedtuple('EncodeAccumulators', ['entries', 'label']), nodes.OperationDef):
+  """A packed accumulate's dict -> (cache entry key, encoded accumulator) for each (name in the
+  dict, cache entry key, coder) of `entries`."""
+  __slots__ = ()
+
+  def get_field_str(self, field_name):
+    if field_name == 'entries':
+      return f'<{len(self.entries)} entries>'
+    return super().get_field_str(field_name)
+
+
+def encode_accumulators(accumulated, entries):
+  return [(cache_key, coder.encode_cache(accumulated[name]))
+          for name, cache_key, coder in entries]
+
+
+@tft_beam_common.register_ptransform(EncodeAccumulators)
+class _EncodeAccumulatorsImpl(beam.PTransform):
+
+  def __init__(self, operation, extra_args):
+    super().__init__()
+    self._entries = operation.entries
+
+  def expand(self, inputs):
+    (accumulated,) = inputs
+    return accumulated | 'EncodeAndKey' >> beam.FlatMap(encode_accumulators, self._entries)
+
+
+def encode_together(cache):
+  """TF Transform's output cache value nodes ({dataset key: {cache entry key: ValueNode}}) with,
+  per span, the entries that are an EncodeCache of one key of a packed accumulate's dict
+  replaced by one EncodeAccumulators of that dict per packed accumulate, under an
+  EncodedTogether key; the other entries as they were. None stays None."""
+  if cache is None:
+    return None
+  result = {}
+  for dataset_key, entries in cache.items():
+    groups, kept = {}, {}
+    for cache_key, node in entries.items():
+      encode = node.parent_operation
+      source = (is_a(encode, analyzer_nodes.EncodeCache) and len(encode.inputs) == 1 and
+                merge_packing.from_packed_accumulate(encode.inputs[0]))
+      if source:
+        accumulated, name = source
+        group = groups.setdefault(value_key(accumulated), (accumulated, []))
+        group[1].append((name, cache_key, encode.operation_def.coder))
+      else:
+        kept[cache_key] = node
+    for n, (accumulated, members) in enumerate(groups.values()):
+      members.sort(key=lambda member: member[1])
+      kept[EncodedTogether(tuple(member[1] for member in members))] = nodes.apply_operation(
+          EncodeAccumulators, accumulated, entries=tuple(members),
+          label=f'EncodeAccumulators[{dataset_key.key}][{n}]')
+    result[dataset_key] = kept
+  return result

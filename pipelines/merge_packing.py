@@ -57,7 +57,7 @@ class AccumulatorsByKey(
   __slots__ = ()
 
 
-def _from_packed_accumulate(value):
+def from_packed_accumulate(value):
   """(the packed accumulate's ValueNode, the dict key) when `value` is an ExtractFromDict of one
   key from a PackedCombineAccumulate; None otherwise."""
   from_dict = value.parent_operation
@@ -70,10 +70,13 @@ def _from_packed_accumulate(value):
   return accumulated, from_dict.operation_def.keys
 
 
-def pack(leaves, graph_mode=True):
+def pack(leaves, graph_mode=True, cache_dict=None):
   """The graph under `leaves` with its accumulate-to-merge hand-overs packed (either
-  tracing); returns the new leaves."""
-  del graph_mode
+  tracing); returns the new leaves. The same with an analyzer cache (`cache_dict`, unused):
+  what it packs hands a packed accumulate's dict to merges, whatever else (the cache's
+  encodes) reads that dict too; a merge that also takes cached accumulators reads a flatten,
+  which it leaves as it is."""
+  del graph_mode, cache_dict
   ops, consumers = analysis_graph.operations(leaves)
   replacements = {}
   merges = collections.defaultdict(list)  # packed accumulate key -> [(ValueNode, name, merge)]
@@ -82,7 +85,7 @@ def pack(leaves, graph_mode=True):
       groups, others = {}, []
       for value in op.inputs:
         add_key = value.parent_operation
-        source = _is(add_key, analyzer_nodes.AddKey) and _from_packed_accumulate(
+        source = _is(add_key, analyzer_nodes.AddKey) and from_packed_accumulate(
             add_key.inputs[0])
         if source:
           accumulated, name = source
@@ -93,7 +96,7 @@ def pack(leaves, graph_mode=True):
       if groups:
         replacements[value_key(op.outputs[0])] = _new_flatten(op, groups, others)
     elif _is(op, analyzer_nodes.CacheableCombineMerge) and len(op.inputs) == 1:
-      source = _from_packed_accumulate(op.inputs[0])
+      source = from_packed_accumulate(op.inputs[0])
       users = consumers[value_key(op.outputs[0])]
       if source and users and all(_is(u, analyzer_nodes.ExtractCombineMergeOutputs)
                                   for u in users):

@@ -19,7 +19,14 @@ sources/image_files.ReadImages.
 import apache_beam as beam
 import tensorflow_transform.beam as tft_beam
 
-from pipelines import analysis_cache, output_dir, statistics, transform_graph, vocabulary
+from pipelines import (
+  analysis_cache,
+  analysis_graph,
+  output_dir,
+  statistics,
+  transform_graph,
+  vocabulary,
+)
 from pipelines.runner import progress
 from pipelines.sinks import dead_letters, row_counts, tfrecords
 from transforms.errors import UserError
@@ -79,7 +86,8 @@ class AnalyzeTrain(beam.PTransform):
       else:
         pipeline = self.pipeline
         input_cache = analysis_cache.read_cache(pipeline, self._cache)
-        with analysis_cache.reusing_trace(self._fn, self._cache.traced):
+        with analysis_cache.reusing_trace(self._fn, self._cache.traced), \
+            analysis_graph.rewriting_output_cache(vocabulary.OUTPUT_CACHE_REWRITES):
           transform_fn, output_cache = (
               (batches, input_cache, self._adapter_config)
               | 'Analyze' >> tft_beam.AnalyzeDatasetWithCache(self._fn, pipeline=pipeline))

@@ -56,8 +56,12 @@ _TFT_IMPLEMENTATION = getattr(analyzer_impls, '_VocabularyAccumulateImpl', None)
 # their order: the bindings' packing recognizes the packed vocabularies and merges.
 REWRITES = (vocabulary_packing.pack, merge_packing.pack, binding_packing.pack)
 # ... and those where it reads an analyzer cache (analysis_graph.py).
-CACHE_REWRITES = (cache_packing.decode_together, cache_packing.flatten_once,
-                  vocabulary_packing.pack_merges, binding_packing.pack)
+CACHE_REWRITES = (cache_packing.decode_together, cache_packing.decode_each,
+                  cache_packing.flatten_once,
+                  cache_packing.key_together, merge_packing.pack, vocabulary_packing.pack_merges,
+                  binding_packing.pack)
+# ... and of the output cache, where analysis_cache.write_cache writes it.
+OUTPUT_CACHE_REWRITES = (cache_packing.encode_together,)
 
 
 def tft_tested(tft_version=None):

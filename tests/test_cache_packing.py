@@ -1,7 +1,8 @@
-"""The rewrites of an analysis that reads an analyzer cache (pipelines/cache_packing.py and
-vocabulary_packing.pack_merges): what TF Transform's own graph builder gives with a cache of
-several spans, with and without them. That the results stay TF Transform's is checked by real
-runs in tests/test_analysis_cache.py (a warm run against an uncached one, file by file)."""
+"""The rewrites of an analysis that reads an analyzer cache (pipelines/cache_packing.py,
+merge_packing and vocabulary_packing.pack_merges) and of the cache it writes: what TF
+Transform's own graph builder gives with a cache of several spans, with and without them. That
+the results stay TF Transform's is checked by real runs in tests/test_analysis_cache.py (a warm
+run against an uncached one, file by file)."""
 
 import collections
 
@@ -32,23 +33,40 @@ def _kinds(cached=CACHED, together=True, extra_span=False):
            for k in keys[:cached] + ([analyzer_cache.DatasetKey('other')] if extra_span else [])}
   if together:  # as analysis_cache.read_cache gives it
     cache[cache_packing.TOGETHER] = analyzer_cache.DatasetCache(
-        {e: object() for e in entries}, None)
+        {**{e: object() for e in entries}, cache_packing.EVERY_ENTRY: object()}, None)
+  kinds, flattens, _, _ = _built(_fn, keys, cache)
+  return kinds, flattens, len(entries)
+
+
+def _built(fn, keys, cache):
+  """(operation kinds, Flatten labels, the output cache, the kinds of the operations only the
+  output cache needs) of the analysis of `fn` with `cache`, as stages.AnalyzeTrain builds it."""
   graph, inputs, outputs = impl_helper.trace_preprocessing_function(
-      _fn, SPEC, use_tf_compat_v1=True)
+      fn, SPEC, use_tf_compat_v1=True)
   vocabulary.install()
-  root, _, side_effects = analysis_graph_builder.build(graph, inputs, outputs, keys, cache)
+  with analysis_graph.rewriting_output_cache(vocabulary.OUTPUT_CACHE_REWRITES):
+    root, output_cache, side_effects = analysis_graph_builder.build(
+        graph, inputs, outputs, keys, cache)
   ops, _ = analysis_graph.operations((root, *side_effects))
   kinds = collections.Counter(type(op.operation_def).__name__ for op in ops.values())
   flattens = sorted(op.operation_def.label.split('[')[0] for op in ops.values()
                     if type(op.operation_def).__name__ == 'Flatten')
-  return kinds, flattens, len(entries)
+  with_cache, _ = analysis_graph.operations(
+      (root, *side_effects, *(n for entries in output_cache.values() for n in entries.values())))
+  only_cache = collections.Counter(type(op.operation_def).__name__ for key, op in
+                                   with_cache.items() if key not in ops)
+  return kinds, flattens, output_cache, only_cache
 
 
 def test_cached_spans_are_decoded_together_and_merged_without_a_flatten_per_analyzer():
   assert vocabulary.unfit_reason() is None
   kinds, flattens, entries = _kinds()
-  assert kinds['DecodeCache'] == 0
-  assert kinds['DecodeCachedSpans'] == entries == 4  # 2 vocabularies, mean and var, quantiles
+  assert kinds['DecodeCache'] == kinds['DecodeCachedSpan'] == 0
+  assert entries == 4  # 2 vocabularies, mean and var, quantiles
+  # The vocabularies' entries decoded together; the combiners' too, and keyed for their merge in
+  # the same step.
+  assert kinds['DecodeCachedSpans'] == 2 and kinds['DecodeCachedByKey'] == 1
+  assert kinds['AddKey'] == 0 and kinds['AccumulatorsByKey'] == 1  # the new span's hand-over
   assert kinds['PackedVocabularyMerges'] == 1 and kinds['VocabularyMerge'] == 0
   assert kinds['VocabularyOrderAndWrite'] == 0
   assert 'FlattenCache' not in flattens, flattens  # one flatten of the combiners' merges
@@ -60,6 +78,7 @@ def test_cached_spans_are_decoded_together_and_merged_without_a_flatten_per_anal
 def test_without_the_spans_together_tf_transform_decodes_each_span():
   kinds, flattens, entries = _kinds(together=False)
   assert kinds['DecodeCache'] == CACHED * entries and kinds['DecodeCachedSpans'] == 0
+  assert kinds['DecodeCachedSpan'] == kinds['DecodeCachedByKey'] == 0
   # The other rewrites apply as before: no flatten per analyzer either way.
   assert 'FlattenCache' not in flattens and kinds['PackedVocabularyMerges'] == 1
 
@@ -69,12 +88,51 @@ def test_spans_together_that_hold_more_than_the_analysis_reads_are_not_used():
   dict has a span the analysis does not analyze (so TF Transform decodes no entry of it), the
   spans-together records would count that span too: each span is decoded on its own."""
   kinds, _, entries = _kinds(extra_span=True)
-  assert kinds['DecodeCachedSpans'] == 0 and kinds['DecodeCache'] == CACHED * entries
+  assert kinds['DecodeCachedSpans'] == kinds['DecodeCachedByKey'] == kinds['DecodeCache'] == 0
+  assert kinds['DecodeCachedSpan'] == CACHED * entries  # each span's entries, as a list a file
 
 
 def test_a_single_cached_span_is_left_as_it_is():
   kinds, _, entries = _kinds(cached=1)
-  assert kinds['DecodeCachedSpans'] == 0 and kinds['DecodeCache'] == entries
+  assert kinds['DecodeCachedSpans'] == kinds['DecodeCache'] == 0
+  assert kinds['DecodeCachedSpan'] == entries
+
+
+def _two_phases(inputs):
+  z = tft.scale_to_z_score(inputs['x'])
+  return {'s': tft.compute_and_apply_vocabulary(inputs['s']), 'z': z,
+          'zz': tft.scale_to_z_score(z), 'y': tft.bucketize(inputs['y'], 4),
+          'm': inputs['y'] - tft.mean(z)}
+
+
+def test_the_new_spans_combiner_entries_are_encoded_in_one_step():
+  """Each new span's cache entries of one packed accumulate: one EncodeAccumulators under an
+  EncodedTogether key naming them, instead of an ExtractFromDict and an EncodeCache each; the
+  vocabularies' entries as TF Transform made them. The output cache's nodes hang on the
+  rewritten graph (nothing but the encodes is built for them alone), with one phase or two."""
+  for fn, combiners in ((_fn, 2), (_two_phases, 2)):
+    keys = [analyzer_cache.DatasetKey(f'span{i}') for i in range(3)]
+    entries = analysis_graph_builder.get_analysis_cache_entry_keys(fn, SPEC, keys, True)
+    _, _, output_cache, only_cache = _built(fn, keys, {})
+    assert set(output_cache) == set(keys)
+    vocabularies = len(entries) - combiners
+    for dataset_cache in output_cache.values():
+      together = [k for k in dataset_cache if isinstance(k, cache_packing.EncodedTogether)]
+      assert len(together) == 1 and len(together[0].entries) == combiners
+      assert set(together[0].entries) | set(dataset_cache) - {together[0]} == set(entries)
+      node = dataset_cache[together[0]]
+      assert type(node.parent_operation.operation_def).__name__ == 'EncodeAccumulators'
+    assert only_cache == {'EncodeAccumulators': len(keys), 'EncodeCache': vocabularies * len(keys)}
+
+
+def test_the_output_cache_is_tf_transforms_own_outside_the_block():
+  keys = [analyzer_cache.DatasetKey(f'span{i}') for i in range(3)]
+  graph, inputs, outputs = impl_helper.trace_preprocessing_function(
+      _fn, SPEC, use_tf_compat_v1=True)
+  vocabulary.install()
+  _, output_cache, _ = analysis_graph_builder.build(graph, inputs, outputs, keys, {})
+  for dataset_cache in output_cache.values():
+    assert all(isinstance(k, bytes) for k in dataset_cache) and len(dataset_cache) == 4
 
 
 def test_the_count_decoder_reads_tensorflow_transforms_own_records():
