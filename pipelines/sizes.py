@@ -12,7 +12,8 @@ _SIZE_HEAD = 64
 
 def buffer_bytes(value):
   """About the bytes an Arrow or numpy value holds, or a dict, list or tuple of them and of
-  scalars; None for anything else."""
+  scalars, or an object that says (an `approximate_bytes()` method of its class); None for
+  anything else."""
   if isinstance(value, (pa.RecordBatch, pa.Table, pa.Array)):
     return value.nbytes
   if isinstance(value, np.ndarray):
@@ -40,6 +41,9 @@ def buffer_bytes(value):
   if dataclasses.is_dataclass(value) and not isinstance(value, type):  # TFT's tensor bindings
     sizes = [buffer_bytes(getattr(value, f.name)) for f in dataclasses.fields(value)]
     return None if None in sizes else sum(sizes)
+  approximate = getattr(type(value), 'approximate_bytes', None)
+  if approximate is not None:
+    return approximate(value)
   if type(value).__name__ == 'EagerTensor':  # TF Transform passes some tensors on
     if value.dtype.is_numpy_compatible and value.dtype.size and value.shape.is_fully_defined():
       return value.shape.num_elements() * value.dtype.size  # without copying it out
