@@ -53,7 +53,8 @@ from tensorflow_transform.beam import common as tft_beam_common
 from pipelines import analysis_graph, merge_packing, vocabulary_packing
 from pipelines.analysis_graph import is_a, value_key
 
-NEEDS = ((analyzer_nodes, 'DecodeCache'), (analyzer_nodes, 'AddKey'), (beam_nodes, 'Flatten'))
+NEEDS = ((analyzer_nodes, 'DecodeCache'), (analyzer_nodes, 'EncodeCache'),
+         (analyzer_nodes, 'AddKey'), (beam_nodes, 'Flatten'))
 
 # The key of the cache dict under which read_cache puts, per cache entry key, the records of
 # that entry of every cached span.
