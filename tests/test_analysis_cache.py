@@ -13,7 +13,7 @@ import tensorflow_transform as tft
 from tensorflow_transform.beam import analysis_graph_builder
 from tfx_bsl.tfxio import tensor_adapter
 
-from pipelines import analysis_cache, job, output_dir, tabular, vocabulary
+from pipelines import analysis_cache, analysis_graph, job, output_dir, tabular, vocabulary
 from tests.conftest import REPO
 from tests.helpers import read_split
 from transforms import contract as contract_lib
@@ -131,6 +131,20 @@ def test_warm_run_analyzes_only_the_new_span_and_equals_an_uncached_run(runs):
   assert len(rows['age_xf']) == 3000
   assert abs(rows['age_xf'].mean()) < 1e-4 and abs(rows['age_xf'].std() - 1) < 1e-3
   assert len(os.listdir(runs['cache'])) == 4
+
+
+def test_with_the_patches_off_tf_transform_decodes_the_cache_as_released(runs, tmp_path,
+                                                                          monkeypatch):
+  """Where this project's rewrites are off, the cache's read hands TF Transform one record an
+  element, as its own DecodeCache takes them: every span from the cache, the same results."""
+  from pipelines.runner import beam_patches
+  monkeypatch.setenv(beam_patches.ENV, 'off')
+  cache = tmp_path / 'cache'
+  shutil.copytree(runs['cache'], cache)
+  manifest = _run(tmp_path / 'out', runs['paths'], cache)
+  assert not analysis_graph.cache_rewrites_enabled()  # what the run's analysis was built with
+  assert _from_cache(manifest) == [True] * 4
+  _assert_same_results(tmp_path / 'out', runs['work'] / 'uncached')
 
 
 def test_a_corrupt_or_half_written_entry_is_a_miss_with_a_warning(runs, tmp_path, caplog):
