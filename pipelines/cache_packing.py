@@ -26,6 +26,10 @@ pipelines/analysis_graph.py) cut them:
     every cached span (read_cache's EVERY_ENTRY) and keys each accumulator for the merge.
 (pipelines/merge_packing.pack then packs the new span's hand-over to the same merge, and
 pipelines/vocabulary_packing.pack_merges the vocabularies' merges of cached and new counts.)
+  - count_together (after pack_merges): the DecodeCachedSpans of the frequency vocabularies
+    that one PackedVocabularyMerges merges become one CountCachedVocabularies, which counts
+    every such entry's records of every cached span (EVERY_ENTRY) into the merge's sharded
+    tables (a 300-column table's 100 vocabularies: a Beam transform or more each before).
 A flatten is a union, so each merge sees the same multiset of accumulators; anything the
 rewrites do not recognize stays as TF Transform built it.
 
@@ -180,7 +184,7 @@ def decode_together(leaves, graph_mode, cache_dict):
       if is_a(value.parent_operation, analyzer_nodes.DecodeCache):
         decodes[value.parent_operation.operation_def.cache_key].append(at)
     packable = {key: at for key, at in decodes.items()
-                if together.get(key) is not None and len(at) > 1 and
+                if together.get(key) is not None and
                 {op.inputs[i].parent_operation.operation_def.dataset_key for i in at} ==
                 holders[key] and len(at) == len(holders[key])}
     # What a frequency vocabulary's merge sums can be summed before.
@@ -347,8 +351,9 @@ class _DecodeByKeyFn(beam.DoFn):
         yield key, coder.decode_cache(record)
 
 
-@tft_beam_common.register_ptransform(DecodeCachedByKey)
-class _DecodeCachedByKeyImpl(beam.PTransform):
+class _EveryEntryImpl(beam.PTransform):
+  """An operation of `entries` over read_cache's records of every entry: a ParDo of `_FN`."""
+  _FN = None
 
   def __init__(self, operation, extra_args):
     super().__init__()
@@ -357,7 +362,17 @@ class _DecodeCachedByKeyImpl(beam.PTransform):
 
   def expand(self, pbegin):
     del pbegin  # the records come from the cache's read
-    return self._records | 'DecodeAndKey' >> beam.ParDo(_DecodeByKeyFn(self._entries))
+    return self._records | 'FromEveryEntry' >> beam.ParDo(type(self)._FN(self._entries))
+
+
+def _reads_every_entry(cache_dict):
+  together = (cache_dict or {}).get(TOGETHER)
+  return together is not None and together.get(EVERY_ENTRY) is not None
+
+
+@tft_beam_common.register_ptransform(DecodeCachedByKey)
+class _DecodeCachedByKeyImpl(_EveryEntryImpl):
+  _FN = _DecodeByKeyFn
 
 
 def key_together(leaves, graph_mode, cache_dict):
@@ -365,8 +380,7 @@ def key_together(leaves, graph_mode, cache_dict):
   DecodeCachedSpans (each the one consumer of the other) replaced by one DecodeCachedByKey.
   Without read_cache's EVERY_ENTRY in `cache_dict` nothing changes."""
   del graph_mode
-  together = (cache_dict or {}).get(TOGETHER)
-  if together is None or together.get(EVERY_ENTRY) is None:
+  if not _reads_every_entry(cache_dict):
     return leaves
 
   def rebuilt(op, consumers):
@@ -464,3 +478,88 @@ def encode_together(cache):
           label=f'EncodeAccumulators[{dataset_key.key}][{n}]')
     result[dataset_key] = kept
   return result
+
+
+class CountCachedVocabularies(
+    collections.namedtuple('CountCachedVocabularies', ['entries', 'label']), nodes.OperationDef):
+  """-> ((owner, shard), {token: count}) tables of the counts of each entry of `entries`
+  ((cache entry key, coder, owner), ...: a frequency vocabulary's counts) of every cached span,
+  summed per bundle, as vocabulary_packing's PackedVocabularyMerges takes a KEYED input."""
+  __slots__ = ()
+
+  def get_field_str(self, field_name):
+    if field_name == 'entries':
+      return f'<{len(self.entries)} entries>'
+    return super().get_field_str(field_name)
+
+
+class _CountCachedFn(vocabulary_packing.BundleTables):
+  """(cache entry key, records) -> the tables of the entries it was given (the others:
+  nothing). Integer counts read with count_decoder where it can, any other record with the
+  coder's own decode_cache; summed as the merge sums them."""
+
+  def __init__(self, entries):
+    self._entries = {cache_key: (coder, owner) for cache_key, coder, owner in entries}
+
+  def process(self, keyed_records):
+    cache_key, records = keyed_records
+    found = self._entries.get(cache_key)
+    if found is None:
+      return
+    coder, owner = found
+    count_of = count_decoder(coder)
+    pairs = []
+    for record in records:
+      pair = count_of(record) if count_of is not None else None
+      pairs.append(pair if pair is not None else tuple(coder.decode_cache(record)))
+    yield from self._add(owner, pairs) or ()
+
+
+@tft_beam_common.register_ptransform(CountCachedVocabularies)
+class _CountCachedVocabulariesImpl(_EveryEntryImpl):
+  _FN = _CountCachedFn
+
+
+def count_together(leaves, graph_mode, cache_dict):
+  """The analysis graph under `leaves` with each PackedVocabularyMerges' inputs that are
+  DecodeCachedSpans of summed counts (each read by it alone) replaced by one KEYED input, a
+  CountCachedVocabularies of their entries. Without read_cache's EVERY_ENTRY nothing changes."""
+  del graph_mode
+  if not _reads_every_entry(cache_dict):
+    return leaves
+  ops, consumers = analysis_graph.operations(leaves)
+  replacements = {}
+  for op in ops.values():
+    if not is_a(op, vocabulary_packing.PackedVocabularyMerges):
+      continue
+    found = {}  # input position -> (cache entry key, coder, owner)
+    for at, (value, owner) in enumerate(zip(op.inputs, op.operation_def.owners)):
+      decode = value.parent_operation
+      if (owner != vocabulary_packing.KEYED and is_a(decode, DecodeCachedSpans) and
+          decode.operation_def.sum_counts and len(consumers[value_key(value)]) == 1):
+        found[at] = (decode.operation_def.cache_key, decode.operation_def.coder, owner)
+    if found:
+      replacements[value_key(op.outputs[0])] = _counted(op, found)
+  if not replacements:
+    return leaves
+  return analysis_graph.substitute(leaves, replacements)
+
+
+def _counted(merges, found):
+  """For analysis_graph.substitute: `merges` (a PackedVocabularyMerges) with the inputs of
+  `found` (position -> (cache entry key, coder, owner)) replaced by one KEYED
+  CountCachedVocabularies."""
+
+  def rebuild(value):
+    kept = [i for i in range(len(merges.inputs)) if i not in found]
+    inputs = [value(merges.inputs[i]) for i in kept]
+    owners = [merges.operation_def.owners[i] for i in kept]
+    inputs.append(nodes.apply_operation(
+        CountCachedVocabularies, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
+        label=f'CountCachedVocabularies[{merges.operation_def.label}]'))
+    owners.append(vocabulary_packing.KEYED)
+    definition = merges.operation_def._replace(owners=tuple(owners))
+    (output,) = nodes.OperationNode(definition, tuple(inputs)).outputs
+    return output
+
+  return rebuild

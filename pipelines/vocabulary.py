@@ -59,7 +59,7 @@ REWRITES = (vocabulary_packing.pack, merge_packing.pack, binding_packing.pack)
 CACHE_REWRITES = (cache_packing.decode_together, cache_packing.decode_each,
                   cache_packing.flatten_once,
                   cache_packing.key_together, merge_packing.pack, vocabulary_packing.pack_merges,
-                  binding_packing.pack)
+                  cache_packing.count_together, binding_packing.pack)
 # ... and of the output cache, where analysis_cache.write_cache writes it.
 OUTPUT_CACHE_REWRITES = (cache_packing.encode_together,)
 

@@ -95,9 +95,14 @@ class PackedVocabularies(
 class PackedVocabularyMerges(
     collections.namedtuple('PackedVocabularyMerges', ['specs', 'owners', 'label']),
     nodes.OperationDef):
-  """PCollections of (token, count), cached and new counts, input i of spec owners[i] -> as
+  """PCollections of (token, count), cached and new counts, input i of spec owners[i] (or, where
+  owners[i] is KEYED, of ((spec index, shard), {token: count}) tables of any spec) -> as
   PackedVocabularies; writes each vocabulary file."""
   __slots__ = ()
+
+
+# An owner of PackedVocabularyMerges: the input's tables are keyed by their vocabulary already.
+KEYED = -1
 
 
 class ExtractPackedVocabulary(
@@ -341,7 +346,7 @@ def _sum_into(table, pairs):
   return table
 
 
-class _BundleTables(beam.DoFn):
+class BundleTables(beam.DoFn):
   """Counts summed per vocabulary and token over a bundle, handed on as sharded tables."""
 
   def start_bundle(self):
@@ -360,7 +365,7 @@ class _BundleTables(beam.DoFn):
     self._tables = None
 
 
-class _CountBatches(_BundleTables):
+class _CountBatches(BundleTables):
   """Batches of analyzer inputs -> ((vocabulary index, shard), {token: count}) of `keys`."""
 
   def __init__(self, keys):
@@ -371,7 +376,7 @@ class _CountBatches(_BundleTables):
       yield from self._add(index, counts) or ()
 
 
-class CountBatchValues(_BundleTables):
+class CountBatchValues(BundleTables):
   """TF Transform's batches of one vocabulary's analyzer input, (tokens,) -> ((0, shard),
   {token: count})."""
 
@@ -380,7 +385,7 @@ class CountBatchValues(_BundleTables):
     yield from self._add(0, token_counts(tokens)) or ()
 
 
-class _CountPairs(_BundleTables):
+class _CountPairs(BundleTables):
   """(token, count) pairs of vocabulary `index` -> as _CountBatches."""
 
   def __init__(self, index):
@@ -482,7 +487,8 @@ class _PackedVocabularyMergesImpl(beam.PTransform):
     self._temp_dir = extra_args.base_temp_dir
 
   def expand(self, inputs):
-    keyed = [counts | f'TablesOfVocabulary{n}' >> beam.ParDo(_CountPairs(i)).with_output_types(Any)
+    keyed = [counts if i == KEYED else
+             counts | f'TablesOfVocabulary{n}' >> beam.ParDo(_CountPairs(i)).with_output_types(Any)
              for n, (i, counts) in enumerate(zip(self._owners, inputs))]
     counted = keyed | 'AllCounts' >> beam.Flatten().with_output_types(Any)
     return _sum_and_write(counted, self._specs, self._temp_dir)

@@ -63,9 +63,10 @@ def test_cached_spans_are_decoded_together_and_merged_without_a_flatten_per_anal
   kinds, flattens, entries = _kinds()
   assert kinds['DecodeCache'] == kinds['DecodeCachedSpan'] == 0
   assert entries == 4  # 2 vocabularies, mean and var, quantiles
-  # The vocabularies' entries decoded together; the combiners' too, and keyed for their merge in
-  # the same step.
-  assert kinds['DecodeCachedSpans'] == 2 and kinds['DecodeCachedByKey'] == 1
+  # The vocabularies' entries counted together into their merge's tables; the combiners'
+  # decoded together and keyed for their merge in the same step.
+  assert kinds['DecodeCachedSpans'] == 0 and kinds['CountCachedVocabularies'] == 1
+  assert kinds['DecodeCachedByKey'] == 1
   assert kinds['AddKey'] == 0 and kinds['AccumulatorsByKey'] == 1  # the new span's hand-over
   assert kinds['PackedVocabularyMerges'] == 1 and kinds['VocabularyMerge'] == 0
   assert kinds['VocabularyOrderAndWrite'] == 0
@@ -92,10 +93,12 @@ def test_spans_together_that_hold_more_than_the_analysis_reads_are_not_used():
   assert kinds['DecodeCachedSpan'] == CACHED * entries  # each span's entries, as a list a file
 
 
-def test_a_single_cached_span_is_left_as_it_is():
+def test_a_single_cached_span_is_read_as_several_are():
+  """One cached span beside the new one (the second day): its entries are every cached span's,
+  so they are decoded and counted as several spans' are, not one step per entry."""
   kinds, _, entries = _kinds(cached=1)
-  assert kinds['DecodeCachedSpans'] == kinds['DecodeCache'] == 0
-  assert kinds['DecodeCachedSpan'] == entries
+  assert kinds['DecodeCache'] == kinds['DecodeCachedSpan'] == kinds['DecodeCachedSpans'] == 0
+  assert kinds['DecodeCachedByKey'] == kinds['CountCachedVocabularies'] == 1
 
 
 def _two_phases(inputs):
