@@ -15,10 +15,11 @@ between the two steps (pipelines/vocabulary.REWRITES, in this order):
 Each leaves what it does not recognize as TF Transform built it; all are off where the analysis
 reads or writes an analyzer cache (the cache keys each analyzer's accumulator on its own).
 Where it reads one, vocabulary.CACHE_REWRITES apply instead: pipelines/cache_packing.py decodes
-each vocabulary's cached accumulators of all spans in one step instead of one per span, and all
-the combiners' in one step keyed for their merge, merge_packing packs the new span's hand-over
-to that merge, vocabulary_packing.pack_merges packs the vocabularies' merges of cached and new
-counts, and the bindings are packed as without a cache. Where the analysis writes a cache, and
+all the combiners' cached accumulators of all spans in one step keyed for their merge (not one
+per span and analyzer), merge_packing packs the new span's hand-over to that merge,
+vocabulary_packing.pack_merges packs the vocabularies' merges of cached and new counts, into
+which cache_packing counts every vocabulary's cached entries in one step, and the bindings are
+packed as without a cache. Where the analysis writes a cache, and
 only within rewriting_output_cache (stages.AnalyzeTrain, whose analysis_cache.write_cache reads
 what it makes), vocabulary.OUTPUT_CACHE_REWRITES pack the output cache's encodes too.
 
