@@ -73,18 +73,27 @@ def missing():
   return analysis_graph.missing(NEEDS)
 
 
+class _Shown:
+  """How this module's operations show their fields in TF Transform's graph views: a cache
+  entry key as '<bytes>', a tuple of entries by their number."""
+  __slots__ = ()
+
+  def get_field_str(self, field_name):
+    if field_name == 'cache_key':
+      return '<bytes>'
+    if field_name == 'entries':
+      return f'<{len(self.entries)} entries>'
+    return super().get_field_str(field_name)
+
+
 class DecodeCachedSpans(
+    _Shown,
     collections.namedtuple('DecodeCachedSpans', ['cache_key', 'coder', 'sum_counts', 'label']),
     nodes.OperationDef):
   """-> the decoded accumulators of entry `cache_key` of every cached span; with `sum_counts`
   (the entry holds a frequency vocabulary's (token, count) pairs, merged by a sum of counts),
   the integer counts of each token summed over the spans read together."""
   __slots__ = ()
-
-  def get_field_str(self, field_name):
-    if field_name == 'cache_key':
-      return '<bytes>'
-    return super().get_field_str(field_name)
 
 
 class _DecodeFn(beam.DoFn):
@@ -102,17 +111,12 @@ class _DecodeFn(beam.DoFn):
     self._sums = collections.defaultdict(int)
 
   def process(self, records):
-    decode = self._coder.decode_cache
-    count_of = count_decoder(self._coder) if self._sum_counts else None
+    if not self._sum_counts:
+      yield from decode_records(records, self._coder)
+      return
     sums = self._sums
-    for record in records:
-      if count_of is not None:
-        pair = count_of(record)
-        if pair is not None:
-          sums[pair[0]] += pair[1]
-          continue
-      accumulator = decode(record)
-      if self._sum_counts and type(accumulator[1]) is int:
+    for accumulator in counted_records(records, self._coder):
+      if type(accumulator[1]) is int:
         sums[accumulator[0]] += accumulator[1]
       else:
         yield accumulator
@@ -121,6 +125,16 @@ class _DecodeFn(beam.DoFn):
     for token, count in self._sums.items():
       yield GlobalWindows.windowed_value((token, count))
     self._sums = None
+
+
+def counted_records(records, coder):
+  """A vocabulary entry's records decoded as (token, value) pairs: integer counts by
+  count_decoder where it reads them, any other record by the coder's own decode_cache."""
+  count_of = count_decoder(coder)
+  decode = coder.decode_cache
+  for record in records:
+    pair = count_of(record) if count_of is not None else None
+    yield pair if pair is not None else tuple(decode(record))
 
 
 def count_decoder(coder):
@@ -230,16 +244,12 @@ def _repacked(flatten, packable, sum_counts):
 
 
 class DecodeCachedSpan(
-    collections.namedtuple('DecodeCachedSpan', ['dataset_key', 'cache_key', 'coder', 'label']),
+    _Shown, collections.namedtuple('DecodeCachedSpan', ['dataset_key', 'cache_key', 'coder',
+                                                        'label']),
     nodes.OperationDef):
   """-> the decoded accumulators of entry `cache_key` of the cached span `dataset_key`, whose
   records read_cache puts on that entry's output as one list per file."""
   __slots__ = ()
-
-  def get_field_str(self, field_name):
-    if field_name == 'cache_key':
-      return '<bytes>'
-    return super().get_field_str(field_name)
 
 
 def decode_records(records, coder):
@@ -324,15 +334,10 @@ def _hoisted(flatten, hoisted):
 
 
 class DecodeCachedByKey(
-    collections.namedtuple('DecodeCachedByKey', ['entries', 'label']), nodes.OperationDef):
+    _Shown, collections.namedtuple('DecodeCachedByKey', ['entries', 'label']), nodes.OperationDef):
   """-> (key, decoded accumulator) of every record of each entry of `entries` ((cache entry key,
   its coder, the key its accumulators get), ...) of every cached span."""
   __slots__ = ()
-
-  def get_field_str(self, field_name):
-    if field_name == 'entries':
-      return f'<{len(self.entries)} entries>'
-    return super().get_field_str(field_name)
 
 
 class _DecodeByKeyFn(beam.DoFn):
@@ -406,14 +411,21 @@ def _keyed(flatten, found):
   entry key, coder, key)) replaced by one DecodeCachedByKey."""
 
   def rebuild(value):
-    inputs = [value(v) for i, v in enumerate(flatten.inputs) if i not in found]
-    inputs.append(nodes.apply_operation(
-        DecodeCachedByKey, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
-        label=f'DecodeCachedByKey[{flatten.operation_def.label}]'))
+    inputs = _packed_inputs(flatten, found, value, DecodeCachedByKey)
     (output,) = nodes.OperationNode(flatten.operation_def, tuple(inputs)).outputs
     return output
 
   return rebuild
+
+
+def _packed_inputs(op, found, value, packed):
+  """The rebuilt inputs of `op` but those at the positions of `found` (position -> (cache entry
+  key, ...)), followed by one operation `packed` of found's entries (by cache entry key)."""
+  inputs = [value(v) for i, v in enumerate(op.inputs) if i not in found]
+  inputs.append(nodes.apply_operation(
+      packed, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
+      label=f'{packed.__name__}[{op.operation_def.label}]'))
+  return inputs
 
 
 class EncodedTogether(collections.namedtuple('EncodedTogether', ['entries'])):
@@ -423,15 +435,10 @@ class EncodedTogether(collections.namedtuple('EncodedTogether', ['entries'])):
 
 
 class EncodeAccumulators(
-    collections.namedtuple('EncodeAccumulators', ['entries', 'label']), nodes.OperationDef):
+    _Shown, collections.namedtuple('EncodeAccumulators', ['entries', 'label']), nodes.OperationDef):
   """A packed accumulate's dict -> (cache entry key, encoded accumulator) for each (name in the
   dict, cache entry key, coder) of `entries`."""
   __slots__ = ()
-
-  def get_field_str(self, field_name):
-    if field_name == 'entries':
-      return f'<{len(self.entries)} entries>'
-    return super().get_field_str(field_name)
 
 
 def encode_accumulators(accumulated, entries):
@@ -481,16 +488,12 @@ def encode_together(cache):
 
 
 class CountCachedVocabularies(
-    collections.namedtuple('CountCachedVocabularies', ['entries', 'label']), nodes.OperationDef):
+    _Shown, collections.namedtuple('CountCachedVocabularies', ['entries', 'label']),
+    nodes.OperationDef):
   """-> ((owner, shard), {token: count}) tables of the counts of each entry of `entries`
   ((cache entry key, coder, owner), ...: a frequency vocabulary's counts) of every cached span,
   summed per bundle, as vocabulary_packing's PackedVocabularyMerges takes a KEYED input."""
   __slots__ = ()
-
-  def get_field_str(self, field_name):
-    if field_name == 'entries':
-      return f'<{len(self.entries)} entries>'
-    return super().get_field_str(field_name)
 
 
 class _CountCachedFn(vocabulary_packing.BundleTables):
@@ -507,12 +510,7 @@ class _CountCachedFn(vocabulary_packing.BundleTables):
     if found is None:
       return
     coder, owner = found
-    count_of = count_decoder(coder)
-    pairs = []
-    for record in records:
-      pair = count_of(record) if count_of is not None else None
-      pairs.append(pair if pair is not None else tuple(coder.decode_cache(record)))
-    yield from self._add(owner, pairs) or ()
+    yield from self._add(owner, counted_records(records, coder)) or ()
 
 
 @tft_beam_common.register_ptransform(CountCachedVocabularies)
@@ -551,14 +549,9 @@ def _counted(merges, found):
   CountCachedVocabularies."""
 
   def rebuild(value):
-    kept = [i for i in range(len(merges.inputs)) if i not in found]
-    inputs = [value(merges.inputs[i]) for i in kept]
-    owners = [merges.operation_def.owners[i] for i in kept]
-    inputs.append(nodes.apply_operation(
-        CountCachedVocabularies, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
-        label=f'CountCachedVocabularies[{merges.operation_def.label}]'))
-    owners.append(vocabulary_packing.KEYED)
-    definition = merges.operation_def._replace(owners=tuple(owners))
+    inputs = _packed_inputs(merges, found, value, CountCachedVocabularies)
+    owners = [owner for i, owner in enumerate(merges.operation_def.owners) if i not in found]
+    definition = merges.operation_def._replace(owners=(*owners, vocabulary_packing.KEYED))
     (output,) = nodes.OperationNode(definition, tuple(inputs)).outputs
     return output
 
