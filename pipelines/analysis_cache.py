@@ -418,9 +418,10 @@ _EVERY_ENTRY_TAG = 'every_entry'
 
 
 class _WriteEntryFn(beam.DoFn):
-  """((span key, entry index), encoded accumulators) -> the entry's file in the staging area,
-  named and framed as TF Transform's WriteAnalysisCacheToFS writes it (a gzip TFRecord file
-  <index>-00000-of-00001.gz; None values only make sure that an empty entry has its file)."""
+  """((span key, entry index), encoded accumulators, each a record or a list of records) -> the
+  entry's file in the staging area, named and framed as TF Transform's WriteAnalysisCacheToFS
+  writes it (a gzip TFRecord file <index>-00000-of-00001.gz; None values only make sure that an
+  empty entry has its file)."""
 
   def __init__(self, staging):
     self._staging = staging
@@ -433,8 +434,8 @@ class _WriteEntryFn(beam.DoFn):
     path = output_dir.join(directory, f'{index}-00000-of-00001.gz')
     with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type='GZIP')) as writer:
       for value in values:
-        if value is not None:
-          writer.write(value)
+        for record in value if isinstance(value, list) else () if value is None else (value,):
+          writer.write(record)
     yield path
 
 
@@ -446,8 +447,9 @@ def write_cache(pipeline, output_cache, p: Plan):
   TF Transform's WriteAnalysisCacheToFS gives every entry of every span a WriteToTFRecord of its
   own: 10 new spans of a 20-analyzer function were 400 Beam stages, 9 s of a 52 s run. Here
   every entry goes through one GroupByKey to one DoFn that writes each entry's file. The entries
-  cache_packing.encode_together packed come keyed by their cache entry key, under an
-  EncodedTogether key that names them."""
+  cache_packing.encode_together and span_counting.encode_together packed come keyed by their
+  cache entry key (with a record, or a list of them), under an EncodedTogether key that names
+  them."""
   keyed, every_entry = [], []
   for key, cache in output_cache.items():
     manifest = {}

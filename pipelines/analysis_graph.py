@@ -18,10 +18,13 @@ Where it reads one, vocabulary.CACHE_REWRITES apply instead: pipelines/cache_pac
 all the combiners' cached accumulators of all spans in one step keyed for their merge (not one
 per span and analyzer), merge_packing packs the new span's hand-over to that merge,
 vocabulary_packing.pack_merges packs the vocabularies' merges of cached and new counts, into
-which cache_packing counts every vocabulary's cached entries in one step, and the bindings are
-packed as without a cache. Where the analysis writes a cache, and
-only within rewriting_output_cache (stages.AnalyzeTrain, whose analysis_cache.write_cache reads
-what it makes), vocabulary.OUTPUT_CACHE_REWRITES pack the output cache's encodes too.
+which cache_packing counts every vocabulary's cached entries in one step and
+pipelines/span_counting.py each new span's vocabularies in one, and the bindings are packed as
+without a cache. Where the analysis writes a cache, and only within rewriting_output_cache
+(stages.AnalyzeTrain, whose analysis_cache.write_cache reads what it makes),
+vocabulary.OUTPUT_CACHE_REWRITES pack the output cache's encodes too (the combiners',
+cache_packing; the vocabularies', span_counting, which is why the new spans' counting is packed
+only there).
 
 This builds on private parts of TF Transform 1.21 (analysis_graph_builder.build, the node types
 of analyzer_nodes and beam_nodes), so pipelines/vocabulary.install switches it on only on the TF
@@ -40,8 +43,8 @@ _ORIGINAL_BUILD = getattr(analysis_graph_builder, 'build', None)
 # 'rewrites': functions (leaves, graph_mode) -> new leaves, applied in order where no analyzer
 # cache is read or written; 'cache_rewrites': functions (leaves, graph_mode, cache_dict) -> new
 # leaves, applied in order where a cache is read; 'output_cache_rewrites': functions (the output
-# cache's value nodes) -> new ones, applied in order where a cache is written, within
-# rewriting_output_cache only. Empty when off.
+# cache's value nodes, the rewritten graph's leaves) -> new value nodes, applied in order where a
+# cache is written, within rewriting_output_cache only. Empty when off.
 _STATE = {'rewrites': (), 'cache_rewrites': (), 'output_cache_rewrites': ()}
 
 
@@ -71,6 +74,12 @@ def enabled():
   return bool(_STATE['rewrites'])
 
 
+def rewrites_output_cache_with(rewrite):
+  """Whether the output cache of the analyses built now is rewritten by `rewrite` (within
+  rewriting_output_cache, where the other rewrites are on)."""
+  return rewrite in _STATE['output_cache_rewrites']
+
+
 def cache_rewrites_enabled():
   return bool(_STATE['cache_rewrites'])
 
@@ -90,11 +99,12 @@ def _build_and_rewrite(graph, *args, **kwargs):
       # TF Transform's graph mode traces into a tf.Graph, its TF2 behaviours into a FuncGraph.
       leaves = rewrite(leaves, graph_mode=not graph.building_function)
     root, *side_effects = leaves
-  # The output cache holds accumulates of the first phase (of the raw inputs alone), which no
-  # rewrite rebuilds: its value nodes are those of the rewritten graph.
+  # The output cache holds accumulates of the first phase (of the raw inputs alone): their value
+  # nodes are those of the rewritten graph, or (span_counting) what replaced them in it, which
+  # its rewrite finds under the leaves.
   if cache is not None:
     for rewrite in _STATE['output_cache_rewrites']:
-      cache = rewrite(cache)
+      cache = rewrite(cache, (root, *side_effects))
   return root, cache, side_effects
 
 

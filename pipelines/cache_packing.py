@@ -24,8 +24,9 @@ pipelines/analysis_graph.py) cut them:
   - key_together (after flatten_once): the combiners' AddKeys of DecodeCachedSpans flattened
     into one merge become one DecodeCachedByKey, which decodes every combiner entry's records of
     every cached span (read_cache's EVERY_ENTRY) and keys each accumulator for the merge.
-(pipelines/merge_packing.pack then packs the new span's hand-over to the same merge, and
-pipelines/vocabulary_packing.pack_merges the vocabularies' merges of cached and new counts.)
+(pipelines/merge_packing.pack then packs the new span's hand-over to the same merge,
+pipelines/vocabulary_packing.pack_merges the vocabularies' merges of cached and new counts, and
+pipelines/span_counting.py the new spans' vocabulary counts and their cache entries.)
   - count_together (after pack_merges): the DecodeCachedSpans of the frequency vocabularies
     that one PackedVocabularyMerges merges become one CountCachedVocabularies, which counts
     every such entry's records of every cached span (EVERY_ENTRY) into the merge's sharded
@@ -73,7 +74,7 @@ def missing():
   return analysis_graph.missing(NEEDS)
 
 
-class _Shown:
+class Shown:
   """How this module's operations show their fields in TF Transform's graph views: a cache
   entry key as '<bytes>', a tuple of entries by their number."""
   __slots__ = ()
@@ -87,7 +88,7 @@ class _Shown:
 
 
 class DecodeCachedSpans(
-    _Shown,
+    Shown,
     collections.namedtuple('DecodeCachedSpans', ['cache_key', 'coder', 'sum_counts', 'label']),
     nodes.OperationDef):
   """-> the decoded accumulators of entry `cache_key` of every cached span; with `sum_counts`
@@ -244,7 +245,7 @@ def _repacked(flatten, packable, sum_counts):
 
 
 class DecodeCachedSpan(
-    _Shown, collections.namedtuple('DecodeCachedSpan', ['dataset_key', 'cache_key', 'coder',
+    Shown, collections.namedtuple('DecodeCachedSpan', ['dataset_key', 'cache_key', 'coder',
                                                         'label']),
     nodes.OperationDef):
   """-> the decoded accumulators of entry `cache_key` of the cached span `dataset_key`, whose
@@ -334,7 +335,7 @@ def _hoisted(flatten, hoisted):
 
 
 class DecodeCachedByKey(
-    _Shown, collections.namedtuple('DecodeCachedByKey', ['entries', 'label']), nodes.OperationDef):
+    Shown, collections.namedtuple('DecodeCachedByKey', ['entries', 'label']), nodes.OperationDef):
   """-> (key, decoded accumulator) of every record of each entry of `entries` ((cache entry key,
   its coder, the key its accumulators get), ...) of every cached span."""
   __slots__ = ()
@@ -435,7 +436,7 @@ class EncodedTogether(collections.namedtuple('EncodedTogether', ['entries'])):
 
 
 class EncodeAccumulators(
-    _Shown, collections.namedtuple('EncodeAccumulators', ['entries', 'label']), nodes.OperationDef):
+    Shown, collections.namedtuple('EncodeAccumulators', ['entries', 'label']), nodes.OperationDef):
   """A packed accumulate's dict -> (cache entry key, encoded accumulator) for each (name in the
   dict, cache entry key, coder) of `entries`."""
   __slots__ = ()
@@ -458,37 +459,47 @@ class _EncodeAccumulatorsImpl(beam.PTransform):
     return accumulated | 'EncodeAndKey' >> beam.FlatMap(encode_accumulators, self._entries)
 
 
-def encode_together(cache):
+def encode_together(cache, leaves=None):
   """TF Transform's output cache value nodes ({dataset key: {cache entry key: ValueNode}}) with,
   per span, the entries that are an EncodeCache of one key of a packed accumulate's dict
   replaced by one EncodeAccumulators of that dict per packed accumulate, under an
-  EncodedTogether key; the other entries as they were. None stays None."""
+  EncodedTogether key; the other entries as they were. None stays None. (`leaves`: the
+  rewritten analysis graph's, as the output cache's rewrites are called; unused.)"""
+  del leaves
+  return encoded_in_groups(cache, merge_packing.from_packed_accumulate, EncodeAccumulators)
+
+
+def encoded_in_groups(cache, source_of, packed):
+  """The output cache value nodes `cache` with, per span, the entries that are an EncodeCache of
+  a value for which `source_of(value)` gives (source ValueNode, name) replaced by one operation
+  `packed` of each source, of entries ((name, cache entry key, coder), ...), under an
+  EncodedTogether key naming those entries; the other entries as they were. None stays None."""
   if cache is None:
     return None
   result = {}
   for dataset_key, entries in cache.items():
-    groups, kept = {}, {}
+    groups, kept = {}, {}  # the source's value key -> (the source, [(name, cache key, coder)])
     for cache_key, node in entries.items():
       encode = node.parent_operation
       source = (is_a(encode, analyzer_nodes.EncodeCache) and len(encode.inputs) == 1 and
-                merge_packing.from_packed_accumulate(encode.inputs[0]))
+                source_of(encode.inputs[0]))
       if source:
-        accumulated, name = source
-        group = groups.setdefault(value_key(accumulated), (accumulated, []))
+        value, name = source
+        group = groups.setdefault(value_key(value), (value, []))
         group[1].append((name, cache_key, encode.operation_def.coder))
       else:
         kept[cache_key] = node
-    for n, (accumulated, members) in enumerate(groups.values()):
+    for n, (value, members) in enumerate(groups.values()):
       members.sort(key=lambda member: member[1])
       kept[EncodedTogether(tuple(member[1] for member in members))] = nodes.apply_operation(
-          EncodeAccumulators, accumulated, entries=tuple(members),
-          label=f'EncodeAccumulators[{dataset_key.key}][{n}]')
+          packed, value, entries=tuple(members),
+          label=f'{packed.__name__}[{dataset_key.key}][{n}]')
     result[dataset_key] = kept
   return result
 
 
 class CountCachedVocabularies(
-    _Shown, collections.namedtuple('CountCachedVocabularies', ['entries', 'label']),
+    Shown, collections.namedtuple('CountCachedVocabularies', ['entries', 'label']),
     nodes.OperationDef):
   """-> ((owner, shard), {token: count}) tables of the counts of each entry of `entries`
   ((cache entry key, coder, owner), ...: a frequency vocabulary's counts) of every cached span,
@@ -525,34 +536,18 @@ def count_together(leaves, graph_mode, cache_dict):
   del graph_mode
   if not _reads_every_entry(cache_dict):
     return leaves
-  ops, consumers = analysis_graph.operations(leaves)
-  replacements = {}
-  for op in ops.values():
-    if not is_a(op, vocabulary_packing.PackedVocabularyMerges):
-      continue
-    found = {}  # input position -> (cache entry key, coder, owner)
-    for at, (value, owner) in enumerate(zip(op.inputs, op.operation_def.owners)):
-      decode = value.parent_operation
-      if (owner != vocabulary_packing.KEYED and is_a(decode, DecodeCachedSpans) and
-          decode.operation_def.sum_counts and len(consumers[value_key(value)]) == 1):
-        found[at] = (decode.operation_def.cache_key, decode.operation_def.coder, owner)
-    if found:
-      replacements[value_key(op.outputs[0])] = _counted(op, found)
-  if not replacements:
-    return leaves
-  return analysis_graph.substitute(leaves, replacements)
 
+  def found_in(value, owner, consumers):  # -> (cache entry key, coder, owner)
+    decode = value.parent_operation
+    if (is_a(decode, DecodeCachedSpans) and decode.operation_def.sum_counts and
+        len(consumers[value_key(value)]) == 1):
+      return decode.operation_def.cache_key, decode.operation_def.coder, owner
+    return None
 
-def _counted(merges, found):
-  """For analysis_graph.substitute: `merges` (a PackedVocabularyMerges) with the inputs of
-  `found` (position -> (cache entry key, coder, owner)) replaced by one KEYED
-  CountCachedVocabularies."""
+  def counted(value, found, label):
+    del value
+    return [nodes.apply_operation(
+        CountCachedVocabularies, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
+        label=f'CountCachedVocabularies[{label}]')]
 
-  def rebuild(value):
-    inputs = _packed_inputs(merges, found, value, CountCachedVocabularies)
-    owners = [owner for i, owner in enumerate(merges.operation_def.owners) if i not in found]
-    definition = merges.operation_def._replace(owners=(*owners, vocabulary_packing.KEYED))
-    (output,) = nodes.OperationNode(definition, tuple(inputs)).outputs
-    return output
-
-  return rebuild
+  return vocabulary_packing.with_keyed_inputs(leaves, found_in, counted)

@@ -41,6 +41,7 @@ from pipelines import (
   binding_packing,
   cache_packing,
   merge_packing,
+  span_counting,
   vocabulary_packing,
   warm_session,
 )
@@ -59,9 +60,10 @@ REWRITES = (vocabulary_packing.pack, merge_packing.pack, binding_packing.pack)
 CACHE_REWRITES = (cache_packing.decode_together, cache_packing.decode_each,
                   cache_packing.flatten_once,
                   cache_packing.key_together, merge_packing.pack, vocabulary_packing.pack_merges,
-                  cache_packing.count_together, binding_packing.pack)
+                  cache_packing.count_together, span_counting.count_together,
+                  binding_packing.pack)
 # ... and of the output cache, where analysis_cache.write_cache writes it.
-OUTPUT_CACHE_REWRITES = (cache_packing.encode_together,)
+OUTPUT_CACHE_REWRITES = (cache_packing.encode_together, span_counting.encode_together)
 
 
 def tft_tested(tft_version=None):
@@ -80,7 +82,8 @@ def unfit_reason(tft_version=None):
     return ('TF Transform has no analyzers._VocabOrderingType.FREQUENCY or '
             'beam.analyzer_impls._VocabularyAccumulateImpl')
   missing = (vocabulary_packing.missing() + merge_packing.missing() +
-             binding_packing.missing() + cache_packing.missing() + warm_session.missing())
+             binding_packing.missing() + cache_packing.missing() + span_counting.missing() +
+             warm_session.missing())
   if missing:
     return f'TF Transform has no {", ".join(missing)}'
   return None

@@ -26,11 +26,12 @@ tests/test_vocabulary.py compares the files byte for byte with TF Transform's ow
 Packed: the unweighted frequency vocabularies in the text format, without key_fn coverage,
 reserved tokens or fingerprint_shuffle, whose chain is used only as tft.vocabulary uses it.
 Every other vocabulary (weighted, mutual information, labels, tfrecord_gzip, ...) keeps TF
-Transform's chain. Where the analysis reads an analyzer cache, the cache keeps each span's
-counts of each vocabulary under its own key, so the counting stays TF Transform's (one
-VocabularyAccumulate per vocabulary and new span, whose counts are also written to the cache)
-and pack_merges packs what follows: the merges of cached and new counts, the pruning, ordering
-and writing (PackedVocabularyMerges), the same files.
+Transform's chain. Where the analysis reads or writes an analyzer cache, the cache keeps each
+span's counts of each vocabulary under its own key: pack_merges packs the merges of cached and
+new counts, the pruning, ordering and writing (PackedVocabularyMerges), the same files; the new
+spans' counting, and their cache entries, are packed by pipelines/span_counting.py, and the
+cached counts by pipelines/cache_packing.py, each a KEYED input of the merge
+(with_keyed_inputs).
 
 It builds on private parts of TF Transform 1.21 (analysis_graph_builder.build and the node
 types of analyzer_nodes and beam_nodes); pipelines/analysis_graph.py runs it, switched on by
@@ -140,7 +141,7 @@ def _chain(accumulate, consumers):
   acc = accumulate.operation_def
   if FREQUENCY is None or acc.vocab_ordering_type != FREQUENCY or len(accumulate.inputs) != 1:
     return None
-  batches = _batches_of(accumulate)
+  batches = batches_of(accumulate)
   if batches is None:
     return None
   merges = consumers[value_key(accumulate.outputs[0])]
@@ -154,7 +155,7 @@ def _chain(accumulate, consumers):
   return batches, spec._replace(key=keys[0] if isinstance(keys, tuple) else keys), replaced, label
 
 
-def _batches_of(accumulate):
+def batches_of(accumulate):
   """The batches of analyzer inputs that VocabularyAccumulate `accumulate` counts one key of
   (through an ExtractFromDict of that one key); None otherwise."""
   extract = accumulate.inputs[0].parent_operation
@@ -247,6 +248,38 @@ def pack_merges(leaves, graph_mode=True, cache_dict=None):
   return _substitute_packed(leaves, groups, packed_op)
 
 
+def with_keyed_inputs(leaves, found_in, keyed_inputs):
+  """The graph under `leaves` with each PackedVocabularyMerges' inputs that `found_in(value,
+  owner, consumers)` finds (giving an entry; None: kept) replaced by KEYED inputs,
+  `keyed_inputs(value, {input position: entry}, the merges' label)` (ValueNodes of the rebuilt
+  graph: `value` maps an old ValueNode to its rebuilt one). Returns the new leaves, in order."""
+  ops, consumers = analysis_graph.operations(leaves)
+  replacements = {}
+  for op in ops.values():
+    if not isinstance(op.operation_def, PackedVocabularyMerges):
+      continue
+    found = {}
+    for at, (value, owner) in enumerate(zip(op.inputs, op.operation_def.owners)):
+      entry = None if owner == KEYED else found_in(value, owner, consumers)
+      if entry is not None:
+        found[at] = entry
+    if found:
+      replacements[value_key(op.outputs[0])] = functools.partial(
+          _rebuilt_merges, op, found, keyed_inputs)
+  if not replacements:
+    return tuple(leaves)
+  return analysis_graph.substitute(leaves, replacements)
+
+
+def _rebuilt_merges(merges, found, keyed_inputs, value):
+  kept = [at for at in range(len(merges.inputs)) if at not in found]
+  keyed = list(keyed_inputs(value, found, merges.operation_def.label))
+  owners = (*(merges.operation_def.owners[at] for at in kept), *[KEYED] * len(keyed))
+  inputs = (*(value(merges.inputs[at]) for at in kept), *keyed)
+  (output,) = nodes.OperationNode(merges.operation_def._replace(owners=owners), inputs).outputs
+  return output
+
+
 def _phases_of(flatten):
   """The batches (as value keys) whose counts a FlattenCache merges with cached ones, or None
   where one of its inputs is neither cached counts nor a frequency count of batches."""
@@ -258,7 +291,7 @@ def _phases_of(flatten):
     if (not isinstance(op.operation_def, analyzer_nodes.VocabularyAccumulate) or
         op.operation_def.vocab_ordering_type != FREQUENCY or len(op.inputs) != 1):
       return None
-    batches = _batches_of(op)
+    batches = batches_of(op)
     if batches is None:
       return None
     found.add(value_key(batches))
@@ -365,15 +398,18 @@ class BundleTables(beam.DoFn):
     self._tables = None
 
 
-class _CountBatches(BundleTables):
-  """Batches of analyzer inputs -> ((vocabulary index, shard), {token: count}) of `keys`."""
+class CountBatches(BundleTables):
+  """Batches of analyzer inputs -> ((vocabulary index, shard), {token: count}) of `keys`, the
+  index of keys[i] being i, or `indices[i]` where given."""
 
-  def __init__(self, keys):
+  def __init__(self, keys, indices=None):
     self._keys = keys
+    self._indices = list(range(len(keys))) if indices is None else list(indices)
 
   def process(self, batch):
+    indices = self._indices
     for index, counts in count_tokens(batch, self._keys):
-      yield from self._add(index, counts) or ()
+      yield from self._add(indices[index], counts) or ()
 
 
 class CountBatchValues(BundleTables):
@@ -386,7 +422,7 @@ class CountBatchValues(BundleTables):
 
 
 class _CountPairs(BundleTables):
-  """(token, count) pairs of vocabulary `index` -> as _CountBatches."""
+  """(token, count) pairs of vocabulary `index` -> as CountBatches."""
 
   def __init__(self, index):
     self._index = index
@@ -474,7 +510,7 @@ class _PackedVocabulariesImpl(beam.PTransform):
     (batches,) = inputs
     keys = [spec.key for spec in self._specs]
     counted = (batches
-               | 'CountTokensPerBundle' >> beam.ParDo(_CountBatches(keys)).with_output_types(Any))
+               | 'CountTokensPerBundle' >> beam.ParDo(CountBatches(keys)).with_output_types(Any))
     return _sum_and_write(counted, self._specs, self._temp_dir)
 
 

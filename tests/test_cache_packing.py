@@ -110,22 +110,23 @@ def _two_phases(inputs):
 
 def test_the_new_spans_combiner_entries_are_encoded_in_one_step():
   """Each new span's cache entries of one packed accumulate: one EncodeAccumulators under an
-  EncodedTogether key naming them, instead of an ExtractFromDict and an EncodeCache each; the
-  vocabularies' entries as TF Transform made them. The output cache's nodes hang on the
-  rewritten graph (nothing but the encodes is built for them alone), with one phase or two."""
+  EncodedTogether key naming them, instead of an ExtractFromDict and an EncodeCache each (the
+  vocabularies' entries: one EncodeVocabularyCounts, tests/test_span_counting.py). The output
+  cache's nodes hang on the rewritten graph (nothing but the encodes is built for them alone),
+  with one phase or two."""
   for fn, combiners in ((_fn, 2), (_two_phases, 2)):
     keys = [analyzer_cache.DatasetKey(f'span{i}') for i in range(3)]
     entries = analysis_graph_builder.get_analysis_cache_entry_keys(fn, SPEC, keys, True)
     _, _, output_cache, only_cache = _built(fn, keys, {})
     assert set(output_cache) == set(keys)
-    vocabularies = len(entries) - combiners
     for dataset_cache in output_cache.values():
-      together = [k for k in dataset_cache if isinstance(k, cache_packing.EncodedTogether)]
-      assert len(together) == 1 and len(together[0].entries) == combiners
-      assert set(together[0].entries) | set(dataset_cache) - {together[0]} == set(entries)
-      node = dataset_cache[together[0]]
-      assert type(node.parent_operation.operation_def).__name__ == 'EncodeAccumulators'
-    assert only_cache == {'EncodeAccumulators': len(keys), 'EncodeCache': vocabularies * len(keys)}
+      together = {type(dataset_cache[k].parent_operation.operation_def).__name__: k
+                  for k in dataset_cache if isinstance(k, cache_packing.EncodedTogether)}
+      assert len(together['EncodeAccumulators'].entries) == combiners
+      assert len(together['EncodeVocabularyCounts'].entries) == len(entries) - combiners
+      assert set(dataset_cache) == set(together.values())
+      assert {e for k in together.values() for e in k.entries} == set(entries)
+    assert only_cache == {'EncodeAccumulators': len(keys), 'EncodeVocabularyCounts': len(keys)}
 
 
 def test_the_output_cache_is_tf_transforms_own_outside_the_block():

@@ -204,7 +204,7 @@ def test_counts_cross_the_runner_as_sharded_tables(monkeypatch):
       expected.update((index, t) for t in np.asarray(batch[key]).ravel().tolist())
   for limit in (vocabulary_packing.MAX_TABLE, 7):  # 7: tables handed on within the bundle
     monkeypatch.setattr(vocabulary_packing, 'MAX_TABLE', limit)
-    fn = vocabulary_packing._CountBatches(['x', 'y'])
+    fn = vocabulary_packing.CountBatches(['x', 'y'])
     fn.start_bundle()
     early = [e for batch in batches for e in fn.process(batch)]
     last = [w.value for w in fn.finish_bundle()]
