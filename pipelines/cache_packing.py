@@ -299,9 +299,8 @@ def flatten_once(leaves, graph_mode, cache_dict):
   def rebuilt(op, consumers):
     hoisted = {}  # input position -> (its AddKey's definition, the inner flatten's inputs)
     for at, value in enumerate(op.inputs):
-      add_key = value.parent_operation
-      if (not is_a(add_key, analyzer_nodes.AddKey) or len(add_key.inputs) != 1 or
-          len(consumers[value_key(value)]) != 1):
+      add_key = _sole_add_key(value, consumers)
+      if add_key is None:
         continue
       inner = add_key.inputs[0]
       if (is_a(inner.parent_operation, beam_nodes.Flatten) and
@@ -311,6 +310,16 @@ def flatten_once(leaves, graph_mode, cache_dict):
     return _hoisted(op, hoisted) if hoisted else None
 
   return _rewrite_flattens(leaves, rebuilt)
+
+
+def _sole_add_key(value, consumers):
+  """The AddKey of one input whose output `value` is, where one operation alone reads it; None
+  otherwise."""
+  add_key = value.parent_operation
+  if (is_a(add_key, analyzer_nodes.AddKey) and len(add_key.inputs) == 1 and
+      len(consumers[value_key(value)]) == 1):
+    return add_key
+  return None
 
 
 def _hoisted(flatten, hoisted):
@@ -392,9 +401,8 @@ def key_together(leaves, graph_mode, cache_dict):
   def rebuilt(op, consumers):
     found = {}  # input position -> (cache entry key, coder, key)
     for at, value in enumerate(op.inputs):
-      add_key = value.parent_operation
-      if (not is_a(add_key, analyzer_nodes.AddKey) or len(add_key.inputs) != 1 or
-          len(consumers[value_key(value)]) != 1):
+      add_key = _sole_add_key(value, consumers)
+      if add_key is None:
         continue
       decoded = add_key.inputs[0]
       decode = decoded.parent_operation
@@ -412,21 +420,20 @@ def _keyed(flatten, found):
   entry key, coder, key)) replaced by one DecodeCachedByKey."""
 
   def rebuild(value):
-    inputs = _packed_inputs(flatten, found, value, DecodeCachedByKey)
+    inputs = [value(v) for i, v in enumerate(flatten.inputs) if i not in found]
+    inputs.append(_packed(DecodeCachedByKey, found, flatten.operation_def.label))
     (output,) = nodes.OperationNode(flatten.operation_def, tuple(inputs)).outputs
     return output
 
   return rebuild
 
 
-def _packed_inputs(op, found, value, packed):
-  """The rebuilt inputs of `op` but those at the positions of `found` (position -> (cache entry
-  key, ...)), followed by one operation `packed` of found's entries (by cache entry key)."""
-  inputs = [value(v) for i, v in enumerate(op.inputs) if i not in found]
-  inputs.append(nodes.apply_operation(
+def _packed(packed, found, label):
+  """One operation `packed` of the entries of `found` (position -> (cache entry key, ...)), by
+  cache entry key, named after the operation whose inputs it replaces (`label`)."""
+  return nodes.apply_operation(
       packed, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
-      label=f'{packed.__name__}[{op.operation_def.label}]'))
-  return inputs
+      label=f'{packed.__name__}[{label}]')
 
 
 class EncodedTogether(collections.namedtuple('EncodedTogether', ['entries'])):
@@ -546,8 +553,6 @@ def count_together(leaves, graph_mode, cache_dict):
 
   def counted(value, found, label):
     del value
-    return [nodes.apply_operation(
-        CountCachedVocabularies, entries=tuple(sorted(found.values(), key=lambda e: e[0])),
-        label=f'CountCachedVocabularies[{label}]')]
+    return [_packed(CountCachedVocabularies, found, label)]
 
   return vocabulary_packing.with_keyed_inputs(leaves, found_in, counted)
