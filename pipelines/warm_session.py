@@ -26,7 +26,13 @@ graph; its ApplySavedModel then loads it back into a new graph (2.8 s at 300 col
 CreateSavedModel keeps the traced graph and the phase's table initializers (keep_traced), and
 the first graph state for that SavedModel is a new session on the traced graph, its variables
 and those tables initialized as TF Transform's load initializes them; the traced graph is not
-finalized (the job's later steps may still read it).
+finalized (the job's later steps may still read it). Where that SavedModel computes analyzer
+inputs (TF Transform's CreateSavedModelForAnalyzerInputs), its session runs without Grappler's
+graph optimizations (`analyzer_inputs_config`): they cost its first run about 1 s of a 300-column
+graph's 1.4 s, and its later runs took as long without them (benchmarks/RESULTS.md). Its outputs
+only feed the analyzers, whose results agree with TF Transform's own within the tolerances the
+tests check (float sums may differ in their last bits); a transform graph's outputs, which must
+equal what serving computes, keep TF Transform's configuration.
 
 It builds on private parts of TF Transform 1.21 (NEEDS), checked with the vocabulary packing's
 (pipelines/vocabulary.unfit_reason), and is switched on and off with it.
@@ -54,11 +60,15 @@ NEEDS = ((tft_impl, '_RunMetaGraphDoFn'), (graph_tools, 'get_dependent_inputs'),
 _TFT_MAKE_GRAPH_STATE = getattr(_DoFn, '_make_graph_state', None)
 _TFT_CREATE_SAVED_MODEL = getattr(tft_impl, '_CreateSavedModelImpl', None)
 _GRAPH_MODE = tft_beam_common.EnvironmentTags.TF_COMPAT_V1
+# The label of TF Transform's CreateSavedModel of a phase's analyzer inputs (its analysis graph
+# builder names them CreateSavedModelForAnalyzerInputs[Phase0] and so on; the transform graph's
+# own is CreateSavedModel).
+_ANALYZER_INPUTS_LABEL = 'CreateSavedModelForAnalyzerInputs['
 
 # session: None for a traced graph (keep_traced), whose session the graph state makes;
 # initializers: a traced graph's table initializers (a tuple), None for a bound session.
 _Kept = collections.namedtuple('_Kept', ['graph', 'session', 'inputs', 'outputs', 'config',
-                                         'tables_ready', 'initializers'])
+                                         'tables_ready', 'initializers', 'analyzer_inputs'])
 _LOCK = threading.Lock()
 _STATE = {'on': False, 'kept': {}}  # kept: saved_model_dir -> _Kept, one at most
 
@@ -92,18 +102,20 @@ def keep(saved_model_dir, graph, session, inputs, outputs, config, tables_ready)
     for other in [d for d, k in _STATE['kept'].items() if k.session is not None]:
       _STATE['kept'].pop(other).session.close()
     _STATE['kept'][saved_model_dir] = _Kept(graph, session, dict(inputs), dict(outputs), config,
-                                            tables_ready, None)
+                                            tables_ready, None, False)
   return True
 
 
-def keep_traced(saved_model_dir, graph, inputs, outputs, table_initializers):
+def keep_traced(saved_model_dir, graph, inputs, outputs, table_initializers, analyzer_inputs):
   """Keeps the traced `graph` that `saved_model_dir` was written from with nothing bound
   (`inputs` and `outputs` its signature's tensors in it, `table_initializers` the ops of the
-  tables it initializes) for that SavedModel's first graph state."""
+  tables it initializes; `analyzer_inputs`: whether its outputs only feed analyzers) for that
+  SavedModel's first graph state."""
   if _STATE['on']:
     with _LOCK:
       _STATE['kept'][saved_model_dir] = _Kept(graph, None, dict(inputs), dict(outputs), None,
-                                              False, tuple(table_initializers))
+                                              False, tuple(table_initializers),
+                                              bool(analyzer_inputs))
 
 
 def drop():
@@ -143,7 +155,8 @@ def _initialized(kept, config):
   Transform's load then gives its own result or error)."""
   import tensorflow as tf
 
-  session = tf.compat.v1.Session(graph=kept.graph, config=config)
+  session = tf.compat.v1.Session(
+      graph=kept.graph, config=analyzer_inputs_config(config) if kept.analyzer_inputs else config)
   try:
     variables = kept.graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
     if variables:  # their initializer ops, run without adding any to the traced graph
@@ -154,6 +167,18 @@ def _initialized(kept, config):
     session.close()
     return None
   return kept._replace(session=session, config=config, tables_ready=True)
+
+
+def analyzer_inputs_config(config):
+  """`config` (a ConfigProto, or None for TensorFlow's defaults) with Grappler's graph
+  optimizations off: for a session whose outputs only feed analyzers."""
+  import tensorflow as tf
+
+  result = tf.compat.v1.ConfigProto()
+  if config is not None:
+    result.CopyFrom(config)
+  result.graph_options.rewrite_options.disable_meta_optimizer = True
+  return result
 
 
 def _graph_state(dofn, saved_model_dir, kept):
@@ -219,6 +244,7 @@ class _TracedCreateSavedModelImpl(beam.PTransform):
     self._inputs = extra_args.input_signature
     self._outputs = operation.output_signature
     self._table_initializers = operation.table_initializers
+    self._analyzer_inputs = operation.label.startswith(_ANALYZER_INPUTS_LABEL)
 
   def expand(self, inputs):
     if not isinstance(inputs, beam.pvalue.PBegin):
@@ -234,7 +260,7 @@ class _TracedCreateSavedModelImpl(beam.PTransform):
         saved_transform_io.write_saved_transform_from_session(
             session, self._inputs, self._outputs, saved_model_dir)
     keep_traced(saved_model_dir, self._graph, self._inputs, self._outputs,
-                self._table_initializers)
+                self._table_initializers, self._analyzer_inputs)
     return (inputs
             | 'BindTensors' >> tft_impl._BindTensors(self._base_temp_dir, saved_model_dir)
             | 'Count' >> tft_beam_common.IncrementCounter(

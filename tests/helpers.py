@@ -87,7 +87,8 @@ def analyze_in_graph_mode(preprocessing_fn, spec, rows, root, batch_size):
     proto = pipeline.to_runner_api()
     pipeline.run().wait_until_finish()
   assets = os.path.join(root, 'transform_fn', 'assets')
-  files = {name: open(os.path.join(assets, name), 'rb').read() for name in os.listdir(assets)}
+  files = {name: open(os.path.join(assets, name), 'rb').read()
+           for name in (os.listdir(assets) if os.path.isdir(assets) else [])}
   with open(rows_path, 'rb') as f:
     transformed = pickle.loads(f.read())
   return files, transformed, len(proto.components.transforms)

@@ -34,6 +34,22 @@ def _rows():
           for _ in range(300)]
 
 
+def _recording_configs(monkeypatch):
+  """Records, for each session made on a kept traced graph, (whether its outputs only feed
+  analyzers, whether Grappler's optimizations are off in the session's configuration)."""
+  made = []
+  real = warm_session._initialized
+
+  def recorded(kept, config):
+    result = real(kept, config)
+    if result is not None:
+      options = result.session._config.graph_options.rewrite_options
+      made.append((kept.analyzer_inputs, options.disable_meta_optimizer))
+    return result
+  monkeypatch.setattr(warm_session, '_initialized', recorded)
+  return made
+
+
 def _counting(monkeypatch):
   """Counts the graph states made from a kept session (the real ones, made as without)."""
   made = []
@@ -53,9 +69,10 @@ def runs(tmp_path_factory):
   try:
     vocabulary.install()
     made = _counting(mp)
+    configs = _recording_configs(mp)
     warm = helpers.analyze_in_graph_mode(_fn, SPEC, _rows(), str(tmp_path_factory.mktemp('w')),
                                          batch_size=64)
-    warm_made = list(made)
+    warm_made, warm_configs = list(made), list(configs)
     warm_session.install(False)  # the packing stays: only TF Transform's load differs
     cold = helpers.analyze_in_graph_mode(_fn, SPEC, _rows(), str(tmp_path_factory.mktemp('c')),
                                          batch_size=64)
@@ -63,11 +80,11 @@ def runs(tmp_path_factory):
   finally:
     mp.undo()
     vocabulary.install()
-  return warm, warm_made, cold, cold_made
+  return warm, warm_made, cold, cold_made, warm_configs
 
 
 def test_the_transform_takes_the_bound_session_and_gives_the_same_values(runs):
-  (warm_files, warm_rows, _), warm_made, (cold_files, cold_rows, _), cold_made = runs
+  (warm_files, warm_rows, _), warm_made, (cold_files, cold_rows, _), cold_made, _ = runs
   # the first phase's graph state from the traced graph, the transform's from the binding
   assert warm_made == [True, True] and cold_made == []
   assert warm_files == cold_files
@@ -78,6 +95,25 @@ def test_the_transform_takes_the_bound_session_and_gives_the_same_values(runs):
   np.testing.assert_allclose(np.sort(z), np.sort((x - x.mean()) / x.std()), rtol=1e-4,
                              atol=1e-5)
   assert not warm_session._STATE['kept']  # taken once, nothing left
+
+
+def test_the_analyzer_inputs_run_without_grappler_and_a_transform_graph_with_it(runs, tmp_path):
+  # the first phase's analyzer inputs: Grappler off (what the cold run's TF Transform computed
+  # with it on agreed above, its vocabulary files identical and its rows equal)
+  assert runs[4] == [(True, True)]
+  mp = pytest.MonkeyPatch()
+  try:
+    vocabulary.install()
+    configs = _recording_configs(mp)
+    _, rows, _ = helpers.analyze_in_graph_mode(
+        lambda inputs: {'y': inputs['x'] * 2.0 + 1.0}, SPEC, _rows(), str(tmp_path),
+        batch_size=64)
+  finally:
+    mp.undo()
+  # no analyzers: the traced graph is the transform graph, whose outputs serving computes too
+  assert configs == [(False, False)]
+  np.testing.assert_allclose(sorted(r['y'] for r in rows),
+                             sorted(2.0 * r['x'] + 1.0 for r in _rows()), rtol=1e-6)
 
 
 # ---- TF Transform's own DoFn on a small SavedModel ------------------------------------------
