@@ -121,14 +121,46 @@ def test_the_fast_path_is_taken_on_clean_chunks(tmp_path, monkeypatch):
   synthetic.write_csv(str(path), 5000)
   contract = contract_lib.load(os.path.join(REPO, 'benchmarks', 'synthetic.py'))
   fmt = csv_layout.CsvFormat(columns=contract.columns, column_names=None)
-  taken = []
-  real = csv_rows.fast_block
+  taken, reads = [], []
+  real, read = csv_rows.fast_block, csv_rows._read_chunk
   monkeypatch.setattr(csv_rows, 'fast_block',
                       lambda *a: taken.append(real(*a)) or taken[-1])
+  monkeypatch.setattr(csv_rows, '_read_chunk',
+                      lambda *a: reads.append((sorted(a[3]), read(*a))) or reads[-1][1])
   monkeypatch.setattr(csv_chunks, '_FIRST_CHUNK', 4096)
+  monkeypatch.setattr(csv_chunks, '_CHUNK', 64 << 10)
   rows = list(csv_files.ReadCsvFileFn(fmt, 'train').process(str(path)))
   assert sum(r.num_rows for r in rows) == 5000
-  assert taken and all(block is not None for block in taken)
+  assert len(taken) > 3 and all(block is not None for block in taken)
+  # Arrow's reader converted every numeric column of every chunk itself
+  numeric = sorted(c.name for c in fmt.columns if c.dtype != 'string')
+  assert [(typed, table is not None) for typed, table in reads] == [(numeric, True)] * len(taken)
+  # the same rows as with every column read as text and converted by block_to_record_batch
+  monkeypatch.setattr(csv_rows, 'typed_columns', lambda chunk, fmt: {})
+  text = list(csv_files.ReadCsvFileFn(fmt, 'train').process(str(path)))
+  assert [b.to_pylist() for b in rows] == [b.to_pylist() for b in text]
+  assert all(a.schema == b.schema for a, b in zip(rows, text))
+
+
+# Numeric cells at the edges of what Arrow's CSV reader converts itself (csv_rows.typed_columns):
+# padding, quotes, NA values, NaN and infinities, hexadecimal, out of range.
+EDGE_CELLS = [' 1.5', '1.5 ', '\t2', '"1.5"', '" 1.5"', '1e5', '.5', '+3', '-0', '007', '1.',
+              'nan', 'NaN', 'inf', '-inf', '1e400', '4e-46', '', '?', ' ?', '"?"', '""', ' ',
+              '\u00a01.5', '1.5\u00a0', '\v1', '0x1F', '0X1f', '1_000', 'True']
+
+
+@pytest.mark.parametrize('column', [0, 1])  # n: an int64 without a default; x: a float32 with
+def test_numbers_converted_by_arrows_reader_equal_the_exact_reader(tmp_path, column):
+  fmt, path = _messy_format(tmp_path)
+  clean = [f'{i},{i / 4},c{i % 3},{i % 2}' for i in range(40)]
+  for cell in EDGE_CELLS:
+    fields = ['5', '2.25', 'Oslo', '1']
+    fields[column] = cell
+    path.write_text('\n'.join(['n,x,city,label'] + clean[:20] + [','.join(fields)] + clean[20:])
+                    + '\n')
+    fast = _read(str(path), fmt, True, 1 << 16)
+    assert fast == _read(str(path), fmt, False, 1 << 16), cell
+    assert len(fast[0]) + len(fast[1]) == 41, cell
 
 
 def _write(tmp_path, batches, num_shards, compression):

@@ -14,6 +14,8 @@ _MAX_CHUNK = 256 << 20  # no record boundary in this much: give up chunking (bro
 def line_breaks(data, end=None):
   """Line breaks as Python's universal newlines count them: \n, \r\n and a lone \r."""
   end = len(data) if end is None else end
+  if b'\r' not in data:  # one fast search spares two counts
+    return data.count(b'\n', 0, end)
   return data.count(b'\n', 0, end) + data.count(b'\r', 0, end) - data.count(b'\r\n', 0, end)
 
 

@@ -165,12 +165,14 @@ class ReadCsvFileFn(beam.DoFn):
 
 
 class _FileState:
-  """What reading a file has learned so far: its layout (from its first record)."""
+  """What reading a file has learned so far: its layout (from its first record), and whether
+  Arrow's CSV reader may still convert its numeric columns (csv_rows.fast_block)."""
 
   def __init__(self):
     self.layout = None
     self.positions = None
     self.width = None
+    self.typed = True
 
   def set_layout(self, layout):
     self.layout = layout
