@@ -254,17 +254,18 @@ def fast_block(chunk, first_line, state, fmt):
   refuses more cells than block_to_record_batch does (a cell of spaces, padding other than
   spaces and tabs, an NA value among spaces or quotes) and takes some that it turns away (NaN
   and infinities, which the finite check finds); either way the chunk is read again with every
-  column as text, and the rest of the file too (`state.typed`)."""
+  column as text, and the rest of the file too (`state.typed`). A row of the wrong width sends
+  its chunk to the exact reader, and the next chunks are still converted."""
   if b'\r' in chunk and chunk.count(b'\r') != chunk.count(b'\r\n'):
     return None
   if b'\0' in chunk or _has_long_line(chunk) or not _is_utf8(chunk):
     return None
   typed = typed_columns(chunk, fmt) if state.typed else {}
-  table = _read_chunk(chunk, state, fmt, typed)
-  if table is None and typed:
+  table, conversion_failed = _read_chunk(chunk, state, fmt, typed)
+  if conversion_failed:  # this file's numbers are read as text from here on
     state.typed = False
     typed = {}
-    table = _read_chunk(chunk, state, fmt, typed)
+    table, _ = _read_chunk(chunk, state, fmt, typed)
   if table is None:
     return None
   lines = chunk.count(b'\n') + (0 if chunk.endswith(b'\n') else 1)
@@ -297,9 +298,10 @@ def typed_columns(chunk, fmt):
 
 
 def _read_chunk(chunk, state, fmt, typed):
-  """The chunk's rows by Arrow's CSV reader, `typed` columns converted, the rest as bytes; None
-  where the reader fails, finds a row of the wrong width, or a typed float column holds a NaN
-  or an infinity."""
+  """(the chunk's rows by Arrow's CSV reader, `typed` columns converted, the rest as bytes, or
+  None; whether it is None because of the typed columns). None where the reader fails (with
+  typed columns, which may be why), finds a row of the wrong width (whatever the columns), or a
+  typed float column holds a NaN or an infinity."""
   invalid = []
 
   def on_invalid(row):
@@ -319,13 +321,13 @@ def _read_chunk(chunk, state, fmt, typed):
             include_columns=wanted, null_values=[''] + list(fmt.na_values) if typed else [],
             strings_can_be_null=False, quoted_strings_can_be_null=False))
   except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-    return None
+    return None, bool(typed)
   if invalid:
-    return None
+    return None, False
   for name, arrow_type in typed.items():
     if pa.types.is_floating(arrow_type) and not pc.all(pc.is_finite(table.column(name))).as_py():
-      return None
-  return table
+      return None, True
+  return table, False
 
 
 def _is_utf8(chunk):
