@@ -215,14 +215,25 @@ def pss(pid):
     pass
   return 0
 
+# Reading a process's PSS walks its page tables under its memory map's lock: about 60 ms for a
+# 4 GB process, which stalls its page faults meanwhile. Read every 0.1 s it slowed a 300-column
+# run by a fifth or more, so it is read only where asked, and at most once a second while the
+# tree's RSS is above what it was at the last read (the peak follows RSS's). RSS
+# (/proc/PID/stat) costs nothing measurable.
+WANT_PSS = os.environ.pop('BENCH_SAMPLE_PSS', '') == '1'
 start = time.perf_counter()
 proc = subprocess.Popen(sys.argv[1:])
 peak = [0, 0]  # the tree's summed RSS, its summed PSS
 def sample():
+  last, at_last = float('-inf'), 0
   while proc.poll() is None:
     found = tree(proc.pid)
-    peak[0] = max(peak[0], sum(found.values()))
-    peak[1] = max(peak[1], sum(pss(pid) for pid in found))
+    total = sum(found.values())
+    now = time.perf_counter()
+    if WANT_PSS and total > at_last and now - last >= 1.0:
+      peak[1] = max(peak[1], sum(pss(pid) for pid in found))
+      last, at_last = now, total
+    peak[0] = max(peak[0], total)
     time.sleep(0.1)
 threading.Thread(target=sample, daemon=True).start()
 code = proc.wait()
@@ -252,9 +263,10 @@ def timed_command(command, name, env=None, pss=False):
   The peak RSS is the largest total of the process tree's resident sets: pages that two of its
   processes map from the same file (TensorFlow's libraries in a child) count twice. With `pss`,
   also the tree's peak total PSS in MiB, which counts each shared page once, divided among the
-  processes sharing it."""
+  processes sharing it (sampled less often than RSS: its reads slow the command, see _TIMED)."""
   proc = subprocess.run([sys.executable, '-c', _TIMED] + command, capture_output=True, text=True,
-                        cwd=ROOT, env={**os.environ, **(env or {})})
+                        cwd=ROOT, env={**os.environ, **(env or {}),
+                                       'BENCH_SAMPLE_PSS': '1' if pss else '0'})
   # (c)'s summary goes to stdout too: only RESULT lines are read
   line = [out_line for out_line in proc.stdout.splitlines()
           if out_line.startswith('RESULT')][-1].split()
