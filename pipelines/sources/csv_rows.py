@@ -276,9 +276,10 @@ def fast_block(chunk, first_line, state, fmt):
       return None
   # Text columns as Arrow strings without validating them again: the whole chunk is UTF-8, and
   # a cell (cut at an ASCII delimiter or line break, quotes unescaped) is then UTF-8 too.
-  columns = {c.name: table.column(c.name).combine_chunks() for c in fmt.columns}
-  columns = {name: column if name in typed else column.view(pa.string())
-             for name, column in columns.items()}
+  columns = {}
+  for c in fmt.columns:
+    column = table.column(c.name).combine_chunks()
+    columns[c.name] = column if c.name in typed else column.view(pa.string())
   return _ArrowBlock(columns, table.num_rows, first_line, chunk, line_of_row=line_of_row)
 
 
