@@ -155,6 +155,51 @@ def test_a_failed_rewrite_leaves_the_tf1_graph_and_nothing_else(tf1_output, tmp_
   assert transform_graph.tf1_meta_graph(os.path.join(out, 'transform_fn')) is not None
 
 
+def _tf1_graph_with_a_variable(directory, extra_placeholder=False):
+  """A TF1 transform graph (TF Transform's tag and signature names) whose output reads a
+  variable, restored from its checkpoint: y = x * scale + 1, scale = 3; with
+  `extra_placeholder`, the output also reads a placeholder that is not one of its inputs."""
+  with tf.compat.v1.Graph().as_default():
+    x = tf.compat.v1.placeholder(tf.float32, [None], name='transform/inputs/x')
+    scale = tf.compat.v1.get_variable('scale', initializer=3.0, use_resource=True)
+    y = x * scale + 1.0
+    if extra_placeholder:
+      y += tf.compat.v1.placeholder_with_default(0.0, [], name='offset') + \
+          tf.compat.v1.placeholder(tf.float32, [], name='unfed')
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      builder = tf.compat.v1.saved_model.builder.SavedModelBuilder(
+          os.path.join(directory, 'transform_fn'))
+      info = tf.compat.v1.saved_model.utils.build_tensor_info
+      signature = tf.compat.v1.saved_model.signature_def_utils.build_signature_def(
+          {'x': info(x)}, {'y': info(tf.identity(y, name='transform/y'))})
+      builder.add_meta_graph_and_variables(session, [transform_graph.TF1_TAG], signature_def_map={
+          transform_graph.TF1_SIGNATURE: signature})
+      builder.save()
+
+
+def test_a_variable_of_the_tf1_graph_is_read_in_the_rewritten_graph(tmp_path):
+  out = str(tmp_path / 'out')
+  _tf1_graph_with_a_variable(out)
+  os.makedirs(tmp_path / 'tmp')
+  transform_graph.rewrite_as_tf2(out, {'x': tf.TensorSpec([None], tf.float32)},
+                                 str(tmp_path / 'tmp'))
+  loaded = tf.saved_model.load(os.path.join(out, 'transform_fn'))
+  got = loaded.transform_fn({'x': tf.constant([1.0, 2.0])})
+  assert got['y'].numpy().tolist() == [4.0, 7.0]
+
+
+def test_a_tf1_graph_that_reads_what_no_input_feeds_is_left_as_it_is(tmp_path):
+  out = str(tmp_path / 'out')
+  _tf1_graph_with_a_variable(out, extra_placeholder=True)
+  os.makedirs(tmp_path / 'tmp')
+  with pytest.raises(Exception, match='unfed'):  # TF's own error, naming the placeholder
+    transform_graph.rewrite_as_tf2(out, {'x': tf.TensorSpec([None], tf.float32)},
+                                   str(tmp_path / 'tmp'))
+  assert transform_graph.tf1_meta_graph(os.path.join(out, 'transform_fn')) is not None
+  assert os.listdir(tmp_path / 'tmp') == []
+
+
 def _adapter_config(spec=SPEC):
   """The TensorAdapterConfig a pipeline gives the rewrite for `spec`'s raw RecordBatches."""
   import pyarrow as pa
