@@ -213,6 +213,11 @@ def test_sizes_from_buffers():
   assert sizes.buffer_bytes(tf.constant(3, tf.int64)) == 8
   assert sizes.buffer_bytes(tf.constant([b'ab', b'cd'])) == 2 * (8 + 2)
   assert sizes.buffer_bytes((batch, {})) == 8000
+  # A slice: its own bytes, or (Beam's size sampling) the buffers it keeps alive, counted whole.
+  half = batch.slice(500)
+  assert sizes.buffer_bytes(half) == 4000
+  assert sizes.buffer_bytes(half, whole_buffers=True) == 8000
+  assert sizes.buffer_bytes((half, {'b': half.column(0)}), whole_buffers=True) == 16000
   # TF Transform's analyzer results reach its SavedModel stage as dataclasses (_TensorBinding)
   from tensorflow_transform.beam import impl as tft_impl
   binding = tft_impl._TensorBinding(np.zeros(10, np.float32), 'mean:0', 1, False)
@@ -247,7 +252,8 @@ def test_pipelines_run_with_sizes_from_buffers(monkeypatch):
   results are unchanged."""
   measured = []
   size_of = sizes.buffer_bytes
-  monkeypatch.setattr(beam_patches, 'buffer_bytes', lambda v: measured.append(v) or size_of(v))
+  monkeypatch.setattr(beam_patches, 'buffer_bytes',
+                      lambda v, **kw: measured.append(v) or size_of(v, **kw))
   p = launch.make_pipeline([])
   rows = (p | beam.Create([1, 2, 3])
           | beam.Map(lambda n: pa.RecordBatch.from_arrays([pa.array(np.zeros(n * 1000))], ['x']))

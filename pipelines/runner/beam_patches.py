@@ -262,7 +262,7 @@ class _SizeFromBuffers:
     self._coder_impl = coder_impl
 
   def get_estimated_size_and_observables(self, windowed_value, nested=False):
-    size = buffer_bytes(getattr(windowed_value, 'value', None))
+    size = buffer_bytes(getattr(windowed_value, 'value', None), whole_buffers=True)
     if size is None:
       return self._coder_impl.get_estimated_size_and_observables(windowed_value, nested)
     return size, []
